@@ -1,0 +1,1 @@
+"""segprune: structured pruning for segmentation networks."""
