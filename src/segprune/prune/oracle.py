@@ -1,0 +1,60 @@
+"""The masked-equivalence oracle: the proof that a pruning is exact.
+
+Make the removed channels dead in a copy of the original (BN weight and bias = 0 for every norm in
+the group, filter weights and bias = 0 for every producer), then run both on the same input in eval
+mode: the physically pruned model must compute what the masked copy computes. The mask is built
+from the groups alone, independently of the surgery, so a missed coupling shows up as a difference.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from torch import nn
+
+from segprune.prune.criteria import _NORMS
+from segprune.prune.graph import ChannelGroup
+from segprune.prune.trace import as_call
+
+_PRODUCERS = (nn.modules.conv._ConvNd, nn.Linear)
+
+
+def masked_copy(model: nn.Module, groups: list[ChannelGroup], removed: dict[int, np.ndarray]) -> nn.Module:
+    """A copy of `model` whose removed channels output zero at every producer and norm."""
+    masked = copy.deepcopy(model)
+    with torch.no_grad():
+        for group in groups:
+            drop = removed.get(group.id)
+            for m in group.members if drop is not None and len(drop) else ():
+                _zero(masked.get_submodule(m.module), m.role, torch.from_numpy(np.isin(m.index, drop)))
+    return masked
+
+
+def _zero(module: nn.Module, role: str, dead: torch.Tensor) -> None:
+    if role != "out" or not isinstance(module, _PRODUCERS + _NORMS):
+        return
+    out_dim = 1 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 0
+    if module.weight is not None:
+        module.weight.data.index_fill_(out_dim, dead.nonzero().flatten(), 0.0)
+    if module.bias is not None:
+        module.bias.data[dead] = 0.0
+
+
+def outputs(model: nn.Module, example_inputs) -> list[torch.Tensor]:
+    """Every tensor the model returns in eval mode, flattened in order."""
+    from segprune.prune.rules import tensors
+
+    args, kwargs = as_call(example_inputs)
+    model.eval()
+    with torch.no_grad():
+        return [t.detach() for t in tensors(model(*args, **kwargs))]
+
+
+def relative_error(reference: list[torch.Tensor], other: list[torch.Tensor]) -> float:
+    """max |a - b| / max |a| over all outputs (inf when the shapes differ)."""
+    if len(reference) != len(other) or any(a.shape != b.shape for a, b in zip(reference, other)):
+        return float("inf")
+    scale = max(float(a.abs().max()) for a in reference) or 1.0
+    return max(float((a - b).abs().max()) for a, b in zip(reference, other)) / scale

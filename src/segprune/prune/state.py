@@ -1,0 +1,113 @@
+"""The bookkeeping of a trace: channel elements, their union-find, and what each tensor carries.
+
+Every channel of every traced tensor is an *element* id. An op's rule says which elements of its
+inputs and outputs are the same channel (union), which are new (a conv's output), and which can
+never be removed (frozen). Modules are bound to the elements along their prunable dims ("out" and
+"in" roles), so that surgery knows which weight slices belong to which channel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class TensorInfo:
+    """The channel elements a traced tensor carries along its channel dim `cdim`."""
+
+    ids: np.ndarray
+    cdim: int
+
+
+class TraceState:
+    """Union-find over channel elements plus the facts rules record about them."""
+
+    def __init__(self):
+        self.parent: list[int] = []
+        self.frozen: dict[int, str] = {}  # element -> first reason it was frozen
+        self.created: set[int] = set()  # elements made by a producer (conv/linear output)
+        self.info: dict[int, TensorInfo] = {}  # id(tensor) -> what it carries
+        self.pinned: list[torch.Tensor] = []  # keeps traced tensors alive so ids are never reused
+        self.bindings: dict[tuple[str, str], np.ndarray] = {}  # (module name, role) -> elements
+        self.producers: dict[str, np.ndarray] = {}  # module name -> its output elements (shared modules)
+        self.warnings: list[str] = []
+        self.module_path = ""  # innermost module running now, for messages
+        self.current_op = ""  # the op whose rule runs now
+        self.owners: dict[int, tuple[str, torch.nn.Module]] = {}  # id(parameter or buffer) -> owner
+
+    # elements -----------------------------------------------------------------------------------
+    def fresh(self, n: int) -> np.ndarray:
+        start = len(self.parent)
+        self.parent.extend(range(start, start + n))
+        return np.arange(start, start + n, dtype=np.int64)
+
+    def find(self, e: int) -> int:
+        parent = self.parent
+        root = e
+        while parent[root] != root:
+            root = parent[root]
+        while parent[e] != root:  # path compression
+            parent[e], e = root, parent[e]
+        return root
+
+    def union(self, a: np.ndarray, b: np.ndarray) -> None:
+        """Make element a[i] and b[i] the same channel, for every i."""
+        for x, y in zip(a.tolist(), b.tolist()):
+            rx, ry = self.find(x), self.find(y)
+            if rx != ry:
+                self.parent[ry] = rx
+
+    def union_all(self, ids: np.ndarray) -> None:
+        """Make every element of `ids` one channel (a GroupNorm group, a conv group)."""
+        if len(ids) > 1:
+            self.union(np.full(len(ids) - 1, ids[0]), ids[1:])
+
+    def freeze(self, ids: np.ndarray, reason: str) -> None:
+        for e in ids.tolist():
+            self.frozen.setdefault(e, reason)
+
+    @property
+    def where(self) -> str:
+        """The module running now, for messages."""
+        return self.module_path or "the model's top-level forward"
+
+    def warn(self, message: str) -> None:
+        if message not in self.warnings:
+            self.warnings.append(message)
+
+    # tensors ------------------------------------------------------------------------------------
+    def get(self, t) -> TensorInfo | None:
+        if isinstance(t, torch.Tensor):
+            return self.info.get(id(t))
+        return None
+
+    def set(self, t: torch.Tensor, ids: np.ndarray, cdim: int) -> None:
+        self.pinned.append(t)
+        self.info[id(t)] = TensorInfo(ids, cdim)
+
+    def set_opaque(self, t, reason: str) -> None:
+        """Give an output whose channels relate to nothing known fresh, frozen elements."""
+        if isinstance(t, torch.Tensor) and t.dim() >= 2:
+            ids = self.fresh(t.shape[1])
+            self.freeze(ids, reason)
+            self.set(t, ids, 1)
+
+    def set_free(self, t: torch.Tensor, cdim: int) -> None:
+        """Channels tied to nothing (a size-1 channel broadcast onto C): they couple nothing."""
+        self.set(t, self.fresh(t.shape[cdim]), cdim)
+
+    # modules ------------------------------------------------------------------------------------
+    def bind(self, module: str, role: str, ids: np.ndarray) -> None:
+        """Record that `module`'s `role` dim holds these elements; repeated calls must agree."""
+        key = (module, role)
+        if key in self.bindings:
+            old = self.bindings[key]
+            if len(old) != len(ids):
+                self.freeze(np.concatenate([old, ids]), f"{module} is called with different widths")
+                return
+            self.union(old, ids)
+        else:
+            self.bindings[key] = ids

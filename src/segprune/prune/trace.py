@@ -1,0 +1,136 @@
+"""Trace a model by running it, at the function level, and let each op's rule record its channels.
+
+Why function level (TorchFunctionMode) and not autograd: the decoder of SegNet consumes max-pool
+*indices*, integer tensors that autograd never sees; an autograd trace misses that coupling and
+produces a model that runs and computes something else. Here every torch function call is seen,
+whatever its dtype, with Python control flow already resolved.
+
+The trace runs the model in eval mode and in train mode (so auxiliary heads count) under no_grad,
+with BatchNorm evaluated with its running statistics, and restores every module's mode and every
+buffer afterwards: weights, statistics and modes are left exactly as they were.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from segprune.prune.rules import RULES, op_name, tensors, unknown
+from segprune.prune.state import TraceState
+
+
+class _Recorder(TorchFunctionMode):
+    """Runs each op, then hands it to its rule. Ops are seen once: inner calls run with the mode off."""
+
+    def __init__(self, st: TraceState):
+        super().__init__()
+        self.st = st
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = op_name(func)
+        if name == "batch_norm":
+            args, kwargs = _batch_norm_without_update(args, kwargs)
+        out = func(*args, **kwargs)
+        st = self.st
+        if any(st.get(t) is not None for t in tensors((args, kwargs))):
+            st.current_op = name
+            RULES.get(name, lambda *a: unknown(st, name, *a[1:]))(st, args, kwargs, out)
+        return out
+
+
+def _batch_norm_without_update(args, kwargs):
+    """Evaluate train-mode BatchNorm with running statistics: nothing is updated, and a batch of one
+    through a 1x1 pooled branch (PSPNet's PPM) does not fail."""
+    has_stats = (args[1] if len(args) > 1 else kwargs.get("running_mean")) is not None
+    if not has_stats:
+        return args, kwargs
+    if len(args) > 5:
+        return (*args[:5], False, *args[6:]), kwargs
+    return args, {**kwargs, "training": False}
+
+
+def as_call(example_inputs) -> tuple[tuple, dict]:
+    """A tensor, a tuple of positional inputs, or a dict of keyword inputs -> (args, kwargs)."""
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    return (example_inputs,), {}
+
+
+def param_owners(model: nn.Module) -> dict[int, tuple[str, nn.Module]]:
+    """id(parameter or buffer) -> (qualified module name, module); the first name of a shared module wins."""
+    owners = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for t in list(module._parameters.values()) + list(module._buffers.values()):
+            if t is not None:
+                owners.setdefault(id(t), (name, module))
+    return owners
+
+
+def trace(model: nn.Module, example_inputs, *, modes: Sequence[str] = ("eval", "train")) -> TraceState:
+    """Run `model` once per mode on `example_inputs` and return the channel facts the rules recorded."""
+    st = TraceState()
+    st.owners = param_owners(model)
+    args, kwargs = as_call(example_inputs)
+    for t in tensors((args, kwargs)):
+        st.set_opaque(t, "a model input")
+    with _ModuleStack(model, st), _Restore(model), torch.no_grad():
+        for mode in modes:
+            model.train(mode == "train")
+            with _Recorder(st):
+                out = model(*args, **kwargs)
+            for t in tensors(out):
+                info = st.get(t)
+                if info is not None:
+                    st.freeze(info.ids, "reaches the model's output")
+    return st
+
+
+class _Restore:
+    """Put back every module's train/eval flag and every buffer (BN statistics, counters)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __enter__(self):
+        self.modes = [(m, m.training) for m in self.model.modules()]
+        self.buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
+
+    def __exit__(self, *exc):
+        for module, training in self.modes:
+            module.training = training
+        with torch.no_grad():
+            for buffer, saved in self.buffers:
+                buffer.copy_(saved)
+
+
+class _ModuleStack:
+    """Keep `st.module_path` naming the innermost module running, so warnings can point at it."""
+
+    def __init__(self, model: nn.Module, st: TraceState):
+        self.names = {}
+        for name, module in model.named_modules(remove_duplicate=False):
+            self.names.setdefault(id(module), name)
+        self.st, self.stack = st, []
+
+    def _pre(self, module, args):
+        self.stack.append(self.st.module_path)
+        self.st.module_path = self.names.get(id(module), self.st.module_path)
+
+    def _post(self, module, args, out):
+        self.st.module_path = self.stack.pop() if self.stack else ""
+
+    def __enter__(self):
+        from torch.nn.modules import module as m
+
+        self.handles = [m.register_module_forward_pre_hook(self._pre),
+                        m.register_module_forward_hook(self._post, always_call=True)]
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()

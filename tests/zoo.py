@@ -1,0 +1,149 @@
+"""Small architectures that exercise the couplings peers get wrong, for the oracle tests.
+
+The seeds' own architectures come from the registry (`test_*` models); these add the patterns that
+are not in them: an FPN whose head is shared across levels, a sigmoid attention gate, a GroupNorm
+decoder, a single-channel gate broadcast onto many channels, a stage computed and then discarded,
+channel split/chunk, slicing, flatten into a linear layer, and an op the engine does not know.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def cbr(cin, cout, k=3, norm=nn.BatchNorm2d, **kw):
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2 * kw.get("dilation", 1), bias=False, **kw),
+                         norm(cout), nn.ReLU())
+
+
+class FPNShared(nn.Module):
+    """Lateral 1x1 convs + top-down adds; one head applied to every level (shared weights)."""
+
+    def __init__(self, num_classes=3):
+        super().__init__()
+        self.c2, self.c3, self.c4 = cbr(3, 8), cbr(8, 12), cbr(12, 16)
+        self.lat = nn.ModuleList([nn.Conv2d(c, 10, 1) for c in (8, 12, 16)])
+        self.head = nn.Sequential(cbr(10, 10), nn.Conv2d(10, num_classes, 1))
+
+    def forward(self, x):
+        f2 = self.c2(x)
+        f3 = self.c3(F.max_pool2d(f2, 2))
+        f4 = self.c4(F.max_pool2d(f3, 2))
+        p4 = self.lat[2](f4)
+        p3 = self.lat[1](f3) + F.interpolate(p4, scale_factor=2.0, mode="nearest")
+        p2 = self.lat[0](f2) + F.interpolate(p3, scale_factor=2.0, mode="nearest")
+        outs = [self.head(p) for p in (p2, p3, p4)]
+        return {"out": outs[0] + F.interpolate(outs[1], size=x.shape[-2:], mode="bilinear", align_corners=False),
+                "levels": outs[2]}
+
+
+class AttentionGate(nn.Module):
+    """x * sigmoid(gate(x)) with a per-channel gate, then a single-channel spatial gate broadcast onto C."""
+
+    def __init__(self, num_classes=3):
+        super().__init__()
+        self.stem = cbr(3, 12)
+        self.gate = nn.Conv2d(12, 12, 1)
+        self.spatial = nn.Conv2d(12, 1, 3, padding=1)
+        self.body = cbr(12, 12)
+        self.cls = nn.Conv2d(12, num_classes, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x * torch.sigmoid(self.gate(x))
+        x = self.body(x) * torch.sigmoid(self.spatial(x))  # (N,1,H,W) broadcast: couples nothing
+        return self.cls(x)
+
+
+class GroupNormDecoder(nn.Module):
+    """Encoder with BN, decoder with GroupNorm (channels of a group live and die together)."""
+
+    def __init__(self, num_classes=3):
+        super().__init__()
+        self.enc1, self.enc2 = cbr(3, 8), cbr(8, 16)
+        gn = lambda c: nn.GroupNorm(4, c)  # noqa: E731
+        self.dec1 = cbr(16, 16, norm=gn)
+        self.dec2 = cbr(16 + 8, 12, norm=gn)
+        self.cls = nn.Conv2d(12, num_classes, 1)
+
+    def forward(self, x):
+        a = self.enc1(x)
+        b = self.enc2(F.max_pool2d(a, 2))
+        d = F.interpolate(self.dec1(b), size=a.shape[-2:], mode="bilinear", align_corners=False)
+        return self.cls(self.dec2(torch.cat([d, a], 1)))
+
+
+class DiscardedStage(nn.Module):
+    """An encoder that computes a stage and throws it away; its input must still be pruned consistently."""
+
+    def __init__(self, num_classes=3):
+        super().__init__()
+        self.s1, self.s2, self.unused = cbr(3, 8), cbr(8, 16), cbr(16, 24)
+        self.cls = nn.Conv2d(16, num_classes, 1)
+
+    def forward(self, x):
+        f = self.s2(self.s1(x))
+        self.unused(f)  # computed, discarded
+        return self.cls(f)
+
+
+class SplitSliceLinear(nn.Module):
+    """Channel chunk + slice + cat, a transposed conv, and a flatten -> linear image-level head."""
+
+    def __init__(self, num_classes=3):
+        super().__init__()
+        self.stem = cbr(3, 16)
+        self.left, self.right = cbr(8, 8), cbr(8, 6)
+        self.down = cbr(14 + 4, 12, stride=2)
+        self.up = nn.ConvTranspose2d(12, 10, 2, stride=2)
+        self.up_bn = nn.BatchNorm2d(10)
+        self.cls = nn.Conv2d(10, num_classes, 1)
+        self.fc = nn.Linear(12 * 4 * 4, 5)
+
+    def forward(self, x):
+        s = self.stem(x)
+        a, b = s.chunk(2, dim=1)
+        y = torch.cat([self.left(a), self.right(b), s[:, 4:8]], 1)
+        d = self.down(y)
+        logits = self.fc(F.adaptive_avg_pool2d(d, 4).flatten(1))
+        return {"out": self.cls(F.relu(self.up_bn(self.up(d)))), "image": logits}
+
+
+class DepthwiseResidual(nn.Module):
+    """Inverted residual blocks with depthwise convs and a dilated strided stem, PReLU, dropout."""
+
+    def __init__(self, num_classes=3):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(8),
+                                  nn.PReLU(8))
+        self.block = nn.Sequential(nn.Conv2d(8, 24, 1, bias=False), nn.BatchNorm2d(24), nn.ReLU6(),
+                                   nn.Conv2d(24, 24, 3, padding=2, dilation=2, groups=24, bias=False),
+                                   nn.BatchNorm2d(24), nn.ReLU6(), nn.Conv2d(24, 8, 1, bias=False), nn.BatchNorm2d(8))
+        self.grouped = nn.Sequential(nn.Conv2d(8, 12, 3, padding=1, groups=4, bias=False), nn.BatchNorm2d(12))
+        self.drop = nn.Dropout2d(0.1)
+        self.cls = nn.Conv2d(12, num_classes, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.block(x)
+        y = F.interpolate(self.drop(F.relu(self.grouped(x))), scale_factor=2.0, mode="bilinear", align_corners=False)
+        return self.cls(y)
+
+
+class UnknownOp(nn.Module):
+    """Uses an op without a channel rule (pixel_shuffle): its channels must be frozen, with a warning."""
+
+    def __init__(self, num_classes=3):
+        super().__init__()
+        self.a, self.b = cbr(3, 16), cbr(16, 8)
+        self.mid = cbr(4, 8)
+        self.cls = nn.Conv2d(8, num_classes, 1)
+
+    def forward(self, x):
+        y = F.pixel_shuffle(self.b(self.a(x)), 2)  # (N, 8, H, W) -> (N, 2, 2H, 2W)
+        y = F.interpolate(y, size=x.shape[-2:])
+        return self.cls(self.mid(torch.cat([y, y], 1)))
+
+
+ZOO = {cls.__name__: cls for cls in (FPNShared, AttentionGate, GroupNormDecoder, DiscardedStage, SplitSliceLinear,
+                                       DepthwiseResidual, UnknownOp)}
