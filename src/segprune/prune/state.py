@@ -8,6 +8,7 @@ never be removed (frozen). Modules are bound to the elements along their prunabl
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,13 +30,13 @@ class TraceState:
         self.parent: list[int] = []
         self.frozen: dict[int, str] = {}  # element -> first reason it was frozen
         self.created: set[int] = set()  # elements made by a producer (conv/linear output)
-        self.info: dict[int, TensorInfo] = {}  # id(tensor) -> what it carries
-        self.pinned: list[torch.Tensor] = []  # keeps traced tensors alive so ids are never reused
+        self.info: dict[int, TensorInfo] = {}  # id(tensor) -> what it carries, while the tensor lives
         self.bindings: dict[tuple[str, str], np.ndarray] = {}  # (module name, role) -> elements
         self.producers: dict[str, np.ndarray] = {}  # module name -> its output elements (shared modules)
         self.warnings: list[str] = []
         self.module_path = ""  # innermost module running now, for messages
         self.current_op = ""  # the op whose rule runs now
+        self.shape_only = True  # conv/linear compute shapes only (see trace.py)
         self.owners: dict[int, tuple[str, torch.nn.Module]] = {}  # id(parameter or buffer) -> owner
 
     # elements -----------------------------------------------------------------------------------
@@ -85,7 +86,10 @@ class TraceState:
         return None
 
     def set(self, t: torch.Tensor, ids: np.ndarray, cdim: int) -> None:
-        self.pinned.append(t)
+        # Python reuses the id of a freed tensor: forget a tensor's entry the moment it dies, so an id-keyed
+        # table never joins unrelated tensors (and memory stays that of a plain forward pass).
+        if id(t) not in self.info:
+            weakref.finalize(t, self.info.pop, id(t), None)
         self.info[id(t)] = TensorInfo(ids, cdim)
 
     def set_opaque(self, t, reason: str) -> None:

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_map
 
 from segprune.prune.rules import RULES, op_name, tensors, unknown
 from segprune.prune.state import TraceState
@@ -34,12 +35,23 @@ class _Recorder(TorchFunctionMode):
         name = op_name(func)
         if name == "batch_norm":
             args, kwargs = _batch_norm_without_update(args, kwargs)
-        out = func(*args, **kwargs)
         st = self.st
+        out = _shape_only(func, args, kwargs) if name in _SHAPE_ONLY and st.shape_only else func(*args, **kwargs)
         if any(st.get(t) is not None for t in tensors((args, kwargs))):
             st.current_op = name
             RULES.get(name, lambda *a: unknown(st, name, *a[1:]))(st, args, kwargs, out)
         return out
+
+
+# Channel structure depends on shapes, not values: convolutions and linear layers (nearly all the time of a
+# forward pass) are evaluated on the meta device and return zeros of the right shape.
+_SHAPE_ONLY = {"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "linear"}
+
+
+def _shape_only(func, args, kwargs):
+    to_meta = lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t  # noqa: E731
+    out = func(*tree_map(to_meta, args), **tree_map(to_meta, kwargs))
+    return torch.zeros(out.shape, dtype=out.dtype, device=args[0].device)
 
 
 def _batch_norm_without_update(args, kwargs):
@@ -72,9 +84,16 @@ def param_owners(model: nn.Module) -> dict[int, tuple[str, nn.Module]]:
     return owners
 
 
-def trace(model: nn.Module, example_inputs, *, modes: Sequence[str] = ("eval", "train")) -> TraceState:
-    """Run `model` once per mode on `example_inputs` and return the channel facts the rules recorded."""
+def trace(model: nn.Module, example_inputs, *, modes: Sequence[str] = ("eval", "train"),
+          shape_only: bool = True) -> TraceState:
+    """Run `model` once per mode on `example_inputs` and return the channel facts the rules recorded.
+
+    With `shape_only`, convolutions and linear layers compute only their output shape (zeros come out):
+    the trace is then several times faster, and a model whose forward branches on values follows the
+    path zeros take. Pass False to trace with real values.
+    """
     st = TraceState()
+    st.shape_only = shape_only
     st.owners = param_owners(model)
     args, kwargs = as_call(example_inputs)
     for t in tensors((args, kwargs)):

@@ -1,0 +1,91 @@
+"""Engine benchmark: trace + group + prune time and peak memory on a full-size PSPNet-ResNet101, against the
+leading peer (torch-pruning's DependencyGraph + BNScalePruner), in the same run.
+
+Each measurement runs in a fresh child process (peak memory is per process), interleaved ours/peer/ours/peer
+so that machine drift cancels; the medians are reported with their ratio.
+
+    python benchmarks/engine.py [--rounds 3] [--size 512] [--model pspnet_resnet101]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, peak_rss_mb, rss_mb, run_child, write_result  # noqa: E402
+
+
+def build(name: str, size: int):
+    from segprune.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=19)
+    with torch.no_grad():  # distinct |gamma| as after training (a fresh model's all-ones gammas tie)
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.0, 1.0)
+    return model, torch.randn(1, 3, size, size)
+
+
+def ours(model, x) -> dict:
+    import segprune
+
+    result = segprune.prune(model, x, ratio=0.5, criterion="bn_scale")
+    return {"params_after": sum(p.numel() for p in result.model.parameters()), "groups": len(result.groups)}
+
+
+def peer(model, x) -> dict:
+    import torch_pruning as tp
+
+    model.eval()  # the peer's usual setting; its trace keeps autograd on
+    ignored = [model.head[-1]] + ([model.aux_head[-1]] if model.aux_head is not None else [])
+    pruner = tp.pruner.BNScalePruner(model, x, importance=tp.importance.BNScaleImportance(), pruning_ratio=0.5,
+                                     global_pruning=True, ignored_layers=ignored,
+                                     output_transform=lambda out: out["out"])
+    pruner.step()
+    return {"params_after": sum(p.numel() for p in model.parameters()), "version": tp.__version__}
+
+
+def one(which: str, name: str, size: int) -> dict:
+    model, x = build(name, size)
+    base = rss_mb()
+    start = time.perf_counter()
+    info = (ours if which == "ours" else peer)(model, x)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "peak_extra_mb": peak_rss_mb() - base, **info}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--model", default="pspnet_resnet101")
+    parser.add_argument("--one", choices=["ours", "peer"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        import json
+
+        print(json.dumps(one(args.one, args.model, args.size)))
+        return
+    runs = {"ours": [], "peer": []}
+    for _ in range(args.rounds):
+        for which in runs:  # interleaved: ours, peer, ours, peer, ...
+            runs[which].append(run_child(__file__, "--one", which, "--model", args.model, "--size", str(args.size)))
+    summary = {w: {"median_seconds": statistics.median(r["seconds"] for r in rs),
+                   "median_peak_extra_mb": statistics.median(r["peak_extra_mb"] for r in rs),
+                   "params_after": rs[0]["params_after"], "runs": rs} for w, rs in runs.items()}
+    summary["ratio_time_ours_over_peer"] = summary["ours"]["median_seconds"] / summary["peer"]["median_seconds"]
+    summary["ratio_memory_ours_over_peer"] = (summary["ours"]["median_peak_extra_mb"]
+                                              / summary["peer"]["median_peak_extra_mb"])
+    write_result("engine", {"benchmark": "engine", "model": args.model, "input": [1, 3, args.size, args.size],
+                            "ratio": 0.5, "criterion": "bn_scale", "device": "cpu", "machine": machine(), **summary})
+
+
+if __name__ == "__main__":
+    main()

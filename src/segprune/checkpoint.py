@@ -1,0 +1,51 @@
+"""Checkpoints without pickle: `{weights.safetensors, plan.json, config.json}` in one folder.
+
+Loading is build -> replay plan -> load weights, so a pruned model comes back as a plain nn.Module
+from the registry's builder. Every file is written to a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from segprune.models import create_model
+from segprune.prune.plan import Plan
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    tmp.replace(path)
+
+
+def save(folder: str | Path, model: nn.Module, *, config: dict, plan: Plan | None = None) -> Path:
+    """Save `model`'s weights, its pruning plan and the config that builds it (`config["model"]` + kwargs)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    _atomic_write(folder / "weights.safetensors", lambda p: save_file(state, str(p)))
+    _atomic_write(folder / "config.json", lambda p: p.write_text(json.dumps(config, indent=2)))
+    (plan or Plan()).save(folder / "plan.json")
+    return folder
+
+
+def load(folder: str | Path) -> nn.Module:
+    """Rebuild a (pruned) model saved by `save`: build from config, replay the plan, load the weights."""
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        model = create_model(config["model"], **config.get("model_kwargs", {}))
+    except (OSError, json.JSONDecodeError, KeyError) as err:
+        raise ValueError(f"{folder / 'config.json'}: cannot build the model ({err})") from err
+    Plan.load(folder / "plan.json").apply(model)
+    try:
+        state = load_file(str(folder / "weights.safetensors"))
+    except (OSError, SafetensorError) as err:
+        raise ValueError(f"{folder / 'weights.safetensors'}: unreadable weights ({err})") from err
+    model.load_state_dict(state)
+    return model.eval()
