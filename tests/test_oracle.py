@@ -4,11 +4,11 @@ import warnings
 
 import pytest
 import torch
-from tests.conftest import randomize_norms
-from tests.zoo import ZOO
 
 import segprune
 from segprune.prune.oracle import masked_copy, outputs, relative_error
+from tests.conftest import randomize_norms
+from tests.zoo import ZOO
 
 try:
     from segprune.models import create_model, list_models

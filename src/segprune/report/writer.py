@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-ROWS = [("mIoU (%)", "miou", lambda v: f"{100 * v:.2f}"), ("params", "params", lambda v: f"{v:,}"),
-        ("MACs", "macs", lambda v: f"{v / 1e6:,.1f} M"), ("weights file", "size_bytes", lambda v: f"{v / 1024:,.1f} KiB"),
+ROWS = [("mIoU (%)", "miou", lambda v: f"{100 * v:.2f}"),
+        ("params", "params", lambda v: f"{v:,}"),
+        ("MACs", "macs", lambda v: f"{v / 1e6:,.1f} M"),
+        ("weights file", "size_bytes", lambda v: f"{v / 1024:,.1f} KiB"),
         ("latency (median)", "latency_ms", lambda v: f"{v:.2f} ms")]
 
 
