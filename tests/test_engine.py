@@ -192,3 +192,29 @@ def test_bn_sparsity_adds_exactly_lambda_sign_gamma():
         expected = grads[name] + (1e-3 * torch.sign(p) if name.endswith("1.weight") else 0)
         assert torch.allclose(p.grad, expected, atol=0, rtol=0), name
     assert model.a[1].weight.grad[0] == grads["a.1.weight"][0] - 1e-3
+
+
+def test_oracle_catches_a_missed_coupling():
+    """What an autograd tracer does to SegNet: prune the unpooled layer without its indices' pool."""
+    class Seg(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc, self.mid, self.dec = cbr(3, 8), cbr(8, 8), nn.Conv2d(8, 2, 3, padding=1)
+
+        def forward(self, x):
+            e = self.enc(x)
+            p, idx = F.max_pool2d(e, 2, return_indices=True)
+            return self.dec(F.max_unpool2d(self.mid(p), idx, 2, output_size=e.shape[-2:]))
+
+    from segprune.prune.oracle import masked_copy, outputs, relative_error
+
+    model, x = randomize_norms(Seg()).double().eval(), torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    groups = groups_of(model, x)
+    removed = {group_with(groups, "enc.0").id: np.array([1, 5])}
+    good = segprune.Plan.from_removal(model, groups, removed)
+    wrong = copy.deepcopy(good)
+    wrong.modules["mid.0"]["out"] = [0, 1, 2, 3, 4, 6]  # the decoder side loses other channels than the encoder
+    wrong.modules["mid.1"]["out"] = [0, 1, 2, 3, 4, 6]
+    masked = outputs(masked_copy(model, groups, removed), x)
+    assert relative_error(masked, outputs(good.apply(copy.deepcopy(model)), x)) < 1e-6
+    assert relative_error(masked, outputs(wrong.apply(copy.deepcopy(model)), x)) > 1e-3

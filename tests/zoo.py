@@ -145,5 +145,23 @@ class UnknownOp(nn.Module):
         return self.cls(self.mid(torch.cat([y, y], 1)))
 
 
+class ChannelsLast(nn.Module):
+    """A token MLP over channels-last features (permute -> linear -> permute back), a residual add, InstanceNorm,
+    and a narrow along a spatial dim."""
+
+    def __init__(self, num_classes=3):
+        super().__init__()
+        self.stem = cbr(3, 12)
+        self.mlp = nn.Sequential(nn.Linear(12, 16), nn.GELU(), nn.Linear(16, 12))
+        self.norm = nn.InstanceNorm2d(12, affine=True)
+        self.cls = nn.Conv2d(12, num_classes, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.mlp(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        x = torch.narrow(self.norm(x), 2, 0, x.shape[2] - 1)
+        return self.cls(F.pad(x, (0, 0, 0, 1)))
+
+
 ZOO = {cls.__name__: cls for cls in (FPNShared, AttentionGate, GroupNormDecoder, DiscardedStage, SplitSliceLinear,
-                                       DepthwiseResidual, UnknownOp)}
+                                       DepthwiseResidual, UnknownOp, ChannelsLast)}
