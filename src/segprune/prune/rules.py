@@ -94,7 +94,7 @@ _UNARY = (
 
 @rule(*_UNARY)
 def pass_through(st, args, kwargs, out):
-    src = next((st.get(t) for t in tensors(args[:1]) if st.get(t) is not None), None)
+    src = next((st.get(t) for t in tensors((args, kwargs)) if st.get(t) is not None), None)
     if src is None:
         return
     for t in tensors(out):

@@ -19,7 +19,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
-from segprune.prune.rules import RULES, op_name, tensors, unknown
+from segprune.prune.rules import RULES, constant, op_name, tensors, unknown
 from segprune.prune.state import TraceState
 
 
@@ -40,6 +40,8 @@ class _Recorder(TorchFunctionMode):
         if any(st.get(t) is not None for t in tensors((args, kwargs))):
             st.current_op = name
             RULES.get(name, lambda *a: unknown(st, name, *a[1:]))(st, args, kwargs, out)
+            if name not in RULES or RULES[name] is not constant:
+                _untracked_outputs(st, name, args, kwargs, out)
         return out
 
 
@@ -52,6 +54,13 @@ def _shape_only(func, args, kwargs):
     to_meta = lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t  # noqa: E731
     out = func(*tree_map(to_meta, args), **tree_map(to_meta, kwargs))
     return torch.zeros(out.shape, dtype=out.dtype, device=args[0].device)
+
+
+def _untracked_outputs(st, name, args, kwargs, out):
+    """A safety net under the rules: a tensor that came out of traced inputs but carries no channels would let
+    its producers be cut while its consumers keep their widths. Treat the op as unknown instead."""
+    if any(t.dim() >= 1 and st.get(t) is None for t in tensors(out)):
+        unknown(st, f"{name} (its output channels could not be followed)", args, kwargs, out)
 
 
 def _batch_norm_without_update(args, kwargs):
