@@ -1,7 +1,17 @@
 """segprune: structured pruning for segmentation networks, proven exact by a masked-equivalence oracle."""
 
-from segprune.prune import BNSparsity, ChannelGroup, Plan, PruneResult, channel_groups, register_surgery
+from segprune.prune import (
+                            BNSparsity,
+                            CAPSparsity,
+                            ChannelGroup,
+                            Plan,
+                            PruneResult,
+                            Taylor,
+                            channel_groups,
+                            register_surgery,
+)
 from segprune.prune.api import prune  # after the line above: the function, not the subpackage, is `segprune.prune`
 
 __version__ = "0.1.0"
-__all__ = ["BNSparsity", "ChannelGroup", "Plan", "PruneResult", "channel_groups", "prune", "register_surgery"]
+__all__ = ["BNSparsity", "CAPSparsity", "ChannelGroup", "Plan", "PruneResult", "Taylor", "channel_groups", "prune",
+           "register_surgery"]

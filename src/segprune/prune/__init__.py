@@ -2,10 +2,12 @@
 imports segprune.models."""
 
 from segprune.prune.api import PruneResult, prune
-from segprune.prune.graph import ChannelGroup, Member, channel_groups
+from segprune.prune.cost import CostModel
+from segprune.prune.criteria import Taylor
+from segprune.prune.graph import ChannelGroup, ChannelGroups, Member, channel_groups
 from segprune.prune.plan import Plan
-from segprune.prune.regularizer import BNSparsity
+from segprune.prune.regularizer import BNSparsity, CAPSparsity
 from segprune.prune.surgery import register_surgery
 
-__all__ = ["BNSparsity", "ChannelGroup", "Member", "Plan", "PruneResult", "channel_groups", "prune",
-           "register_surgery"]
+__all__ = ["BNSparsity", "CAPSparsity", "ChannelGroup", "ChannelGroups", "CostModel", "Member", "Plan", "PruneResult",
+           "Taylor", "channel_groups", "prune", "register_surgery"]

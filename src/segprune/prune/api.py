@@ -10,9 +10,10 @@ from dataclasses import dataclass
 import numpy as np
 from torch import nn
 
+from segprune.prune.cost import CostModel
 from segprune.prune.criteria import CRITERIA
-from segprune.prune.graph import ChannelGroup, channel_groups
-from segprune.prune.methods import METHODS
+from segprune.prune.graph import ChannelGroup, ChannelGroups, channel_groups
+from segprune.prune.methods import METHODS, select_target
 from segprune.prune.plan import Plan
 
 
@@ -34,24 +35,37 @@ class PruneResult:
         return int(sum(g.prunable.sum() for g in self.groups))
 
 
-def prune(model: nn.Module, example_inputs, *, ratio: float, criterion: str | Callable = "bn_scale",
-          method: str = "global", ignore: Sequence[str] = (), min_keep: float = 0.1, seed: int = 0,
-          groups: list[ChannelGroup] | None = None, inplace: bool = False) -> PruneResult:
-    """Remove the `ratio` fraction of prunable channels with the lowest `criterion` scores.
+def prune(model: nn.Module, example_inputs, *, ratio: float | None = None, target_macs: float | None = None,
+          target_params: float | None = None, criterion: str | Callable = "bn_scale", method: str = "global",
+          ignore: Sequence[str] = (), min_keep: float = 0.1, round_to: int | None = None, seed: int = 0,
+          groups: ChannelGroups | None = None, inplace: bool = False) -> PruneResult:
+    """Remove the channels with the lowest `criterion` scores: a `ratio` of them, or as few as reach a target.
 
     Args:
         model: any nn.Module whose forward runs on `example_inputs`.
         example_inputs: a tensor, a tuple of positional inputs, or a dict of keyword inputs.
         ratio: fraction of prunable channels to remove, in [0, 1).
-        criterion: a name in CRITERIA ("bn_scale", "l1", "l2", "random") or `fn(group, model) -> scores`.
-        method: "global" (one threshold across layers) or "uniform" (the same ratio in every group).
+        target_macs: instead of `ratio`, remove (along one global threshold) until MACs <= this fraction of the
+            original; found by bisection, predicted exactly from the trace.
+        target_params: the same for parameters.
+        criterion: a name in CRITERIA ("bn_scale", "l1", "l2", "fpgm", "random") or `fn(group, model) -> scores`
+            (e.g. a `Taylor` instance).
+        method: "global" (one threshold across layers) or "uniform" (the same ratio in every group); targets
+            always use the global threshold.
         ignore: module names whose output channels are kept (the model's outputs always are).
-        min_keep: per-group floor, as a fraction of the group's channels (at least one is always kept).
+        min_keep: per-layer floor, as a fraction of the layer's channels (at least one is always kept).
+        round_to: keep every group's channel count a multiple of this (rounded up: fewer removals).
         seed: for the "random" criterion.
         groups: channel groups already computed by `channel_groups` for this model (skips the trace).
         inplace: cut `model` itself instead of a copy.
     """
-    if not 0 <= ratio < 1:
+    if sum(v is not None for v in (ratio, target_macs, target_params)) != 1:
+        raise ValueError("give exactly one of ratio, target_macs, target_params")
+    for name, value in (("target_macs", target_macs), ("target_params", target_params)):
+        if value is not None and not 0 < value <= 1:
+            raise ValueError(f"{name} must be in (0, 1], got {value}")
+    ratio_ok = ratio is None or 0 <= ratio < 1
+    if not ratio_ok:
         raise ValueError(f"ratio must be in [0, 1), got {ratio}")
     groups = groups if groups is not None else channel_groups(model, example_inputs, ignore=ignore)
     if not any(g.prunable.any() for g in groups):
@@ -60,7 +74,13 @@ def prune(model: nn.Module, example_inputs, *, ratio: float, criterion: str | Ca
     scores = {g.id: s for g in groups if not g.frozen and (s := score(g, model)) is not None}
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
-    removed = METHODS[method](groups, scores, ratio=ratio, min_keep=min_keep)
+    if ratio is not None:
+        removed = METHODS[method](groups, scores, ratio=ratio, min_keep=min_keep, round_to=round_to)
+    else:
+        metric, target = ("macs", target_macs) if target_macs is not None else ("params", target_params)
+        cost = CostModel(model, groups)
+        removed = select_target(groups, scores, cost=lambda r: cost.relative(r, metric), target=target,
+                                min_keep=min_keep, round_to=round_to)
     plan = Plan.from_removal(model, groups, removed)
     pruned = plan.apply(model if inplace else copy.deepcopy(model))
     return PruneResult(pruned, plan, groups, removed)

@@ -63,9 +63,74 @@ def l2(group: ChannelGroup, model: nn.Module) -> np.ndarray | None:
     return _filter_norm(group, model, 2)
 
 
+def fpgm(group: ChannelGroup, model: nn.Module) -> np.ndarray | None:
+    """Filter pruning via geometric median (He et al. 2019): a filter's summed distance to the other filters of
+    its layer; the filters nearest the geometric median are the most replaceable and go first."""
+    index, values = [], []
+    for m in group.members:
+        weights = _filters(model.get_submodule(m.module)) if m.role == "out" else None
+        if weights is not None and weights.shape[0] > 1:
+            index.append(m.index)
+            values.append(torch.cdist(weights.double()[None], weights.double()[None])[0].sum(1).cpu().numpy())
+    return _per_channel(group.size, index, values) if index else None
+
+
+class Taylor:
+    """First-order Taylor importance (Molchanov et al. 2019): |sum over pixels of a * dL/da| of each channel's
+    activation, averaged over the batches given, for every layer that produces or normalises the channel.
+
+    `Taylor(model, batches, loss_fn)` accumulates once, on first use; then it is a criterion like the others.
+    `loss_fn(output, target) -> loss`; `batches` yields (input, target).
+    """
+
+    def __init__(self, model: nn.Module, batches, loss_fn):
+        self.model, self.batches, self.loss_fn = model, batches, loss_fn
+        self.scores: dict[str, torch.Tensor] | None = None
+
+    def _accumulate(self) -> dict[str, torch.Tensor]:
+        sums: dict[str, torch.Tensor] = {}
+        steps = 0
+
+        def hook(name):
+            def forward_hook(module, args, out):
+                if isinstance(out, torch.Tensor) and out.requires_grad and out.dim() >= 2:
+                    out.register_hook(lambda g: _add(sums, name, (out.detach() * g).flatten(2).sum(-1).abs()
+                                                     if out.dim() > 2 else (out.detach() * g).abs()))
+            return forward_hook
+
+        handles = [m.register_forward_hook(hook(n)) for n, m in self.model.named_modules()
+                   if isinstance(m, _NORMS + (nn.modules.conv._ConvNd, nn.Linear))]
+        try:
+            for inputs, target in self.batches:
+                self.model.zero_grad(set_to_none=True)
+                self.loss_fn(self.model(inputs), target).backward()
+                steps += 1
+        finally:
+            for h in handles:
+                h.remove()
+            self.model.zero_grad(set_to_none=True)
+        return {name: total / max(steps, 1) for name, total in sums.items()}
+
+    def __call__(self, group: ChannelGroup, model: nn.Module) -> np.ndarray | None:
+        if self.scores is None:
+            self.scores = self._accumulate()
+        index, values = [], []
+        for m in group.members:
+            if m.role == "out" and m.module in self.scores:
+                index.append(m.index)
+                values.append(self.scores[m.module].double().cpu().numpy())
+        return _per_channel(group.size, index, values) if index else None
+
+
+def _add(sums: dict, name: str, per_sample: torch.Tensor) -> None:
+    """Sum a (batch, channels) importance over the batch into sums[name]."""
+    total = per_sample.sum(0)
+    sums[name] = sums[name] + total if name in sums else total
+
+
 def random(group: ChannelGroup, model: nn.Module, *, seed: int = 0) -> np.ndarray:
     """Uniform random scores, reproducible per (seed, group)."""
     return np.random.default_rng([seed, group.id]).random(group.size)
 
 
-CRITERIA = {"bn_scale": bn_scale, "l1": l1, "l2": l2, "random": random}
+CRITERIA = {"bn_scale": bn_scale, "l1": l1, "l2": l2, "fpgm": fpgm, "random": random}

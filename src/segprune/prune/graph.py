@@ -20,6 +20,19 @@ from segprune.prune.state import TraceState
 from segprune.prune.trace import trace
 
 
+class ChannelGroups(list):
+    """The groups of a model (a list), with the MACs of each layer in one eval-mode pass, for cost targets."""
+
+    def __init__(self, groups=(), *, module_macs: dict[str, int] | None = None):
+        super().__init__(groups)
+        self.module_macs = dict(module_macs or {})
+
+    @property
+    def total_macs(self) -> int:
+        """MACs of all convolutions and linear layers (what torch.utils.flop_counter counts, halved)."""
+        return sum(self.module_macs.values())
+
+
 @dataclass
 class Member:
     """One module dim in a group: `index[p]` is the group channel held at position `p` of that dim."""
@@ -62,7 +75,7 @@ class ChannelGroup:
 
 
 def channel_groups(model: nn.Module, example_inputs, *, ignore: Sequence[str] = (),
-                   modes: Sequence[str] = ("eval", "train")) -> list[ChannelGroup]:
+                   modes: Sequence[str] = ("eval", "train")) -> ChannelGroups:
     """Trace `model` on `example_inputs` and return its channel groups.
 
     Args:
@@ -85,7 +98,7 @@ def _check_ignore(model: nn.Module, ignore: Sequence[str]) -> None:
         raise ValueError(f"ignore names module(s) not in the model: {missing}")
 
 
-def build_groups(st: TraceState, *, ignore: Sequence[str] = ()) -> list[ChannelGroup]:
+def build_groups(st: TraceState, *, ignore: Sequence[str] = ()) -> ChannelGroups:
     """Turn the union-find classes of a trace into groups of members sharing channels."""
     roots = np.array([st.find(e) for e in range(len(st.parent))], dtype=np.int64)
     keys = list(st.bindings)
@@ -96,7 +109,7 @@ def build_groups(st: TraceState, *, ignore: Sequence[str] = ()) -> list[ChannelG
     for members in _connected(classes):
         groups.append(_make_group(len(groups), [keys[k] for k in members], [classes[k] for k in members],
                                   frozen, made))
-    return groups
+    return ChannelGroups(groups, module_macs=st.macs)
 
 
 def _frozen_classes(st, roots, keys, classes, ignore) -> dict[int, str]:

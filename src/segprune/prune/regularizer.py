@@ -1,33 +1,128 @@
-"""The sparsity regulariser of network slimming: L1 on BN scales, applied to the gradient.
+"""Sparsity on BN scales, applied to the gradient between `loss.backward()` and `optimizer.step()`.
 
-Call it between `loss.backward()` and `optimizer.step()`: `gamma.grad += lam * sign(gamma)`, the
-subgradient of `lam * sum |gamma|`. Passing the channel groups restricts it to BNs whose channels can
-actually be pruned (penalising a frozen BN only costs accuracy).
+`BNSparsity` is network slimming (Liu et al. 2017): `gamma.grad += lam * sign(gamma)`, the subgradient of
+`lam * sum |gamma|`. `CAPSparsity` is CAP's context-aware guided sparsification (He et al. 2021): the same
+penalty weighted per channel, `gamma.grad += lam * w(g) * sign(gamma)`, where the guiding vector `g` says
+how much the other channels of the layer depend on each channel (channels others lean on are penalised
+less). Passing the channel groups restricts both to norms whose channels can actually be pruned.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from segprune.prune.criteria import _NORMS
 from segprune.prune.graph import ChannelGroup
 
 
-class BNSparsity:
-    """`regularizer(model)` adds `lam * sign(gamma)` to the gradient of every selected norm's weight."""
+def _prunable_norms(model: nn.Module, groups: list[ChannelGroup] | None) -> list[tuple[str, nn.Module]]:
+    names = None if groups is None else {m.module for g in groups if not g.frozen for m in g.members}
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(m, _NORMS) and m.weight is not None and (names is None or name in names)]
 
-    def __init__(self, model: nn.Module, *, lam: float, groups: list[ChannelGroup] | None = None):
+
+class BNSparsity:
+    """`regularizer(model)` adds `lam * sign(gamma)` to the gradient of every selected norm's weight.
+
+    Args:
+        model: the model being trained.
+        lam: the L1 strength (Liu et al.: 1e-4 for VGG, 1e-5 for ResNet).
+        groups: if given, only norms in prunable groups are penalised.
+        warmup: number of calls over which lam ramps linearly from 0 (0 = full strength at once).
+    """
+
+    def __init__(self, model: nn.Module, *, lam: float, groups: list[ChannelGroup] | None = None,
+                 warmup: int = 0):
         if lam < 0:
             raise ValueError(f"lam must be >= 0, got {lam}")
-        self.lam = lam
-        names = None if groups is None else {m.module for g in groups if not g.frozen for m in g.members}
-        self.weights = [m.weight for name, m in model.named_modules()
-                        if isinstance(m, _NORMS) and m.weight is not None and (names is None or name in names)]
+        self.lam, self.warmup, self.calls = lam, warmup, 0
+        self.norms = _prunable_norms(model, groups)
+
+    def strength(self) -> float:
+        """lam at this call, after the warm-up ramp."""
+        return self.lam * min(1.0, (self.calls + 1) / self.warmup) if self.warmup else self.lam
+
+    def weights(self, name: str, norm: nn.Module) -> torch.Tensor | float:
+        """Per-channel weight of the penalty (1 for slimming)."""
+        return 1.0
 
     @torch.no_grad()
     def __call__(self, model: nn.Module | None = None) -> None:
-        for w in self.weights:
-            if w.grad is None:
-                w.grad = torch.zeros_like(w)
-            w.grad.add_(torch.sign(w), alpha=self.lam)
+        lam = self.strength()
+        for name, norm in self.norms:
+            gamma = norm.weight
+            if gamma.grad is None:
+                gamma.grad = torch.zeros_like(gamma)
+            gamma.grad.add_(lam * self.weights(name, norm) * torch.sign(gamma))
+        self.calls += 1
+
+
+class CAPSparsity(BNSparsity):
+    """CAP's guided sparsification: slimming's penalty weighted by a context-guided vector per BN layer.
+
+    A forward hook on each selected norm (active in training mode only, under no_grad) takes its activated
+    output relu(BN(x)) averaged over the batch, F in R^{C x HW}, builds the channel affinity
+    A = softmax_row(F F^T) ("dot") or of cosine similarities ("cosine"), the guiding vector g_c = sum_j A_jc
+    normalised by its max, and keeps an EMA of g. The penalty weight is w = 1 - g + eps ("one_minus") or
+    1 / (g + eps) normalised to mean 1 ("inverse"); "none" gives w = 1, which is network slimming exactly.
+    [R] marks these as reconstructions (../METHODS.md); each is a named option. `remove()` takes the hooks
+    out: nothing of CAP stays in the model.
+
+    Args:
+        every: update the guiding vectors every `every` training forward passes (cost control).
+    """
+
+    AFFINITIES = ("dot", "cosine")
+    WEIGHTS = ("one_minus", "inverse", "none")
+
+    def __init__(self, model: nn.Module, *, lam: float, groups: list[ChannelGroup] | None = None, warmup: int = 0,
+                 affinity: str = "dot", weight: str = "one_minus", momentum: float = 0.9, eps: float = 1e-3,
+                 every: int = 1):
+        super().__init__(model, lam=lam, groups=groups, warmup=warmup)
+        if affinity not in self.AFFINITIES or weight not in self.WEIGHTS:
+            raise ValueError(f"affinity must be one of {self.AFFINITIES} and weight one of {self.WEIGHTS}; "
+                             f"got {affinity!r}, {weight!r}")
+        self.affinity, self.weight, self.momentum, self.eps, self.every = affinity, weight, momentum, eps, every
+        self.guide: dict[str, torch.Tensor] = {}
+        self.seen: dict[str, int] = {}
+        self.handles = [] if weight == "none" else [norm.register_forward_hook(self._hook(name))
+                                                     for name, norm in self.norms]
+
+    def _hook(self, name: str):
+        def update(module, args, out):
+            count = self.seen.get(name, 0)
+            self.seen[name] = count + 1
+            if module.training and count % self.every == 0 and out.dim() >= 3:
+                with torch.no_grad():
+                    g = guiding_vector(out.detach(), affinity=self.affinity)
+                    old = self.guide.get(name)
+                    self.guide[name] = g if old is None else self.momentum * old + (1 - self.momentum) * g
+        return update
+
+    def weights(self, name: str, norm: nn.Module) -> torch.Tensor | float:
+        g = self.guide.get(name)
+        if self.weight == "none" or g is None:
+            return 1.0
+        if self.weight == "one_minus":
+            return 1.0 - g + self.eps
+        w = 1.0 / (g + self.eps)
+        return w / w.mean()
+
+    def remove(self) -> None:
+        """Take CAP's hooks out of the model (for inference and export)."""
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
+def guiding_vector(out: torch.Tensor, *, affinity: str = "dot") -> torch.Tensor:
+    """CAP's context guiding vector of one layer's output (N, C, *spatial): how strongly the other channels
+    attend to each channel, in [0, 1] (divided by its max)."""
+    feats = F.relu(out).float().mean(0).flatten(1)  # (C, HW): the activated output, averaged over the batch
+    if affinity == "cosine":
+        feats = F.normalize(feats, dim=1)
+    attention = torch.softmax(feats @ feats.T, dim=1)  # row j: how channel j spreads its attention
+    g = attention.sum(0)  # column sums: how much the others attend to channel c
+    return g / g.max().clamp_min(1e-12)

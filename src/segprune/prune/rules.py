@@ -198,6 +198,10 @@ def conv(st, args, kwargs, out):
             st.union_all(np.concatenate([g_in, g_out]))
     st.bind(name, "out", out_ids)
     st.set(out, out_ids, 1)
+    # MACs as torch.utils.flop_counter counts them: every weight is used once per output pixel (input pixel
+    # for a transposed conv), whatever the groups
+    side = x if transposed else out
+    st.count_macs(name, side.numel() // side.shape[1] * weight.numel())
 
 
 @rule("linear")
@@ -213,6 +217,7 @@ def linear(st, args, kwargs, out):
     out_ids = _produce(st, owner[0], out.shape[-1])
     st.bind(owner[0], "out", out_ids)
     st.set(out, out_ids, out.dim() - 1)
+    st.count_macs(owner[0], out.numel() * weight.shape[1])
 
 
 @rule("batch_norm", "instance_norm")

@@ -37,6 +37,8 @@ class TraceState:
         self.module_path = ""  # innermost module running now, for messages
         self.current_op = ""  # the op whose rule runs now
         self.shape_only = True  # conv/linear compute shapes only (see trace.py)
+        self.mode = "eval"  # the pass running now
+        self.macs: dict[str, int] = {}  # module -> multiply-accumulates of its calls in the eval pass
         self.owners: dict[int, tuple[str, torch.nn.Module]] = {}  # id(parameter or buffer) -> owner
 
     # elements -----------------------------------------------------------------------------------
@@ -102,6 +104,10 @@ class TraceState:
     def set_free(self, t: torch.Tensor, cdim: int) -> None:
         """Channels tied to nothing (a size-1 channel broadcast onto C): they couple nothing."""
         self.set(t, self.fresh(t.shape[cdim]), cdim)
+
+    def count_macs(self, module: str, macs: int) -> None:
+        if self.mode == "eval":  # the deployed cost; the train pass would count aux heads and shared calls twice
+            self.macs[module] = self.macs.get(module, 0) + int(macs)
 
     # modules ------------------------------------------------------------------------------------
     def bind(self, module: str, role: str, ids: np.ndarray) -> None:

@@ -110,6 +110,7 @@ def trace(model: nn.Module, example_inputs, *, modes: Sequence[str] = ("eval", "
     with _ModuleStack(model, st), _Restore(model), torch.no_grad():
         for mode in modes:
             model.train(mode == "train")
+            st.mode = mode
             with _Recorder(st):
                 out = model(*args, **kwargs)
             for t in tensors(out):

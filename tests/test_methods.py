@@ -1,0 +1,151 @@
+"""Allocation (targets, round_to, floors), the other criteria (fpgm, taylor), and CAP's guided sparsity."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import segprune
+from segprune.eval.profile import count_macs, count_params
+from segprune.models import create_model
+from segprune.prune.cost import CostModel
+from segprune.prune.criteria import fpgm
+from segprune.prune.regularizer import guiding_vector
+from tests.conftest import randomize_norms
+from tests.zoo import cbr
+
+
+@pytest.fixture(scope="module")
+def psp():
+    torch.manual_seed(0)
+    model = randomize_norms(create_model("test_pspnet", num_classes=3)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return model, x, segprune.channel_groups(model, x)
+
+
+@pytest.mark.parametrize("target", [0.8, 0.5, 0.3])
+def test_target_macs_is_met_and_predicted_exactly(psp, target):
+    model, x, groups = psp
+    result = segprune.prune(model, x, target_macs=target, criterion="l1", groups=groups)
+    cost = CostModel(model, groups)
+    macs = count_macs(result.model, x)
+    assert macs == cost.macs(result.removed)
+    assert count_params(result.model) == cost.params(result.removed)
+    assert macs <= target * count_macs(model, x) < macs * 1.1  # met, and not overshot by much
+
+
+def test_target_params_with_round_to(psp):
+    model, x, groups = psp
+    result = segprune.prune(model, x, target_params=0.5, criterion="l1", round_to=4, groups=groups)
+    assert count_params(result.model) <= 0.5 * count_params(model)
+    for g in groups:
+        if g.id in result.removed:
+            assert (g.size - len(result.removed[g.id])) % 4 == 0 or len(result.removed[g.id]) == 0
+
+
+def test_unreachable_target_names_the_layers(psp):
+    model, x, groups = psp
+    with pytest.raises(ValueError, match=r"out of reach.*layers at their floor: backbone"):
+        segprune.prune(model, x, target_macs=0.001, groups=groups)
+    with pytest.raises(ValueError, match="exactly one"):
+        segprune.prune(model, x, ratio=0.5, target_macs=0.5, groups=groups)
+
+
+def test_fpgm_removes_the_filter_nearest_the_median_first():
+    model = nn.Sequential(cbr(3, 4), nn.Conv2d(4, 2, 1))
+    with torch.no_grad():
+        w = model[0][0].weight
+        w.zero_()
+        w[0].fill_(1.0)
+        w[1].fill_(-1.0)
+        w[2].fill_(0.1)  # nearest the others: the most replaceable
+        w[3].fill_(2.0)
+    groups = segprune.channel_groups(model, torch.randn(1, 3, 4, 4))
+    group = next(g for g in groups if "0.0" in g.modules("out"))
+    assert int(np.argmin(fpgm(group, model))) == 2
+
+
+def test_taylor_scores_a_dead_channel_zero_and_prunes_it_first():
+    torch.manual_seed(0)
+    model = nn.Sequential(cbr(3, 6), nn.Conv2d(6, 3, 1))
+    with torch.no_grad():
+        model[0][1].weight[4] = 0.0  # channel 4 is dead after BN
+        model[0][1].bias[4] = 0.0
+    batches = [(torch.randn(2, 3, 8, 8), torch.randint(0, 3, (2, 8, 8))) for _ in range(3)]
+    taylor = segprune.Taylor(model, batches, lambda out, y: F.cross_entropy(out, y))
+    groups = segprune.channel_groups(model, batches[0][0])
+    scores = taylor(next(g for g in groups if "0.1" in g.modules("out")), model)
+    assert scores[4] == 0 and (np.delete(scores, 4) > 0).all()
+    result = segprune.prune(model, batches[0][0], ratio=1 / 6, criterion=taylor, groups=groups)
+    assert result.plan.modules["0.1"]["out"] == [0, 1, 2, 3, 5]
+
+
+def _grads_after(regularizer_cls, **kw):
+    torch.manual_seed(0)
+    model = randomize_norms(nn.Sequential(cbr(3, 8), cbr(8, 8), nn.Conv2d(8, 2, 1)))
+    reg = regularizer_cls(model, lam=1e-2, **kw)
+    for _ in range(2):
+        model.zero_grad()
+        model(torch.randn(2, 3, 8, 8)).sum().backward()
+        reg(model)
+    return model, reg, [m.weight.grad.clone() for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+
+
+def test_cap_with_unit_weights_is_exactly_slimming():
+    _, _, slim = _grads_after(segprune.BNSparsity)
+    _, _, cap = _grads_after(segprune.CAPSparsity, weight="none")
+    assert all(torch.equal(a, b) for a, b in zip(slim, cap))
+
+
+def test_cap_weights_penalise_channels_others_attend_to_less():
+    model, reg, _ = _grads_after(segprune.CAPSparsity, weight="one_minus")
+    for name, norm in reg.norms:
+        w = reg.weights(name, norm)
+        assert w.shape == (8,) and (w >= reg.eps).all() and (w <= 1 + reg.eps).all()
+        assert int(w.argmin()) == int(reg.guide[name].argmax())  # the most attended channel is penalised least
+
+
+def test_cap_guiding_vector_on_a_known_layer():
+    out = torch.zeros(1, 3, 2, 2)
+    out[0, 0] = 3.0  # a strong channel everyone attends to
+    out[0, 1] = 1.0
+    g = guiding_vector(out)
+    assert g[0] == 1.0 and g[0] > g[1] > g[2] >= 0
+
+
+def test_cap_leaves_nothing_in_the_model():
+    model, reg, _ = _grads_after(segprune.CAPSparsity)
+    reg.remove()
+    assert all(not m._forward_hooks for m in model.modules())
+    plain = nn.Sequential(cbr(3, 8), cbr(8, 8), nn.Conv2d(8, 2, 1))
+    x = torch.randn(1, 3, 8, 8)
+    count = lambda m: sum(len(g.members) for g in segprune.channel_groups(m, x))  # noqa: E731
+    assert count(model) == count(plain)
+
+
+def test_cap_guide_updates_only_in_training():
+    model = nn.Sequential(cbr(3, 4), nn.Conv2d(4, 2, 1))
+    reg = segprune.CAPSparsity(model, lam=1e-3)
+    model.eval()
+    model(torch.randn(1, 3, 4, 4))
+    assert reg.guide == {}
+    model.train()
+    model(torch.randn(2, 3, 4, 4))
+    assert set(reg.guide) == {"0.1"}
+
+
+def test_sparsity_warmup_ramps_lambda():
+    model = nn.Sequential(cbr(3, 4), nn.Conv2d(4, 2, 1))
+    reg = segprune.BNSparsity(model, lam=1.0, warmup=4)
+    seen = []
+    for _ in range(5):
+        seen.append(reg.strength())
+        reg(model)
+    assert seen == [0.25, 0.5, 0.75, 1.0, 1.0]
+    with pytest.raises(ValueError, match="lam"):
+        segprune.BNSparsity(model, lam=-1.0)
