@@ -1,16 +1,19 @@
 """The CLI end to end on a tiny model, the checkpoint round trip, and refusing to overwrite a run."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from segprune import checkpoint
 from segprune.cli import main
-from segprune.demo import config_from
+from segprune.pipeline import recipe_from
 
 TINY = ["--set", "model=test_pspnet", "--set", "width=1.0", "--set", "train_samples=16", "--set", "val_samples=8",
-        "--set", "epochs=1", "--set", "finetune_epochs=1", "--set", "size=[32,32]", "--quiet"]
+        "--set", "epochs=1", "--set", "finetune_epochs=1", "--set", "size=[32,32]", "--set", "threads=1",
+        "--set", "latency_rounds=1",
+        "--set", "latency_runs=2", "--quiet"]
 
 
 def test_demo_end_to_end_writes_report_and_checkpoint(tmp_path):
@@ -39,9 +42,9 @@ def test_demo_refuses_to_overwrite_without_force(tmp_path, capsys):
 
 def test_unknown_or_mistyped_setting_is_named():
     with pytest.raises(ValueError, match="epochz"):
-        config_from({"epochz": "3"})
+        recipe_from(None, {"epochz": "3"})
     with pytest.raises(ValueError, match="epochs"):
-        config_from({"epochs": "three"})
+        recipe_from(None, {"epochs": "three"})
 
 
 def test_truncated_weights_are_a_clear_error(tmp_path):
@@ -56,3 +59,40 @@ def test_truncated_weights_are_a_clear_error(tmp_path):
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(ValueError, match="weights.safetensors"):
         checkpoint.load(folder)
+
+
+@pytest.mark.parametrize("method", ["slimming", "cap", "bn_scale", "l1", "l2", "fpgm", "taylor", "random"])
+def test_every_method_runs_end_to_end_from_a_recipe_file(tmp_path, method):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: t\nmethod: {method}\ntarget_macs: 0.6\niterations: 2\nkd_alpha: 0.5\n")
+    out = tmp_path / "run"
+    assert main(["run", str(recipe), "--out", str(out), *TINY]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["recipe"]["method"] == method
+    assert report["after"]["macs"] <= 0.6 * report["before"]["macs"]
+
+
+def test_prune_cli_on_a_checkpoint_composes_plans(tmp_path):
+    run_dir, out = tmp_path / "run", tmp_path / "smaller"
+    assert main(["demo", "--out", str(run_dir), *TINY]) == 0
+    assert main(["prune", str(run_dir / "pruned"), "--method", "l1", "--target-macs", "0.7", "--size", "32", "32",
+                 "--out", str(out)]) == 0
+    before, after = checkpoint.load(run_dir / "pruned"), checkpoint.load(out)
+    assert sum(p.numel() for p in after.parameters()) < sum(p.numel() for p in before.parameters())
+    assert main(["prune", str(run_dir / "pruned"), "--out", str(out), "--size", "32", "32"]) == 2  # no --force
+
+
+def test_bad_recipe_values_are_named(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("method: magic\n")
+    with pytest.raises(ValueError, match="magic"):
+        recipe_from(recipe)
+    recipe.write_text("lam: -1\n")
+    with pytest.raises(ValueError, match="lam"):
+        recipe_from(recipe)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_parse(path):
+    recipe = recipe_from(path)
+    assert recipe.name == path.stem

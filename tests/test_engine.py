@@ -218,3 +218,13 @@ def test_oracle_catches_a_missed_coupling():
     masked = outputs(masked_copy(model, groups, removed), x)
     assert relative_error(masked, outputs(good.apply(copy.deepcopy(model)), x)) < 1e-6
     assert relative_error(masked, outputs(wrong.apply(copy.deepcopy(model)), x)) > 1e-3
+
+
+def test_two_prunings_compose_into_one_plan():
+    model, x = randomize_norms(WithAux()).eval(), torch.randn(1, 3, 8, 8)
+    first = segprune.prune(model, x, ratio=0.25, criterion="l1")
+    second = segprune.prune(first.model, x, ratio=0.3, criterion="l1")
+    fresh = first.plan.then(second.plan).apply(WithAux())
+    fresh.load_state_dict(second.model.state_dict())
+    fresh.eval()
+    assert torch.equal(fresh(x)["out"], second.model(x)["out"])

@@ -34,13 +34,27 @@ def save(folder: str | Path, model: nn.Module, *, config: dict, plan: Plan | Non
     return folder
 
 
+def load_plan(folder: str | Path) -> Plan:
+    """The plan a checkpoint was pruned with (empty for an unpruned one)."""
+    return Plan.load(Path(folder) / "plan.json")
+
+
+def load_config(folder: str | Path) -> dict:
+    """The config that builds a checkpoint's model."""
+    path = Path(folder) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not a segprune checkpoint ({err})") from err
+
+
 def load(folder: str | Path) -> nn.Module:
     """Rebuild a (pruned) model saved by `save`: build from config, replay the plan, load the weights."""
     folder = Path(folder)
+    config = load_config(folder)
     try:
-        config = json.loads((folder / "config.json").read_text())
         model = create_model(config["model"], **config.get("model_kwargs", {}))
-    except (OSError, json.JSONDecodeError, KeyError) as err:
+    except (KeyError, TypeError) as err:
         raise ValueError(f"{folder / 'config.json'}: cannot build the model ({err})") from err
     Plan.load(folder / "plan.json").apply(model)
     try:

@@ -1,10 +1,11 @@
-"""`segprune demo|groups`: a thin layer over the library (the library never imports this file)."""
+"""`segprune demo|run|prune|finetune|groups`: a thin layer over the library (which never imports this file)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import warnings
+from pathlib import Path
 
 
 def _overrides(pairs: list[str]) -> dict:
@@ -17,13 +18,66 @@ def _overrides(pairs: list[str]) -> dict:
     return out
 
 
-def cmd_demo(args) -> None:
-    from segprune.demo import config_from, run_demo
+def _summary(report: dict, out: str) -> None:
+    print(f"mIoU {report['before']['miou']:.4f} -> {report['after']['miou']:.4f}, MACs x"
+          f"{report['after']['macs'] / report['before']['macs']:.3f}; report in {out}/report.md")
 
-    report = run_demo(args.out, config_from(_overrides(args.set)), force=args.force, progress=not args.quiet)
+
+def cmd_demo(args) -> None:
+    from segprune.pipeline import recipe_from, run
+
+    report = run(recipe_from(None, _overrides(args.set)), args.out, force=args.force, progress=not args.quiet)
     if args.quiet:
-        print(f"before mIoU {report['before']['miou']:.4f} -> after {report['after']['miou']:.4f}; "
-              f"report in {args.out}/report.md")
+        _summary(report, args.out)
+
+
+def cmd_run(args) -> None:
+    from segprune.pipeline import recipe_from, run
+
+    recipe = recipe_from(args.recipe, _overrides(args.set))
+    out = args.out or f"runs/{recipe.name}"
+    report = run(recipe, out, force=args.force, progress=not args.quiet)
+    if args.quiet:
+        _summary(report, out)
+
+
+def cmd_prune(args) -> None:
+    import torch
+
+    import segprune
+    from segprune import checkpoint
+
+    if args.method == "taylor":
+        raise ValueError("taylor needs training data: run a recipe with `method: taylor` (segprune run)")
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise FileExistsError(f"{out} already holds a checkpoint; pass --force to overwrite")
+    model, plan, config = checkpoint.load(args.checkpoint), checkpoint.load_plan(args.checkpoint), \
+        checkpoint.load_config(args.checkpoint)
+    x = torch.zeros(1, 3, *args.size)
+    crit = "bn_scale" if args.method in ("slimming", "cap") else args.method
+    target = dict(target_macs=args.target_macs) if args.target_macs else dict(ratio=args.ratio)
+    result = segprune.prune(model, x, criterion=crit, round_to=args.round_to, min_keep=args.min_keep, **target)
+    checkpoint.save(out, result.model, config=config, plan=plan.then(result.plan))
+    print(f"removed {result.channels_removed} of {result.channels_prunable} prunable channels -> {out}")
+
+
+def cmd_finetune(args) -> None:
+    from segprune import checkpoint
+    from segprune.pipeline import loaders, recipe_from
+    from segprune.train.loop import fit
+
+    recipe = recipe_from(args.recipe, _overrides(args.set))
+    model = checkpoint.load(args.checkpoint)
+    train_loader, _, _ = loaders(recipe)
+    fit(model, train_loader, epochs=recipe.finetune_epochs, lr=recipe.finetune_lr, optimizer=recipe.optimizer,
+        device=recipe.device, progress=not args.quiet, desc="fine-tune")
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise FileExistsError(f"{out} already holds a checkpoint; pass --force to overwrite")
+    checkpoint.save(out, model, config=checkpoint.load_config(args.checkpoint),
+                    plan=checkpoint.load_plan(args.checkpoint))
+    print(f"fine-tuned {recipe.finetune_epochs} epochs -> {out}")
 
 
 def cmd_groups(args) -> None:
@@ -44,16 +98,42 @@ def cmd_groups(args) -> None:
         print(f"warning: {w.message}")
 
 
+def _run_options(p, default_out=None):
+    p.add_argument("--out", default=default_out, help="run folder")
+    p.add_argument("--force", action="store_true", help="overwrite a run already in --out")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe setting (segprune.pipeline.Recipe), e.g. --set epochs=4")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def parser() -> argparse.ArgumentParser:
+    from segprune.pipeline import METHODS
+
     p = argparse.ArgumentParser(prog="segprune", description="Structured pruning for segmentation networks.")
     sub = p.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="sparsity-train, prune, fine-tune, fuse and report on synthetic scenes")
-    demo.add_argument("--out", default="segprune-demo", help="run folder (default: ./segprune-demo)")
-    demo.add_argument("--force", action="store_true", help="overwrite a run already in --out")
-    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                      help="override a setting of segprune.demo.DemoConfig, e.g. --set epochs=4")
-    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    _run_options(demo, "segprune-demo")
     demo.set_defaults(func=cmd_demo)
+    run = sub.add_parser("run", help="run a recipe (flat YAML) end to end")
+    run.add_argument("recipe", help="e.g. recipes/slimming_camvid_cpu.yaml")
+    _run_options(run)
+    run.set_defaults(func=cmd_run)
+    pr = sub.add_parser("prune", help="prune a checkpoint folder")
+    pr.add_argument("checkpoint")
+    pr.add_argument("--method", choices=METHODS, default="bn_scale")
+    pr.add_argument("--ratio", type=float, default=0.5, help="fraction of prunable channels removed")
+    pr.add_argument("--target-macs", type=float, default=None, help="remove until MACs <= this fraction")
+    pr.add_argument("--round-to", type=int, default=None)
+    pr.add_argument("--min-keep", type=float, default=0.1)
+    pr.add_argument("--size", type=int, nargs=2, default=(256, 256), metavar=("H", "W"), help="example input size")
+    pr.add_argument("--out", required=True)
+    pr.add_argument("--force", action="store_true")
+    pr.set_defaults(func=cmd_prune)
+    ft = sub.add_parser("finetune", help="fine-tune a checkpoint folder on a recipe's data")
+    ft.add_argument("checkpoint")
+    ft.add_argument("--recipe", default=None)
+    _run_options(ft)
+    ft.set_defaults(func=cmd_finetune)
     groups = sub.add_parser("groups", help="list the channel groups of a registered model")
     groups.add_argument("model")
     groups.add_argument("--num-classes", type=int, default=19)
@@ -65,6 +145,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command == "finetune" and not args.out:
+        args.out = str(Path(args.checkpoint).with_name(Path(args.checkpoint).name + "-finetuned"))
     try:
         args.func(args)
     except (ValueError, FileExistsError, FileNotFoundError) as err:

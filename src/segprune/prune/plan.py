@@ -60,6 +60,20 @@ class Plan:
             surgery_for(module)(module, out=keep.get("out"), in_=keep.get("in"))
         return model
 
+    def then(self, later: Plan) -> Plan:
+        """One plan doing `self`, then `later` (whose indices number the channels `self` kept)."""
+        merged = {name: dict(entry) for name, entry in self.modules.items()}
+        for name, entry in later.modules.items():
+            first = merged.setdefault(name, {"type": entry["type"]})
+            for role in ("out", "in"):
+                if role not in entry:
+                    continue
+                if role in first:
+                    first[role] = [first[role][i] for i in entry[role]]
+                else:
+                    first[role], first[f"{role}_size"] = list(entry[role]), entry[f"{role}_size"]
+        return Plan(merged)
+
     def to_json(self) -> str:
         # one layer per line: readable in a diff, and still plain JSON
         lines = [f"  {json.dumps(name)}: {json.dumps(entry)}" for name, entry in self.modules.items()]

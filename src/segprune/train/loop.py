@@ -42,14 +42,20 @@ def segmentation_loss(output, target: torch.Tensor, *, criterion: Callable, aux_
     return loss
 
 
-def train_step(model, images, targets, optimizer, *, criterion: Callable, aux_weight=0.4, regularizer=None) -> float:
+def train_step(model, images, targets, optimizer, *, criterion: Callable, aux_weight=0.4, regularizer=None,
+               extra_loss=None) -> float:
     """One optimisation step: forward, ``loss.backward()``, ``regularizer(model)``, ``optimizer.step()``.
+
+    ``extra_loss(images, output)``, when given, is added to the loss (e.g. distillation from a teacher).
 
     Returns:
         The loss of the batch.
     """
     optimizer.zero_grad(set_to_none=True)
-    loss = segmentation_loss(model(images), targets, criterion=criterion, aux_weight=aux_weight)
+    output = model(images)
+    loss = segmentation_loss(output, targets, criterion=criterion, aux_weight=aux_weight)
+    if extra_loss is not None:
+        loss = loss + extra_loss(images, output)
     loss.backward()
     if regularizer is not None:  # it edits .grad, so it must come after backward and before step
         regularizer(model)
@@ -66,6 +72,7 @@ def train_one_epoch(
     aux_weight: float = 0.4,
     scheduler=None,
     regularizer: Callable[[nn.Module], None] | None = None,
+    extra_loss: Callable | None = None,
     device="cpu",
     progress: bool = True,
     desc: str = "train",
@@ -80,6 +87,7 @@ def train_one_epoch(
         aux_weight: Weight of each auxiliary loss.
         scheduler: Learning-rate scheduler, stepped after every iteration.
         regularizer: Called as ``regularizer(model)`` between ``backward()`` and ``step()``; it edits ``.grad``.
+        extra_loss: ``extra_loss(images, output)`` added to the loss (see ``segprune.train.distill``).
         device: Device to move batches to; the model must already be there.
         progress: Show a tqdm bar with the running loss.
         desc: Label of the progress bar.
@@ -93,7 +101,8 @@ def train_one_epoch(
     bar = tqdm(loader, desc=desc, disable=not progress, leave=False)
     for images, targets in bar:
         batch = images.to(device), targets.to(device)
-        loss = train_step(model, *batch, optimizer, criterion=criterion, aux_weight=aux_weight, regularizer=regularizer)
+        loss = train_step(model, *batch, optimizer, criterion=criterion, aux_weight=aux_weight, regularizer=regularizer,
+                          extra_loss=extra_loss)
         if scheduler is not None:
             scheduler.step()
         total, steps = total + loss, steps + 1
@@ -132,10 +141,12 @@ def fit(
     weight_decay: float = 1e-4,
     optimizer: str = "sgd",
     regularizer: Callable[[nn.Module], None] | None = None,
+    extra_loss: Callable | None = None,
     aux_weight: float = 0.4,
     device="cpu",
     progress: bool = True,
     desc: str = "train",
+    on_epoch: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """Train for ``epochs`` epochs with SGD (or AdamW) and a per-iteration poly learning-rate decay.
 
@@ -148,6 +159,8 @@ def fit(
         weight_decay: Weight decay.
         optimizer: ``"sgd"`` or ``"adamw"``.
         regularizer: See :func:`train_one_epoch`.
+        extra_loss: See :func:`train_one_epoch`.
+        on_epoch: Called as ``on_epoch(epoch, mean_loss)`` after every epoch (logging, histograms).
         aux_weight: Weight of each auxiliary loss.
         device: Device to train on.
         progress: Show progress bars.
@@ -159,8 +172,11 @@ def fit(
     model.to(device)
     opt = make_optimizer(model, name=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay)
     scheduler = poly_lr(opt, total_iters=max(epochs * len(train_loader), 1))
-    kwargs = dict(aux_weight=aux_weight, scheduler=scheduler, regularizer=regularizer, device=device, progress=progress)
+    kwargs = dict(aux_weight=aux_weight, scheduler=scheduler, regularizer=regularizer, extra_loss=extra_loss,
+                  device=device, progress=progress)
     losses = []
     for epoch in range(epochs):
         losses.append(train_one_epoch(model, train_loader, opt, desc=f"{desc} {epoch + 1}/{epochs}", **kwargs))
+        if on_epoch is not None:
+            on_epoch(epoch, losses[-1])
     return losses

@@ -1,0 +1,256 @@
+"""The compression pipeline every recipe runs (and `segprune demo` runs with the defaults):
+
+train (with the method's sparsity, if any) -> prune (one pass, or several with fine-tuning between) ->
+fine-tune (optionally distilled from the unpruned model) -> fuse Conv+BN -> measure before and after
+(mIoU, params, MACs, weights file, interleaved CPU latency) -> report + checkpoint.
+
+A `Recipe` is a flat dataclass: a YAML file overlays its defaults, `--set key=value` overrides are
+type-checked, unknown keys raise, and the resolved recipe is saved with every run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+from torch.utils.data import DataLoader
+
+from segprune import checkpoint
+from segprune.eval.metrics import evaluate
+from segprune.eval.profile import compare_latency, profile
+from segprune.export.fuse import fuse_conv_bn
+from segprune.models import create_model
+from segprune.prune import BNSparsity, CAPSparsity, Taylor, channel_groups, prune
+from segprune.prune.criteria import CRITERIA
+from segprune.report.writer import table, write_report
+from segprune.train.distill import distillation
+from segprune.train.loop import fit
+
+METHODS = ("slimming", "cap", "bn_scale", "l1", "l2", "fpgm", "taylor", "random")
+
+
+@dataclass
+class Recipe:
+    """Everything a run does. The defaults are the demo: 2 CPU cores, about 2 minutes."""
+
+    name: str = "demo"
+    model: str = "pspnet_resnet18"
+    width: float = 0.25
+    data: str = "synthetic"  # or a dataset name of segprune.data.build_dataset, with data_root
+    data_root: str = ""
+    num_classes: int = 6  # synthetic data only; real datasets bring their own
+    size: tuple[int, int] = (96, 128)  # training crop (H, W); synthetic scene size
+    train_samples: int = 320  # synthetic only
+    val_samples: int = 96  # synthetic only
+    val_split: str = "val"
+    batch_size: int = 8
+    epochs: int = 12
+    optimizer: str = "adamw"  # converges in a dozen CPU epochs; "sgd" (poly LR) is the papers' choice
+    lr: float = 0.006
+    method: str = "slimming"  # one of METHODS
+    lam: float = 5e-4  # sparsity on BN scales (slimming, cap), added to their gradients
+    warmup: int = 0  # steps over which lam ramps up
+    cap_affinity: str = "dot"
+    cap_weight: str = "one_minus"
+    ratio: float = 0.5  # fraction of prunable channels removed (when target_macs is 0)
+    target_macs: float = 0.0  # if > 0: remove until MACs <= this fraction of the original
+    min_keep: float = 0.1
+    round_to: int = 0
+    iterations: int = 1  # prune/fine-tune passes
+    finetune_epochs: int = 8
+    finetune_lr: float = 0.002
+    kd_alpha: float = 0.0  # distillation from the unpruned model during fine-tuning (0 = off)
+    kd_temperature: float = 4.0
+    threads: int = 2
+    latency_rounds: int = 7  # interleaved before/after rounds of the latency measurement
+    latency_runs: int = 10  # timed runs per model per round
+    device: str = "cpu"
+    seed: int = 0
+
+    def check(self) -> Recipe:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
+        if self.lam < 0:
+            raise ValueError(f"lam must be >= 0, got {self.lam}")
+        if not 0 <= self.ratio < 1 or not 0 <= self.target_macs <= 1 or self.iterations < 1:
+            raise ValueError("ratio must be in [0, 1), target_macs in [0, 1] (0 = use ratio), iterations >= 1")
+        return self
+
+
+def recipe_from(path: str | Path | None = None, overrides: dict | None = None) -> Recipe:
+    """A Recipe from a flat YAML file and `key=value` overrides; unknown keys and bad types raise ValueError."""
+    values = {}
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: a recipe is a flat mapping of settings")
+        values.update(loaded)
+    values.update(overrides or {})
+    recipe, known = Recipe(), {f.name: f for f in fields(Recipe)}
+    for key, value in values.items():
+        if key not in known:
+            where = f" in {path}" if path else ""
+            raise ValueError(f"unknown setting {key!r}{where}; known: {', '.join(known)}")
+        setattr(recipe, key, _typed(key, value, getattr(Recipe(), key)))
+    return recipe.check()
+
+
+def _typed(key, value, default):
+    try:
+        if isinstance(default, tuple):
+            value = json.loads(value) if isinstance(value, str) else value
+            return tuple(int(v) for v in value)
+        if isinstance(default, bool):
+            return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+        return type(default)(value)
+    except (TypeError, ValueError, json.JSONDecodeError) as err:
+        raise ValueError(f"setting {key}={value!r} is not a {type(default).__name__}") from err
+
+
+# --- stages --------------------------------------------------------------------------------------------------
+def loaders(r: Recipe) -> tuple[DataLoader, DataLoader, int]:
+    """(train loader, validation loader, number of classes)."""
+    g = torch.Generator().manual_seed(r.seed)
+    if r.data == "synthetic":
+        from segprune.data.synthetic import SyntheticScenes
+
+        kw = dict(size=r.size, num_classes=r.num_classes, seed=r.seed)
+        train = SyntheticScenes(num_samples=r.train_samples, split="train", **kw)
+        val = SyntheticScenes(num_samples=r.val_samples, split="val", **kw)
+    else:
+        from segprune.data import build_dataset
+        from segprune.data.transforms import eval_transforms, train_transforms
+
+        train = build_dataset(r.data, root=r.data_root, split="train", transform=train_transforms(crop=r.size))
+        val = build_dataset(r.data, root=r.data_root, split=r.val_split, transform=eval_transforms())
+    classes = train.num_classes if hasattr(train, "num_classes") else r.num_classes
+    return (DataLoader(train, batch_size=r.batch_size, shuffle=True, generator=g, drop_last=True),
+            DataLoader(val, batch_size=r.batch_size), classes)
+
+
+def sparsity(r: Recipe, model: nn.Module, groups) -> BNSparsity | None:
+    """The regulariser the method trains with: slimming's L1, CAP's guided L1, or none."""
+    if r.method == "slimming":
+        return BNSparsity(model, lam=r.lam, groups=groups, warmup=r.warmup)
+    if r.method == "cap":
+        return CAPSparsity(model, lam=r.lam, groups=groups, warmup=r.warmup, affinity=r.cap_affinity,
+                           weight=r.cap_weight)
+    return None
+
+
+def criterion(r: Recipe, model: nn.Module, train_loader):
+    """The channel scores the method prunes by."""
+    if r.method in ("slimming", "cap"):
+        return "bn_scale"
+    if r.method == "taylor":
+        batches = [b for _, b in zip(range(8), train_loader)]
+        return Taylor(model, batches, lambda out, y: F.cross_entropy(out["out"], y, ignore_index=255))
+    return r.method if r.method in CRITERIA else "bn_scale"
+
+
+def gamma_histogram(model: nn.Module, bins: int = 10) -> list[int]:
+    """Counts of |gamma| over all BatchNorms in [0, max] (how sparse slimming made them)."""
+    gammas = torch.cat([m.weight.detach().abs().flatten() for m in model.modules()
+                        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None])
+    return np.histogram(gammas.cpu().numpy(), bins=bins, range=(0, float(gammas.max()) or 1.0))[0].tolist()
+
+
+def prune_and_finetune(r, model, example, groups, train_loader, log, progress):
+    """`iterations` passes of prune + fine-tune; returns (pruned model, composed plan, channels removed)."""
+    teacher = model if r.kd_alpha > 0 else None
+    current, plan, removed = model, None, 0
+    for it in range(r.iterations):
+        step = dict(target_macs=r.target_macs ** ((it + 1) / r.iterations) if r.target_macs else None,
+                    ratio=None if r.target_macs else 1 - (1 - r.ratio) ** (1 / r.iterations))
+        result = prune(current, example, criterion=criterion(r, current, train_loader), min_keep=r.min_keep,
+                       round_to=r.round_to or None, groups=groups if it == 0 else None, **step)
+        removed += result.channels_removed
+        plan = result.plan if plan is None else plan.then(result.plan)
+        log(f"    pass {it + 1}/{r.iterations}: removed {result.channels_removed} channels")
+        extra = distillation(teacher, alpha=r.kd_alpha, temperature=r.kd_temperature) if teacher else None
+        fit(result.model, train_loader, epochs=math.ceil(r.finetune_epochs / r.iterations), lr=r.finetune_lr,
+            optimizer=r.optimizer, extra_loss=extra, device=r.device, progress=progress, desc="fine-tune")
+        current = result.model
+    return current, plan, removed
+
+
+def measure(model, val_loader, example, num_classes) -> dict:
+    return {"miou": evaluate(model, val_loader, num_classes=num_classes)["miou"], **profile(model, example)}
+
+
+# --- the run ---------------------------------------------------------------------------------------------------
+def run(r: Recipe, out: str | Path, *, force: bool = False, progress: bool = True) -> dict:
+    """Run recipe `r` into folder `out`; returns the report (also out/report.json, report.md, recipe.yaml)."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise FileExistsError(f"{out} already holds a run; choose another --out or pass --force")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.yaml").write_text(yaml.safe_dump({**asdict(r), "size": list(r.size)}, sort_keys=False))
+    start, log = time.perf_counter(), _Log(out / "log.txt", progress)
+    torch.manual_seed(r.seed)
+    torch.set_num_threads(r.threads)
+    train_loader, val_loader, num_classes = loaders(r)
+    model_kwargs = {"num_classes": num_classes, "width": r.width}
+    model = create_model(r.model, **model_kwargs).to(r.device)
+    example = torch.zeros(1, 3, *r.size, device=r.device)
+    groups = channel_groups(model, example)
+    reg, histograms = sparsity(r, model, groups), []
+
+    log(f"1/4 training {r.model} (width {r.width}) for {r.epochs} epochs; method {r.method}")
+    fit(model, train_loader, epochs=r.epochs, lr=r.lr, optimizer=r.optimizer, regularizer=reg, device=r.device,
+        progress=progress, desc="train", on_epoch=lambda e, loss: histograms.append(gamma_histogram(model)))
+    if isinstance(reg, CAPSparsity):
+        reg.remove()  # nothing of CAP stays in the model
+    log(f"    |gamma| histogram after training: {histograms[-1] if histograms else []}")
+    before = measure(model, val_loader, example, num_classes)
+
+    what = f"to {r.target_macs:.0%} of the MACs" if r.target_macs else f"{r.ratio:.0%} of prunable channels"
+    log(f"2/4 pruning {what} ({r.method}), 3/4 fine-tuning {r.finetune_epochs} epochs")
+    pruned, plan, removed = prune_and_finetune(r, model, example, groups, train_loader, log, progress)
+    checkpoint.save(out / "pruned", pruned, plan=plan, config={"model": r.model, "model_kwargs": model_kwargs})
+
+    log("4/4 fusing Conv+BN and measuring (latency interleaved before/after)")
+    deployed = fuse_conv_bn(pruned, example)
+    after = measure(deployed, val_loader, example, num_classes)
+    latency = compare_latency({"before": model, "after": deployed}, example, threads=r.threads,
+                              rounds=r.latency_rounds, runs=r.latency_runs)
+    for side, row in (("before", before), ("after", after)):
+        row["latency_ms"], row["latency"] = latency[side]["median_ms"], latency[side]
+    prunable = sum(int(g.prunable.sum()) for g in groups)
+    report = {"title": f"{r.name}: {r.model} ({r.method})", "recipe": {**asdict(r), "size": list(r.size)},
+              "seconds": time.perf_counter() - start, "before": before, "after": after,
+              "pruning": {"removed_channels": removed, "prunable_channels": prunable,
+                          "removed_fraction": removed / max(prunable, 1), "groups": len(groups)},
+              "gamma_histograms": histograms, "notes": _notes(r)}
+    write_report(out, report)
+    log(table(before, after))
+    log(f"done in {report['seconds']:.0f} s: {out / 'report.md'}")
+    return report
+
+
+def _notes(r: Recipe) -> list[str]:
+    return [f"before = the model as trained ({r.epochs} epochs, method {r.method}, unfused); after = pruned, "
+            f"fine-tuned {r.finetune_epochs} more epochs, Conv+BN fused: part of its mIoU change is that extra "
+            "training.", f"mIoU on the {r.data} {r.val_split} split; MACs = FLOPs / 2 for one "
+            f"1x3x{r.size[0]}x{r.size[1]} input (torch.utils.flop_counter)."]
+
+
+class _Log:
+    """Print a line and keep it in the run's log file."""
+
+    def __init__(self, path: Path, echo: bool):
+        self.path, self.echo = path, echo
+
+    def __call__(self, line: str) -> None:
+        if self.echo:
+            print(line, flush=True)
+        with self.path.open("a") as f:
+            f.write(line + "\n")
