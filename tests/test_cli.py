@@ -96,3 +96,14 @@ def test_bad_recipe_values_are_named(tmp_path):
 def test_shipped_recipes_parse(path):
     recipe = recipe_from(path)
     assert recipe.name == path.stem
+
+
+@pytest.mark.data
+def test_pipeline_runs_on_real_camvid(tmp_path, data_root):
+    out = tmp_path / "camvid"
+    recipe = Path(__file__).parents[1] / "recipes" / "slimming_segnet_camvid_cpu.yaml"
+    args = ["run", str(recipe), "--out", str(out), *TINY, "--set", "model=test_segnet",
+            "--set", f"data_root={data_root / 'camvid'}", "--set", "size=[64,64]", "--set", "eval_size=[96,128]"]
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert 0 <= report["after"]["miou"] <= 1 and report["after"]["macs"] <= 0.5 * report["before"]["macs"]

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from segprune import checkpoint
 from segprune.eval.metrics import evaluate
@@ -48,8 +48,9 @@ class Recipe:
     data_root: str = ""
     num_classes: int = 6  # synthetic data only; real datasets bring their own
     size: tuple[int, int] = (96, 128)  # training crop (H, W); synthetic scene size
-    train_samples: int = 320  # synthetic only
-    val_samples: int = 96  # synthetic only
+    eval_size: tuple[int, int] = (0, 0)  # resize validation images to (H, W); (0, 0) = their own size
+    train_samples: int = 320  # synthetic: how many to generate; real data: use the first N (0 = all)
+    val_samples: int = 96
     val_split: str = "val"
     batch_size: int = 8
     epochs: int = 12
@@ -125,15 +126,23 @@ def loaders(r: Recipe) -> tuple[DataLoader, DataLoader, int]:
         kw = dict(size=r.size, num_classes=r.num_classes, seed=r.seed)
         train = SyntheticScenes(num_samples=r.train_samples, split="train", **kw)
         val = SyntheticScenes(num_samples=r.val_samples, split="val", **kw)
+        classes = r.num_classes
     else:
         from segprune.data import build_dataset
         from segprune.data.transforms import eval_transforms, train_transforms
 
-        train = build_dataset(r.data, root=r.data_root, split="train", transform=train_transforms(crop=r.size))
-        val = build_dataset(r.data, root=r.data_root, split=r.val_split, transform=eval_transforms())
-    classes = train.num_classes if hasattr(train, "num_classes") else r.num_classes
+        train = build_dataset(r.data, root=r.data_root, split="train",
+                              transform=train_transforms(crop=r.size, seed=r.seed))
+        val = build_dataset(r.data, root=r.data_root, split=r.val_split,
+                            transform=eval_transforms(size=r.eval_size if all(r.eval_size) else None))
+        classes = train.num_classes
+        train, val = _first(train, r.train_samples), _first(val, r.val_samples)
     return (DataLoader(train, batch_size=r.batch_size, shuffle=True, generator=g, drop_last=True),
             DataLoader(val, batch_size=r.batch_size), classes)
+
+
+def _first(dataset, n: int):
+    return Subset(dataset, range(min(n, len(dataset)))) if n > 0 else dataset
 
 
 def sparsity(r: Recipe, model: nn.Module, groups) -> BNSparsity | None:
@@ -193,7 +202,7 @@ def run(r: Recipe, out: str | Path, *, force: bool = False, progress: bool = Tru
     if out.exists() and any(out.iterdir()) and not force:
         raise FileExistsError(f"{out} already holds a run; choose another --out or pass --force")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "recipe.yaml").write_text(yaml.safe_dump({**asdict(r), "size": list(r.size)}, sort_keys=False))
+    (out / "recipe.yaml").write_text(yaml.safe_dump(_plain(r), sort_keys=False))
     start, log = time.perf_counter(), _Log(out / "log.txt", progress)
     torch.manual_seed(r.seed)
     torch.set_num_threads(r.threads)
@@ -225,7 +234,7 @@ def run(r: Recipe, out: str | Path, *, force: bool = False, progress: bool = Tru
     for side, row in (("before", before), ("after", after)):
         row["latency_ms"], row["latency"] = latency[side]["median_ms"], latency[side]
     prunable = sum(int(g.prunable.sum()) for g in groups)
-    report = {"title": f"{r.name}: {r.model} ({r.method})", "recipe": {**asdict(r), "size": list(r.size)},
+    report = {"title": f"{r.name}: {r.model} ({r.method})", "recipe": _plain(r),
               "seconds": time.perf_counter() - start, "before": before, "after": after,
               "pruning": {"removed_channels": removed, "prunable_channels": prunable,
                           "removed_fraction": removed / max(prunable, 1), "groups": len(groups)},
@@ -234,6 +243,11 @@ def run(r: Recipe, out: str | Path, *, force: bool = False, progress: bool = Tru
     log(table(before, after))
     log(f"done in {report['seconds']:.0f} s: {out / 'report.md'}")
     return report
+
+
+def _plain(r: Recipe) -> dict:
+    """The recipe as plain YAML/JSON values (tuples as lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(r).items()}
 
 
 def _notes(r: Recipe) -> list[str]:
