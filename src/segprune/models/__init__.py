@@ -2,6 +2,11 @@
 
 Every model maps an image batch (N, C, H, W) to ``{"out": logits (N, K, H, W)}``, plus ``"aux"`` in training mode
 when it has auxiliary heads. Importing this package registers every entry point.
+
+Capability flags, which tests branch on: ``use_aux`` (training mode returns ``"aux"``), ``exportable``, and
+``needs_divisible_input``: H and W must be multiples of it, else ``forward`` raises ``ValueError`` naming the size
+and the divisor (1 for models that take any size; U-Net needs 16, for its skip concatenations). Builders raise
+``ValueError`` for ``num_classes < 1`` and for an unsupported ``output_stride``.
 """
 
 from . import deeplabv3plus, icnet, pspnet, segnet, unet  # noqa: F401  (imported to register their entry points)

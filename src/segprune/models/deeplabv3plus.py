@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .backbones import load_backbone_weights, mobilenetv2, resnet
-from .layers import ConvBnAct, LayerFn, init_weights, scale_width, upsample_like
+from .layers import ConvBnAct, LayerFn, check_input_size, check_num_classes, init_weights, scale_width, upsample_like
 from .registry import register_model
 
 
@@ -69,7 +69,7 @@ class DeepLabV3Plus(nn.Module):
     """DeepLabV3+ on a backbone publishing ``out_channels`` and ``output_stride``, whose second feature is at
     stride 4 (the decoder's low-level input) and last feature feeds ASPP."""
 
-    needs_divisible_input = 16
+    needs_divisible_input = 1  # any size: ASPP output and logits are resized to the low-level feature and the input
     exportable = True
     use_aux = False
 
@@ -87,9 +87,8 @@ class DeepLabV3Plus(nn.Module):
         if backbone.output_stride not in (8, 16):
             raise ValueError(f"DeepLabV3+ needs output_stride 8 or 16, got {backbone.output_stride}")
         kw = dict(norm_layer=norm_layer, act_layer=act_layer)
-        self.num_classes = num_classes
+        self.num_classes = check_num_classes(num_classes)
         self.backbone = backbone
-        self.needs_divisible_input = backbone.output_stride
         rates = tuple(r * 16 // backbone.output_stride for r in (6, 12, 18))
         channels, low_channels = scale_width(256, width), scale_width(48, width)
         self.aspp = ASPP(backbone.out_channels[-1], channels, rates, separable=separable, **kw)
@@ -102,6 +101,7 @@ class DeepLabV3Plus(nn.Module):
         init_weights(self)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
+        check_input_size(x, self.needs_divisible_input)
         feats = self.backbone(x)
         low = self.reduce(feats[1])
         high = upsample_like(self.aspp(feats[-1]), low)

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .backbones import ResNet, load_backbone_weights, resnet
-from .layers import ConvBnAct, LayerFn, init_weights, scale_width, upsample_like
+from .layers import ConvBnAct, LayerFn, check_input_size, check_num_classes, init_weights, scale_width, upsample_like
 from .registry import register_model
 
 
@@ -70,7 +70,7 @@ class ICNet(nn.Module):
     """ICNet on a dilated ResNet at output stride 8, whose stages it drives one by one: stem to layer2 on the
     1/2-resolution image, layer3 and layer4 on that result downsampled ×2."""
 
-    needs_divisible_input = 32
+    needs_divisible_input = 1  # any size: every branch is resized to the one it joins
     exportable = True
 
     def __init__(
@@ -88,7 +88,7 @@ class ICNet(nn.Module):
         if backbone.output_stride != 8:
             raise ValueError(f"ICNet needs a backbone at output stride 8, got {backbone.output_stride}")
         kw = dict(norm_layer=norm_layer, act_layer=act_layer)
-        self.num_classes = num_classes
+        self.num_classes = check_num_classes(num_classes)
         self.backbone = backbone
         c32, c64, c128, c256 = (scale_width(c, width) for c in (32, 64, 128, 256))
         self.sub1 = nn.Sequential(
@@ -110,6 +110,7 @@ class ICNet(nn.Module):
         return self.cff_sub24.classifier is not None
 
     def forward(self, x: Tensor) -> dict[str, Tensor | list[Tensor]]:
+        check_input_size(x, self.needs_divisible_input)
         b = self.backbone
         x2 = F.interpolate(x, scale_factor=0.5, mode="bilinear", align_corners=False)
         f16 = b.layer2(b.layer1(b.maxpool(b.stem(x2))))

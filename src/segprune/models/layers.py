@@ -1,5 +1,6 @@
 """Small building blocks shared by the architectures."""
 
+import numbers
 from collections.abc import Callable
 
 import torch.nn.functional as F
@@ -44,6 +45,27 @@ class ConvBnAct(nn.Sequential):
         self.bn = norm_layer(out_channels)
         if act_layer is not None:
             self.act = act_layer()
+
+
+def check_num_classes(num_classes: int) -> int:
+    """Return ``num_classes`` if it is a positive integer; raise ``ValueError`` at build time otherwise."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    return int(num_classes)
+
+
+def check_input_size(x: Tensor, divisor: int) -> None:
+    """Raise ``ValueError`` when the input's height or width is not a multiple of ``divisor``.
+
+    Reads plain ints from ``x.shape`` (no tensor ops), so tracing and export see nothing; divisor 1 costs nothing.
+    """
+    if divisor == 1:
+        return
+    height, width = x.shape[-2:]
+    if height % divisor or width % divisor:
+        raise ValueError(
+            f"input size {height}×{width} is not divisible by {divisor}: pad or crop H and W to multiples of {divisor}"
+        )
 
 
 def upsample_like(x: Tensor, ref: Tensor) -> Tensor:

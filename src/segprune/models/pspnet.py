@@ -5,6 +5,17 @@ to 1×1, 2×2, 3×3, 6×6 → 1×1 ConvBnAct to C/4 channels → bilinear upsamp
 3×3 ConvBnAct (512 channels at width 1), Dropout2d(0.1) and a 1×1 classifier; and in training an auxiliary head on
 layer3 (3×3 ConvBnAct to 256, dropout, 1×1), whose loss weight (0.4 in the paper) is the trainer's business.
 Deviations: upsampling uses align_corners=False; bottleneck stride on the 3×3 conv (see ``backbones/resnet.py``).
+
+Size at width 1 with 19 classes (``benchmarks/model_sizes.py``; tested exactly in ``tests/test_models.py``):
+PSPNet-101 68,072,166 parameters with the auxiliary head (65,707,475 without), PSPNet-50 49,080,038 (46,715,347),
+against the published ≈70.4 M and ≈51.5 M (-3.3 %, -4.7 %). The gaps, 2.33 M and 2.42 M, are close to the 2.05 M
+of ResNet's ImageNet classifier (``fc``), which we do not have: counted with it, we are within 0.4 % and 0.7 %, which
+fits a published figure that includes it (we have not confirmed that it does). MACs at 713×713 in eval mode: 517.2 G
+and 363.8 G against the published ≈556 G and ≈403 G (-7.0 %, -9.7 %: outside 5 %), and we have not found why. The
+gap is the same, ≈39 G, at both depths, so it lies outside layer3, the only part where the two differ. Counting the
+auxiliary head (training mode, 19.15 G) halves it (-3.5 %, -5.0 %); elementwise ops (BN, ReLU, pooling), which
+``FlopCounterMode`` does not count, would add 1.5 G and 0.9 G. 713 = 8·89 + 1 gives 90×90 features at output
+stride 8, as in the released model.
 """
 
 from pathlib import Path
@@ -13,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .backbones import ResNet, load_backbone_weights, resnet
-from .layers import ConvBnAct, LayerFn, init_weights, scale_width, upsample_like
+from .layers import ConvBnAct, LayerFn, check_input_size, check_num_classes, init_weights, scale_width, upsample_like
 from .registry import register_model
 
 
@@ -45,7 +56,7 @@ class PSPNet(nn.Module):
     """PSPNet on a backbone publishing ``out_channels`` and ``output_stride``, whose last two features feed the
     auxiliary head (layer3) and the pyramid pooling (layer4)."""
 
-    needs_divisible_input = 8
+    needs_divisible_input = 1  # any size (e.g. the paper's 713×713): every feature is resized to the one it joins
     exportable = True
 
     def __init__(
@@ -60,9 +71,8 @@ class PSPNet(nn.Module):
     ):
         super().__init__()
         kw = dict(norm_layer=norm_layer, act_layer=act_layer)
-        self.num_classes = num_classes
+        self.num_classes = check_num_classes(num_classes)
         self.backbone = backbone
-        self.needs_divisible_input = backbone.output_stride
         c3, c4 = backbone.out_channels[-2:]
         self.ppm = PyramidPooling(c4, **kw)
         self.head = seg_head(self.ppm.out_channels, scale_width(512, width), num_classes, **kw)
@@ -75,6 +85,7 @@ class PSPNet(nn.Module):
         return self.aux_head is not None
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
+        check_input_size(x, self.needs_divisible_input)
         feats = self.backbone(x)
         out = {"out": upsample_like(self.head(self.ppm(feats[-1])), x)}
         if self.training and self.aux_head is not None:

@@ -34,7 +34,9 @@ def create_model(name: str, *, num_classes: int, **kwargs) -> nn.Module:
         ValueError: for an unknown name, listing the registered names closest to it.
     """
     if name not in _MODELS:
-        raise ValueError(f"unknown model {name!r}; did you mean one of {_close_names(name)}?")
+        close = _close_names(name)
+        hint = f"did you mean one of {close}?" if close else f"the registered models are {sorted(_MODELS)}"
+        raise ValueError(f"unknown model {name!r}; {hint}")
     return _MODELS[name](num_classes=num_classes, **kwargs)
 
 
@@ -44,6 +46,13 @@ def list_models(pattern: str = "*") -> list[str]:
 
 
 def _close_names(name: str) -> list[str]:
-    close = difflib.get_close_matches(name, _MODELS, n=5, cutoff=0.5)
-    close += [n for n in sorted(_MODELS) if name.lower() in n and n not in close]
-    return close or sorted(_MODELS)
+    """Registered names spelled like ``name``, or containing it, or whose architecture it names ("psp_net")."""
+    key = _squash(name)
+    hits = [n for n in _MODELS if key and (key in _squash(n) or _squash(n.split("_")[0]) in key)]
+    hits.sort(key=lambda n: difflib.SequenceMatcher(None, key, _squash(n)).ratio(), reverse=True)
+    near = [n for n in difflib.get_close_matches(name, _MODELS, n=5, cutoff=0.5) if n not in hits]
+    return (hits + near)[:8]
+
+
+def _squash(name: str) -> str:
+    return "".join(c for c in name.lower() if c.isalnum())

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .backbones import load_backbone_weights
-from .layers import ConvBnAct, LayerFn, init_weights, scale_width
+from .layers import ConvBnAct, LayerFn, check_input_size, check_num_classes, init_weights, scale_width
 from .registry import register_model
 
 
@@ -64,7 +64,7 @@ class UpBlock(nn.Module):
 class UNet(nn.Module):
     """U-Net built from its encoder's ``out_channels``."""
 
-    needs_divisible_input = 16
+    needs_divisible_input = 16  # 2**depth: a skip and its upsampled partner must have the same size to concatenate
     exportable = True
     use_aux = False
 
@@ -79,7 +79,7 @@ class UNet(nn.Module):
     ):
         super().__init__()
         kw = dict(norm_layer=norm_layer, act_layer=act_layer)
-        self.num_classes = num_classes
+        self.num_classes = check_num_classes(num_classes)
         self.encoder = encoder
         self.needs_divisible_input = encoder.output_stride
         chs = encoder.out_channels
@@ -91,6 +91,7 @@ class UNet(nn.Module):
         init_weights(self)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
+        check_input_size(x, self.needs_divisible_input)
         *skips, x = self.encoder(x)
         for block, skip in zip(self.decoder, reversed(skips), strict=True):
             x = block(x, skip)

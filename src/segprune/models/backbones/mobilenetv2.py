@@ -5,11 +5,17 @@ final 1×1 conv to 1280 and the classifier, as DeepLabV3+ uses it. ``output_stri
 the later blocks with dilation of their depthwise conv (the dilated block itself takes the new rate, as
 torchvision's dilated MobileNetV3). Deviation: the activation is ``act_layer`` (ReLU by default); pass
 ``act_layer=nn.ReLU6`` for the paper's.
+
+Pretrained weights: ``torchvision_keys`` maps the stem and the 17 blocks, in order, to torchvision's
+``mobilenet_v2`` ``features.0`` ... ``features.17`` (a ConvBnAct ``k`` of a block is ``conv.k.0`` / ``conv.k.1``, the
+linear projection ``conv.k`` / ``conv.k+1``); the final 1×1 conv to 1280 (``features.18``) and the ``classifier``
+are unused. Those weights were trained with ReLU6: build with ``act_layer=nn.ReLU6`` to use them as trained.
 """
 
 from torch import Tensor, nn
 
 from ..layers import ConvBnAct, LayerFn, scale_width
+from .weights import KeyMap
 
 # (expansion t, channels c, blocks n, stride s) per block group, Table 2 of the paper.
 MOBILENETV2_CONFIG = (
@@ -96,6 +102,21 @@ class MobileNetV2(nn.Module):
                 c_in = c
             self.out_channels[-1] = c
         self.stages = nn.ModuleList(nn.Sequential(*blocks) for blocks in stages)
+
+    def torchvision_keys(self) -> KeyMap:
+        """Our layer names → torchvision's ``mobilenet_v2`` names (see the module docstring)."""
+        layers = {}
+        blocks = [(f"stages.{s}.{b}", block) for s, stage in enumerate(self.stages) for b, block in enumerate(stage)]
+        for index, (name, block) in enumerate(blocks):
+            feature = f"features.{index}"
+            if isinstance(block, ConvBnAct):
+                layers[name] = (f"{feature}.0", f"{feature}.1")
+                continue
+            last = len(block.conv) - 1  # the linear projection: a bare conv and norm in torchvision
+            for k in range(len(block.conv)):
+                conv, norm = (f"{k}", f"{k + 1}") if k == last else (f"{k}.0", f"{k}.1")
+                layers[f"{name}.conv.{k}"] = (f"{feature}.conv.{conv}", f"{feature}.conv.{norm}")
+        return KeyMap(layers, unused=("classifier.", f"features.{len(blocks)}."))
 
     def forward(self, x: Tensor) -> list[Tensor]:
         feats = []

@@ -3,12 +3,20 @@
 Two options from the segmentation papers: the deep stem of PSPNet (three 3×3 convs, 64-64-128, instead of one 7×7)
 and an output stride of 8 or 16, reached by replacing the stride of layer3 / layer4 with dilation (DeepLab, PSPNet).
 Deviations: the stride of a bottleneck sits on its 3×3 conv (torchvision's "v1.5"), and the first block of a dilated
-layer keeps the previous layer's dilation (torchvision's convention). There is no classifier (no ``fc``).
+layer keeps the previous layer's dilation (torchvision's convention). There is no classifier (no ``fc``: 2.05 M
+parameters at width 1 that ImageNet parameter counts include).
+
+Pretrained weights: ``torchvision_keys`` maps every layer to torchvision's ``resnet*`` checkpoint keys (``conv1`` /
+``bn1`` for the 7×7 stem; ``layerL.B.convK`` / ``layerL.B.bnK``; ``layerL.B.downsample.0`` / ``.1``; ``fc`` unused).
+The deep stem has no torchvision counterpart, and neither have the first block's ``conv1`` and shortcut, whose input
+is the deep stem's 128 channels instead of 64: those five layers keep their initialisation (and the file's
+``conv1``, ``bn1`` and those two layers go unused). Dilation changes no weight, so any output stride loads.
 """
 
 from torch import Tensor, nn
 
 from ..layers import ConvBnAct, LayerFn, scale_width
+from .weights import KeyMap
 
 
 class BasicBlock(nn.Module):
@@ -149,6 +157,20 @@ class ResNet(nn.Module):
             self.add_module(f"layer{i + 1}", layer)
             self.out_channels.append(planes * block.expansion)
             first_dilation = dilation
+
+    def torchvision_keys(self) -> KeyMap:
+        """Our layer names → torchvision's ``resnet*`` names (see the module docstring)."""
+        layers, no_counterpart, unused = {}, [], ["fc."]
+        if len(self.stem) == 1:
+            layers["stem.0"] = ("conv1", "bn1")
+        else:
+            no_counterpart = [f"stem.{i}" for i in range(len(self.stem))] + ["layer1.0.conv1", "layer1.0.downsample"]
+            unused += ["conv1.", "bn1.", "layer1.0.conv1.", "layer1.0.bn1.", "layer1.0.downsample."]
+        for name, module in self.named_modules():
+            if isinstance(module, ConvBnAct) and name.startswith("layer") and name not in no_counterpart:
+                block, conv = name.rsplit(".", 1)  # "layer1.0", "conv2" or "downsample"
+                layers[name] = (f"{name}.0", f"{name}.1") if conv == "downsample" else (name, f"{block}.bn{conv[-1]}")
+        return KeyMap(layers, tuple(no_counterpart), tuple(unused))
 
     def forward(self, x: Tensor) -> list[Tensor]:
         x = self.stem(x)

@@ -3,11 +3,17 @@
 Five stages of 3×3 ConvBnAct (VGG16: 2, 2, 3, 3, 3 convs of 64, 128, 256, 512, 512 channels), each followed by a
 2×2 max-pool. With ``return_indices=True`` the pools also return their argmax indices, which SegNet's decoder
 reuses. No fully connected layers.
+
+Pretrained weights: ``torchvision_keys`` maps stage ``s`` conv ``i`` to torchvision's ``vgg16_bn`` ``features.N``
+(conv) and ``features.N+1`` (BN), counting three modules per conv (conv, BN, ReLU) and one per max-pool; the
+``classifier`` is unused. torchvision's convs have a bias and ours do not: the loader folds it into the BN's running
+mean, which is exact.
 """
 
 from torch import Tensor, nn
 
 from ..layers import ConvBnAct, LayerFn, scale_width
+from .weights import KeyMap
 
 VGG16_CHANNELS = (64, 128, 256, 512, 512)
 VGG16_DEPTHS = (2, 2, 3, 3, 3)
@@ -42,6 +48,16 @@ class VGG(nn.Module):
             self.pools.append(nn.MaxPool2d(2, stride=2, return_indices=return_indices))
             self.out_channels.append(c)
             in_channels = c
+
+    def torchvision_keys(self) -> KeyMap:
+        """Our layer names → torchvision's ``vgg16_bn`` names (see the module docstring)."""
+        layers, index = {}, 0
+        for s, stage in enumerate(self.stages):
+            for i in range(len(stage)):
+                layers[f"stages.{s}.{i}"] = (f"features.{index}", f"features.{index + 1}")
+                index += 3  # conv, BN, ReLU
+            index += 1  # max-pool
+        return KeyMap(layers, unused=("classifier.",))
 
     def forward(self, x: Tensor) -> list[Tensor]:
         feats = [self.stages[0](x)]
