@@ -107,3 +107,12 @@ def test_pipeline_runs_on_real_camvid(tmp_path, data_root):
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())
     assert 0 <= report["after"]["miou"] <= 1 and report["after"]["macs"] <= 0.5 * report["before"]["macs"]
+
+
+def test_checkpoint_of_another_architecture_is_refused(tmp_path):
+    from segprune.models import create_model
+
+    folder = checkpoint.save(tmp_path / "ck", create_model("test_unet", num_classes=3),
+                             config={"model": "test_segnet", "model_kwargs": {"num_classes": 3}})
+    with pytest.raises(ValueError, match="does not fit"):
+        checkpoint.load(folder)

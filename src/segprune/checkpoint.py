@@ -61,5 +61,8 @@ def load(folder: str | Path) -> nn.Module:
         state = load_file(str(folder / "weights.safetensors"))
     except (OSError, SafetensorError) as err:
         raise ValueError(f"{folder / 'weights.safetensors'}: unreadable weights ({err})") from err
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:  # missing/unexpected keys or shapes: the weights belong to another architecture
+        raise ValueError(f"{folder / 'weights.safetensors'} does not fit the model its config builds: {err}") from err
     return model.eval()
