@@ -1,8 +1,13 @@
-"""`segprune demo|run|prune|finetune|groups`: a thin layer over the library (which never imports this file)."""
+"""`segprune demo|run|prune|finetune|groups|train|eval`: a thin layer over the library (which never imports this file).
+
+`segprune train` also runs under `torchrun --nproc_per_node=N -m segprune.cli train ...` (DDP; rank 0 writes).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -98,6 +103,196 @@ def cmd_groups(args) -> None:
         print(f"warning: {w.message}")
 
 
+def _data_spec(spec: str) -> tuple[str, str]:
+    """`KIND:PATH` (or just `KIND`, e.g. `synthetic`) as (kind, root)."""
+    kind, _, root = spec.partition(":")
+    return kind.strip(), root.strip()
+
+
+def _train_recipe(args):
+    from segprune.pipeline import recipe_from
+
+    overrides = _overrides(args.set)
+    if args.model:
+        overrides["model"] = args.model
+    if args.data:
+        overrides["data"], root = _data_spec(args.data)
+        if root:
+            overrides["data_root"] = root
+    return recipe_from(args.recipe, overrides)
+
+
+def _plain_recipe(recipe) -> dict:
+    from dataclasses import asdict
+
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(recipe).items()}
+
+
+_RESUME_MAY_CHANGE = ("threads", "num_workers", "device")  # how the run computes, not what
+_RUN_FILES = ("checkpoints", "model", "tensorboard", "train.csv", "metrics.json", "log.txt")  # what train writes
+
+
+def _check_run_dir(out: Path, plain: dict, *, force: bool, resume: bool) -> None:
+    """Refuse a run folder already in use unless resuming it (with the same settings) or forced to start over."""
+    import yaml
+
+    if resume:
+        saved = out / "recipe.yaml"
+        if not saved.is_file():
+            raise FileNotFoundError(f"{out}: no run to resume (recipe.yaml not found)")
+        old = yaml.safe_load(saved.read_text()) or {}
+        changed = sorted(k for k in plain if old.get(k) != plain[k] and k not in _RESUME_MAY_CHANGE)
+        if changed:
+            raise ValueError(f"--resume needs the settings of the run in {out}; these differ: {', '.join(changed)}")
+    elif out.exists() and any(out.iterdir()) and not force:
+        raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or --force to start over")
+
+
+def _train_loaders(r):
+    """Train loader (a DistributedSampler shard of a global batch of r.batch_size) and validation shard."""
+    from torch.utils.data import DataLoader
+
+    from segprune.data import make_loader
+    from segprune.pipeline import loaders
+    from segprune.train.distributed import ShardSampler, get_rank, get_world_size
+
+    train, val, num_classes = loaders(r)
+    world = get_world_size()
+    if r.batch_size % world:
+        raise ValueError(f"batch_size {r.batch_size} (the global batch) does not split over {world} processes")
+    # The same sampler for 1 or N processes, so both see the same global batches.
+    train = make_loader(train.dataset, batch_size=r.batch_size // world, shuffle=True, seed=r.seed, drop_last=True,
+                        num_workers=r.num_workers, distributed=True, num_replicas=world, rank=get_rank())
+    val = DataLoader(val.dataset, batch_size=r.batch_size, sampler=ShardSampler(len(val.dataset)),
+                     num_workers=r.num_workers)
+    return train, val, num_classes
+
+
+def _say(out: Path, line: str, echo: bool) -> None:
+    if echo:
+        print(line, flush=True)
+    with (out / "log.txt").open("a") as f:
+        f.write(line + "\n")
+
+
+def cmd_train(args) -> None:
+    from segprune.train import distributed
+
+    recipe = _train_recipe(args)
+    out = Path(args.out or f"runs/{recipe.name}")
+    device = distributed.setup(recipe.device)
+    try:
+        _train(recipe, out, device, resume=args.resume, force=args.force, quiet=args.quiet)
+    finally:
+        distributed.cleanup()
+
+
+def _train(recipe, out: Path, device, *, resume: bool, force: bool, quiet: bool) -> None:
+    import random
+
+    import numpy as np
+    import torch
+    import yaml
+
+    from segprune import checkpoint
+    from segprune.eval.metrics import evaluate
+    from segprune.models import create_model
+    from segprune.pipeline import sparsity
+    from segprune.prune import channel_groups
+    from segprune.train import distributed
+    from segprune.train.checkpoint import Checkpoints
+    from segprune.train.loop import fit
+
+    plain, main_rank = _plain_recipe(recipe), distributed.is_main()
+    _check_run_dir(out, plain, force=force, resume=resume)
+    distributed.barrier()  # every rank has looked at the folder before rank 0 writes into it
+    if main_rank:
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume:  # --force: nothing of an earlier run may mix with this one
+            for path in (out / name for name in _RUN_FILES):
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
+            (out / "recipe.yaml").write_text(yaml.safe_dump(plain, sort_keys=False))
+    torch.manual_seed(recipe.seed)  # every rank alike (see segprune.train.checkpoint)
+    np.random.seed(recipe.seed)
+    random.seed(recipe.seed)
+    torch.set_num_threads(recipe.threads)
+    train_loader, val_loader, num_classes = _train_loaders(recipe)
+    model_kwargs = {"num_classes": num_classes, "width": recipe.width}
+    config = {"model": recipe.model, "model_kwargs": model_kwargs, "recipe": plain}
+    net = distributed.wrap(create_model(recipe.model, **model_kwargs), device, sync_bn=recipe.sync_bn)
+    model = distributed.unwrap(net)
+    groups = None
+    if recipe.method in ("slimming", "cap"):  # the method's sparsity trains along
+        groups = channel_groups(model, torch.zeros(1, 3, *recipe.size, device=device))
+    reg = sparsity(recipe, model, groups) if groups is not None else None
+
+    def say(line: str) -> None:
+        if main_rank:
+            _say(out, line, not quiet)
+
+    say(f"{'resuming' if resume else 'training'} {recipe.model} on {recipe.data} for {recipe.epochs} epochs "
+        f"({distributed.get_world_size()} process(es), device {device})")
+    fit(net, train_loader, epochs=recipe.epochs, lr=recipe.lr, optimizer=recipe.optimizer, regularizer=reg,
+        device=device, progress=not quiet and main_rank, accumulate=recipe.accumulate, amp=recipe.amp,
+        amp_dtype=recipe.amp_dtype or None, resume=resume, log_dir=out,
+        checkpoints=Checkpoints(out / "checkpoints", every=recipe.checkpoint_every, config=config),
+        on_epoch=lambda epoch, loss: say(f"epoch {epoch + 1}/{recipe.epochs}: loss {loss:.4f}"))
+    if hasattr(reg, "remove"):
+        reg.remove()  # nothing of CAP stays in the model
+    metrics = evaluate(model, val_loader, num_classes=num_classes, device=device, all_reduce=True)
+    if main_rank:
+        checkpoint.save(out / "model", model, config=config)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        say(f"{recipe.val_split} mIoU {metrics['miou']:.4f}; model in {out / 'model'}")
+
+
+def _eval_dataset(args, config: dict):
+    from dataclasses import asdict
+    from inspect import signature
+
+    kind, root = _data_spec(args.data)
+    if kind == "synthetic":
+        from segprune.data.synthetic import SyntheticScenes
+        from segprune.pipeline import Recipe
+
+        r = {**asdict(Recipe()), **config.get("recipe", {})}  # the scenes the model was trained on
+        return SyntheticScenes(num_samples=args.samples or r["val_samples"], size=tuple(r["size"]), seed=r["seed"],
+                               num_classes=config.get("model_kwargs", {}).get("num_classes", r["num_classes"]),
+                               split=args.split)
+    from segprune.data import DATASETS, build_dataset, eval_transforms
+
+    if kind not in DATASETS:
+        raise ValueError(f"unknown dataset {kind!r}; known: {', '.join(sorted(DATASETS))}")
+    kwargs = {"split": args.split} if "split" in signature(DATASETS[kind]).parameters else {}
+    return build_dataset(kind, root=root, transform=eval_transforms(size=args.eval_size), **kwargs)
+
+
+def cmd_eval(args) -> None:
+    from torch.utils.data import DataLoader, Subset
+
+    from segprune import checkpoint
+    from segprune.eval.metrics import evaluate
+
+    config = checkpoint.load_config(args.checkpoint)
+    model = checkpoint.load(args.checkpoint).to(args.device)
+    dataset = _eval_dataset(args, config)
+    num_classes = config.get("model_kwargs", {}).get("num_classes", dataset.num_classes)
+    if dataset.num_classes != num_classes:
+        raise ValueError(f"the model predicts {num_classes} classes, the {args.data} data has {dataset.num_classes}")
+    names = getattr(dataset, "class_names", None) or [str(k) for k in range(num_classes)]
+    if args.samples:
+        dataset = Subset(dataset, range(min(args.samples, len(dataset))))
+    metrics = evaluate(model, DataLoader(dataset, batch_size=args.batch_size), num_classes=num_classes,
+                       device=args.device, crop=args.crop, stride=args.stride, flip=args.flip)
+    line = f"mIoU {metrics['miou']:.4f}  pixel acc {metrics['pixel_acc']:.4f}  mean acc {metrics['mean_acc']:.4f}"
+    print(line + (f"  foreground IoU {metrics['fg_iou']:.4f}" if "fg_iou" in metrics else ""))
+    for name, iou in zip(names, metrics["iou"]):
+        print(f"  {name:<16} {iou:.4f}")
+
+
 def _run_options(p, default_out=None):
     p.add_argument("--out", default=default_out, help="run folder")
     p.add_argument("--force", action="store_true", help="overwrite a run already in --out")
@@ -140,11 +335,33 @@ def parser() -> argparse.ArgumentParser:
     groups.add_argument("--width", type=float, default=1.0)
     groups.add_argument("--size", type=int, default=256)
     groups.set_defaults(func=cmd_groups)
+    tr = sub.add_parser("train", help="train a registered model (resumable; runs under torchrun for DDP)")
+    tr.add_argument("--model", default=None, help="registered model name (default: the recipe's)")
+    tr.add_argument("--data", default=None, metavar="KIND[:PATH]", help="e.g. camvid:data/camvid or synthetic")
+    tr.add_argument("--recipe", default=None, help="flat YAML recipe")
+    tr.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    _run_options(tr)
+    tr.set_defaults(func=cmd_train)
+    ev = sub.add_parser("eval", help="mIoU, per-class IoU and accuracies of a checkpoint folder")
+    ev.add_argument("checkpoint")
+    ev.add_argument("--data", required=True, metavar="KIND[:PATH]", help="e.g. camvid:data/camvid or synthetic")
+    ev.add_argument("--split", default="val")
+    ev.add_argument("--batch-size", type=int, default=4)
+    ev.add_argument("--samples", type=int, default=0, help="evaluate the first N samples only (0 = all)")
+    ev.add_argument("--eval-size", type=int, nargs=2, default=None, metavar=("H", "W"), help="resize images first")
+    ev.add_argument("--crop", type=int, nargs=2, default=None, metavar=("H", "W"), help="sliding-window size")
+    ev.add_argument("--stride", type=int, nargs=2, default=None, metavar=("H", "W"), help="sliding-window step")
+    ev.add_argument("--flip", action="store_true", help="average with the mirrored image's prediction")
+    ev.add_argument("--device", default="cpu")
+    ev.set_defaults(func=cmd_eval)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command == "train" and args.resume and args.force:
+        print("segprune: error: --resume continues a run, --force starts it over: pass one", file=sys.stderr)
+        return 2
     if args.command == "finetune" and not args.out:
         args.out = str(Path(args.checkpoint).with_name(Path(args.checkpoint).name + "-finetuned"))
     try:

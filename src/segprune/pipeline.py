@@ -75,6 +75,13 @@ class Recipe:
     latency_runs: int = 10  # timed runs per model per round
     device: str = "cpu"
     seed: int = 0
+    # `segprune train` only (segprune.train.loop.fit):
+    accumulate: int = 1  # optimizer step every k batches (global batch = batch_size * k)
+    amp: bool = False  # autocast: float16 + GradScaler on CUDA; on CPU only with amp_dtype=bfloat16
+    amp_dtype: str = ""  # "" = float16 on CUDA; "bfloat16"
+    checkpoint_every: int = 0  # training checkpoint every N optimizer steps (0 = at epoch ends only)
+    sync_bn: bool = False  # SyncBatchNorm under torchrun (CUDA only)
+    num_workers: int = 0  # data loader processes per training process
 
     def check(self) -> Recipe:
         if self.method not in METHODS:
@@ -83,6 +90,8 @@ class Recipe:
             raise ValueError(f"lam must be >= 0, got {self.lam}")
         if not 0 <= self.ratio < 1 or not 0 <= self.target_macs <= 1 or self.iterations < 1:
             raise ValueError("ratio must be in [0, 1), target_macs in [0, 1] (0 = use ratio), iterations >= 1")
+        if self.accumulate < 1 or self.checkpoint_every < 0 or self.num_workers < 0:
+            raise ValueError("accumulate must be >= 1, checkpoint_every >= 0 and num_workers >= 0")
         return self
 
 

@@ -1,10 +1,12 @@
-"""Semantic segmentation metrics from a confusion matrix (mIoU, pixel and mean class accuracy)."""
+"""Semantic segmentation metrics from a confusion matrix (mIoU, pixel and mean class accuracy, foreground IoU),
+with optional sliding-window and flip inference."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -53,18 +55,31 @@ class ConfusionMatrix:
         Returns:
             A dict with ``miou`` (mean over classes present in target or prediction), ``iou`` (list,
             NaN for a class absent from both), ``pixel_acc`` and ``mean_acc`` (mean recall over classes
-            present in the target). Values are Python floats.
+            present in the target). Values are Python floats. With two classes also ``fg_iou``, the IoU of
+            class 1 (the foreground of a binary task).
         """
         mat = self.mat.double()
         tp, support, predicted = mat.diag(), mat.sum(1), mat.sum(0)
         iou = tp / (support + predicted - tp)  # 0/0 = NaN exactly for classes absent from both
         recall = tp / support
-        return dict(
+        result = dict(
             miou=_nanmean(iou),
             iou=iou.tolist(),
             pixel_acc=(tp.sum() / mat.sum()).item() if mat.sum() > 0 else math.nan,
             mean_acc=_nanmean(recall),
         )
+        if self.num_classes == 2:
+            result["fg_iou"] = result["iou"][1]
+        return result
+
+    def all_reduce(self) -> None:
+        """Sum the matrices of all processes into every one (nothing to do outside a process group)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        mat = self.mat.to(device)
+        dist.all_reduce(mat)
+        self.mat.copy_(mat.cpu())
 
 
 def _nanmean(values: torch.Tensor) -> float:
@@ -78,7 +93,74 @@ def _logits(output) -> torch.Tensor:
     return output["out"] if isinstance(output, dict) else output
 
 
-def evaluate(model: nn.Module, loader, *, num_classes: int, ignore_index: int = 255, device="cpu") -> dict:
+def _pair(size) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def _window_starts(size: int, crop: int, stride: int) -> list[int]:
+    """Window offsets ``stride`` apart, the last one flush with the far border so every pixel is covered."""
+    last = max(size - crop, 0)
+    starts = list(range(0, last + 1, stride))
+    return starts if starts[-1] == last else [*starts, last]
+
+
+def sliding_window(model: nn.Module, image: torch.Tensor, crop, stride) -> torch.Tensor:
+    """Logits of ``image`` from ``crop``-sized windows ``stride`` apart, averaged where windows overlap.
+
+    An image smaller than ``crop`` is padded with zeros at the bottom and right (the mean pixel after
+    normalisation) and the padding cut off the logits again. Window logits of another size than the window are
+    resized bilinearly first.
+
+    Args:
+        model: Returns logits (N, K, h, w), or a dict holding them under ``"out"``.
+        image: Batch (N, C, H, W).
+        crop: Window size (h, w) or a square side.
+        stride: Step between windows (h, w) or one value; at most the crop size to leave no gaps.
+
+    Returns:
+        Logits (N, K, H, W).
+    """
+    (crop_h, crop_w), (stride_h, stride_w) = _pair(crop), _pair(stride)
+    if min(crop_h, crop_w, stride_h, stride_w) < 1:
+        raise ValueError(f"crop and stride must be positive, got {crop}, {stride}")
+    height, width = image.shape[-2:]
+    image = F.pad(image, (0, max(crop_w - width, 0), 0, max(crop_h - height, 0)))
+    total = count = None
+    for top in _window_starts(image.shape[-2], crop_h, stride_h):
+        for left in _window_starts(image.shape[-1], crop_w, stride_w):
+            logits = _logits(model(image[..., top : top + crop_h, left : left + crop_w]))
+            if logits.shape[-2:] != (crop_h, crop_w):
+                logits = F.interpolate(logits, size=(crop_h, crop_w), mode="bilinear", align_corners=False)
+            if total is None:
+                total = logits.new_zeros(*logits.shape[:2], *image.shape[-2:])
+                count = logits.new_zeros(1, 1, *image.shape[-2:])
+            total[..., top : top + crop_h, left : left + crop_w] += logits
+            count[..., top : top + crop_h, left : left + crop_w] += 1
+    return (total / count)[..., :height, :width]
+
+
+def predict(model: nn.Module, images: torch.Tensor, *, crop=None, stride=None, flip: bool = False) -> torch.Tensor:
+    """Logits of ``images``: one forward pass, or sliding windows when ``crop`` is given, and with ``flip`` the
+    mean of those of the image and of its left-right mirror (mirrored back).
+
+    Args:
+        model: Returns logits, or a dict holding them under ``"out"``.
+        images: Batch (N, C, H, W).
+        crop: Window size for :func:`sliding_window`; None runs the whole image at once.
+        stride: Window step; by default two thirds of ``crop``.
+        flip: Average with the prediction of the mirrored image.
+    """
+    if crop is not None:
+        stride = stride if stride is not None else tuple(max(1, 2 * c // 3) for c in _pair(crop))
+        run = lambda x: sliding_window(model, x, crop, stride)
+    else:
+        run = lambda x: _logits(model(x))
+    logits = run(images)
+    return (logits + run(images.flip(-1)).flip(-1)) / 2 if flip else logits
+
+
+def evaluate(model: nn.Module, loader, *, num_classes: int, ignore_index: int = 255, device="cpu", crop=None,
+             stride=None, flip: bool = False, all_reduce: bool = False) -> dict:
     """Segmentation metrics of ``model`` on every batch of ``loader``.
 
     Logits whose size differs from the target's are resized bilinearly first. The model's
@@ -90,6 +172,11 @@ def evaluate(model: nn.Module, loader, *, num_classes: int, ignore_index: int = 
         num_classes: Number of classes K.
         ignore_index: Target value of pixels to leave out.
         device: Device to run on; the model must already be there.
+        crop: Sliding-window inference with windows of this size (see :func:`predict`); None: whole images.
+        stride: Step of the sliding windows; by default two thirds of ``crop``.
+        flip: Flip testing: average the logits of each image and of its mirror.
+        all_reduce: Sum the confusion matrix over the processes of the process group before computing metrics
+            (each process evaluating its own shard of the data, see ``segprune.train.distributed.ShardSampler``).
 
     Returns:
         The dict of :meth:`ConfusionMatrix.compute`.
@@ -99,10 +186,12 @@ def evaluate(model: nn.Module, loader, *, num_classes: int, ignore_index: int = 
     try:
         with torch.inference_mode():
             for images, targets in loader:
-                logits = _logits(model(images.to(device)))
+                logits = predict(model, images.to(device), crop=crop, stride=stride, flip=flip)
                 if logits.shape[-2:] != targets.shape[-2:]:
                     logits = F.interpolate(logits, size=targets.shape[-2:], mode="bilinear", align_corners=False)
                 matrix.update(logits, targets.to(device))
     finally:
         model.train(was_training)
+    if all_reduce:
+        matrix.all_reduce()
     return matrix.compute()

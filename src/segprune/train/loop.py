@@ -1,17 +1,29 @@
 """One training loop for training, sparsity training and fine-tuning.
 
 The step is deliberately explicit: ``loss.backward()``, then the optional regulariser (which edits
-``.grad``, e.g. ``gamma.grad += lam * sign(gamma)``), then ``optimizer.step()``.
+``.grad``, e.g. ``gamma.grad += lam * sign(gamma)``), then ``optimizer.step()``. With gradient accumulation the
+backward passes of ``accumulate`` batches add up first and the regulariser runs once, right before the step;
+with mixed precision the forward pass runs under ``torch.autocast`` and float16 losses go through a GradScaler
+(unscaled before the regulariser sees the gradients). :func:`fit` adds the poly LR schedule, resumable
+checkpoints (:mod:`segprune.train.checkpoint`), a CSV/TensorBoard log and DDP (:mod:`segprune.train.distributed`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+
+from segprune.train.checkpoint import Checkpoints, Progress, epoch_batches
+from segprune.train.distributed import is_main, mean_across, unwrap
+from segprune.train.log import EpochLog
 
 
 def _fit_to(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -52,15 +64,42 @@ def train_step(model, images, targets, optimizer, *, criterion: Callable, aux_we
         The loss of the batch.
     """
     optimizer.zero_grad(set_to_none=True)
-    output = model(images)
-    loss = segmentation_loss(output, targets, criterion=criterion, aux_weight=aux_weight)
-    if extra_loss is not None:
-        loss = loss + extra_loss(images, output)
-    loss.backward()
-    if regularizer is not None:  # it edits .grad, so it must come after backward and before step
-        regularizer(model)
-    optimizer.step()
+    loss = backward(model, images, targets, criterion=criterion, aux_weight=aux_weight, extra_loss=extra_loss)
+    optimizer_step(model, optimizer, regularizer=regularizer)
+    return loss
+
+
+def backward(model, images, targets, *, criterion: Callable, aux_weight=0.4, extra_loss=None, scale: float = 1.0,
+             amp_dtype: torch.dtype | None = None, scaler=None) -> float:
+    """Forward (under autocast when ``amp_dtype`` is given) and ``backward()`` of ``scale`` times the loss.
+
+    Gradients add up in ``.grad``: with ``scale = 1 / k`` over k batches they are those of the mean loss.
+
+    Returns:
+        The (unscaled) loss of the batch.
+    """
+    with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        output = model(images)
+        loss = segmentation_loss(output, targets, criterion=criterion, aux_weight=aux_weight)
+        if extra_loss is not None:
+            loss = loss + extra_loss(images, output)
+    scaled = loss * scale if scale != 1 else loss
+    (scaled if scaler is None else scaler.scale(scaled)).backward()
     return loss.item()
+
+
+def optimizer_step(model, optimizer, *, regularizer=None, scaler=None) -> None:
+    """``regularizer(model)`` on the true gradients, then ``optimizer.step()`` (through ``scaler``), zero grads."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # the regulariser adds to true gradients, not to loss-scaled ones
+    if regularizer is not None:  # it edits .grad, so it must come after backward and before step
+        regularizer(unwrap(model))
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)
+        scaler.update()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def train_one_epoch(
@@ -76,6 +115,11 @@ def train_one_epoch(
     device="cpu",
     progress: bool = True,
     desc: str = "train",
+    accumulate: int = 1,
+    amp_dtype: torch.dtype | None = None,
+    scaler=None,
+    start: int = 0,
+    on_batch: Callable[[int, float, bool], None] | None = None,
 ) -> float:
     """Train ``model`` for one pass over ``loader``.
 
@@ -85,28 +129,42 @@ def train_one_epoch(
         optimizer: Optimiser over the model's parameters.
         criterion: Loss of (logits, target); defaults to cross-entropy ignoring label 255.
         aux_weight: Weight of each auxiliary loss.
-        scheduler: Learning-rate scheduler, stepped after every iteration.
+        scheduler: Learning-rate scheduler, stepped after every optimizer step.
         regularizer: Called as ``regularizer(model)`` between ``backward()`` and ``step()``; it edits ``.grad``.
         extra_loss: ``extra_loss(images, output)`` added to the loss (see ``segprune.train.distill``).
         device: Device to move batches to; the model must already be there.
         progress: Show a tqdm bar with the running loss.
         desc: Label of the progress bar.
+        accumulate: Step the optimizer every ``accumulate`` batches, on the gradient of their mean loss (the last
+            group of an epoch may be shorter; it is averaged over its own size).
+        amp_dtype: Run forward passes under ``torch.autocast`` in this dtype (None: full precision).
+        scaler: A ``GradScaler`` for float16 (None: no loss scaling).
+        start: Batches of the epoch already done before ``loader`` (a resumed epoch); a multiple of ``accumulate``.
+        on_batch: Called as ``on_batch(index, loss, stepped)`` after every batch (``index`` counts from the
+            epoch's start; ``stepped`` says whether the optimizer stepped), e.g. to write checkpoints.
 
     Returns:
         The mean of the per-iteration losses.
     """
     criterion = criterion if criterion is not None else nn.CrossEntropyLoss(ignore_index=255)
     model.train()
-    total, steps = 0.0, 0
+    optimizer.zero_grad(set_to_none=True)
+    total, steps, length = 0.0, 0, start + len(loader)
     bar = tqdm(loader, desc=desc, disable=not progress, leave=False)
-    for images, targets in bar:
-        batch = images.to(device), targets.to(device)
-        loss = train_step(model, *batch, optimizer, criterion=criterion, aux_weight=aux_weight, regularizer=regularizer,
-                          extra_loss=extra_loss)
-        if scheduler is not None:
-            scheduler.step()
+    for index, (images, targets) in enumerate(bar, start=start):
+        group = min(accumulate, length - index // accumulate * accumulate)
+        stepping = (index + 1) % accumulate == 0 or index + 1 == length
+        with contextlib.nullcontext() if stepping or not hasattr(model, "no_sync") else model.no_sync():
+            loss = backward(model, images.to(device), targets.to(device), criterion=criterion, aux_weight=aux_weight,
+                            extra_loss=extra_loss, scale=1 / group, amp_dtype=amp_dtype, scaler=scaler)
+        if stepping:
+            optimizer_step(model, optimizer, regularizer=regularizer, scaler=scaler)
+            if scheduler is not None:
+                scheduler.step()
         total, steps = total + loss, steps + 1
         bar.set_postfix(loss=f"{total / steps:.4f}")
+        if on_batch is not None:
+            on_batch(index, loss, stepping)
     return total / max(steps, 1)
 
 
@@ -131,6 +189,30 @@ def make_optimizer(model: nn.Module, *, name: str, lr: float, momentum: float = 
     raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {name!r}")
 
 
+def steps_per_epoch(batches: int, accumulate: int = 1) -> int:
+    """Optimizer steps in an epoch of ``batches`` batches (a last, shorter group also steps)."""
+    return math.ceil(batches / accumulate)
+
+
+def amp_settings(amp: bool, amp_dtype: str | None, device) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
+    """The autocast dtype and GradScaler of a run.
+
+    On CUDA ``amp`` means float16 with a GradScaler (or bfloat16 without one, when asked). On CPU only bfloat16
+    exists, and it changes results enough that it runs only when asked for by name.
+    """
+    if not amp:
+        return None, None
+    kind = torch.device(device).type
+    name = amp_dtype or ("float16" if kind == "cuda" else None)
+    if name not in ("float16", "bfloat16"):
+        raise ValueError(f"amp_dtype must be 'float16' or 'bfloat16', got {amp_dtype!r}" if amp_dtype else
+                         "mixed precision on CPU runs in bfloat16 only, when asked: pass amp_dtype='bfloat16'")
+    if kind != "cuda" and name == "float16":
+        raise ValueError(f"float16 autocast needs CUDA; on {kind} pass amp_dtype='bfloat16'")
+    dtype = getattr(torch, name)
+    return dtype, torch.amp.GradScaler(kind) if dtype == torch.float16 else None
+
+
 def fit(
     model: nn.Module,
     train_loader,
@@ -147,12 +229,19 @@ def fit(
     progress: bool = True,
     desc: str = "train",
     on_epoch: Callable[[int, float], None] | None = None,
+    accumulate: int = 1,
+    amp: bool = False,
+    amp_dtype: str | None = None,
+    checkpoints: Checkpoints | None = None,
+    resume: bool = False,
+    log_dir: str | Path | None = None,
 ) -> list[float]:
-    """Train for ``epochs`` epochs with SGD (or AdamW) and a per-iteration poly learning-rate decay.
+    """Train for ``epochs`` epochs with SGD (or AdamW) and a per-step poly learning-rate decay.
 
     Args:
-        model: Model to train in place; it is moved to ``device``.
-        train_loader: Iterable of (images, targets) batches with a length.
+        model: Model to train in place (or DistributedDataParallel around it); it is moved to ``device``.
+        train_loader: Iterable of (images, targets) batches with a length; a ``DistributedSampler`` in it gets
+            ``set_epoch`` every epoch.
         epochs: Number of passes over ``train_loader``.
         lr: Initial learning rate.
         momentum: SGD momentum (unused by AdamW).
@@ -160,23 +249,63 @@ def fit(
         optimizer: ``"sgd"`` or ``"adamw"``.
         regularizer: See :func:`train_one_epoch`.
         extra_loss: See :func:`train_one_epoch`.
-        on_epoch: Called as ``on_epoch(epoch, mean_loss)`` after every epoch (logging, histograms).
         aux_weight: Weight of each auxiliary loss.
         device: Device to train on.
         progress: Show progress bars.
         desc: Prefix of the progress bar labels.
+        on_epoch: Called as ``on_epoch(epoch, mean_loss)`` after every epoch (logging, histograms).
+        accumulate: Step the optimizer every ``accumulate`` batches (see :func:`train_one_epoch`).
+        amp: Mixed precision, see :func:`amp_settings`.
+        amp_dtype: ``"float16"`` or ``"bfloat16"``; None is float16 on CUDA and an error on CPU.
+        checkpoints: Write training checkpoints there (every ``checkpoints.every`` steps and at epoch ends).
+        resume: Continue from the newest of ``checkpoints`` (from scratch when there is none).
+        log_dir: Write ``train.csv`` (epoch, step, loss, lr, seconds) there, and TensorBoard events when
+            ``torch.utils.tensorboard`` imports. Only rank 0 writes logs and checkpoints.
 
     Returns:
-        The mean loss of every epoch.
+        The mean loss of every epoch (over all ranks), those before a resume included.
     """
+    if accumulate < 1:
+        raise ValueError(f"accumulate must be >= 1, got {accumulate}")
     model.to(device)
     opt = make_optimizer(model, name=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    scheduler = poly_lr(opt, total_iters=max(epochs * len(train_loader), 1))
+    scheduler = poly_lr(opt, total_iters=max(epochs * steps_per_epoch(len(train_loader), accumulate), 1))
+    dtype, scaler = amp_settings(amp, amp_dtype, device)
+    objects = dict(model=model, optimizer=opt, scheduler=scheduler, scaler=scaler, regularizer=regularizer,
+                   loader=train_loader)
+    state = (checkpoints.restore(**objects) if checkpoints is not None and resume else None) or Progress()
+    log = EpochLog(log_dir) if log_dir is not None and is_main() else None
     kwargs = dict(aux_weight=aux_weight, scheduler=scheduler, regularizer=regularizer, extra_loss=extra_loss,
-                  device=device, progress=progress)
-    losses = []
-    for epoch in range(epochs):
-        losses.append(train_one_epoch(model, train_loader, opt, desc=f"{desc} {epoch + 1}/{epochs}", **kwargs))
-        if on_epoch is not None:
-            on_epoch(epoch, losses[-1])
-    return losses
+                  device=device, progress=progress, accumulate=accumulate, amp_dtype=dtype, scaler=scaler)
+    try:
+        while state.epoch < epochs:
+            _epoch(state, objects, checkpoints, desc=f"{desc} {state.epoch + 1}/{epochs}", **kwargs)
+            if log is not None:
+                log.write(state.history)
+            if on_epoch is not None:
+                on_epoch(state.epoch - 1, state.history[-1]["loss"])
+    finally:
+        if log is not None:
+            log.close()
+    return [row["loss"] for row in state.history]
+
+
+def _epoch(state: Progress, objects: dict, checkpoints: Checkpoints | None, **kwargs) -> None:
+    """One epoch (or the rest of one) from ``state``; checkpoints when due and at the end, which advances ``state``."""
+    model, opt, loader = objects["model"], objects["optimizer"], objects["loader"]
+    batches, start = epoch_batches(loader, state.epoch, state), state.batch
+    clock = time.perf_counter() - state.seconds
+
+    def on_batch(index: int, loss: float, stepped: bool) -> None:
+        state.batch, state.loss_sum, state.step = index + 1, state.loss_sum + loss, state.step + stepped
+        if stepped and checkpoints is not None and checkpoints.due(state.step) and state.batch < len(loader):
+            state.seconds = time.perf_counter() - clock
+            checkpoints.save(state, **objects)
+
+    train_one_epoch(model, batches, opt, start=start, on_batch=on_batch, **kwargs)
+    loss = mean_across(state.loss_sum / max(state.batch, 1))
+    state.history.append(dict(epoch=state.epoch + 1, step=state.step, loss=loss, lr=opt.param_groups[0]["lr"],
+                              seconds=time.perf_counter() - clock))
+    state.epoch, state.batch, state.loss_sum, state.seconds = state.epoch + 1, 0, 0.0, 0.0
+    if checkpoints is not None:
+        checkpoints.save(state, **objects)
