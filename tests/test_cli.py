@@ -116,3 +116,24 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
                              config={"model": "test_segnet", "model_kwargs": {"num_classes": 3}})
     with pytest.raises(ValueError, match="does not fit"):
         checkpoint.load(folder)
+
+
+def test_check_reports_every_bad_file(tmp_path, capsys):
+    from PIL import Image
+
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    for i in range(3):
+        Image.new("RGB", (8, 8)).save(images / f"{i}.png")
+        Image.new("L", (8, 8)).save(masks / f"{i}.png")
+    for i in (0, 2):
+        (images / f"{i}.png").write_bytes(b"not a png")  # truncated / unreadable
+    assert main(["check", "--data", f"folder:{tmp_path}"]) == 2
+    out = capsys.readouterr().out
+    assert "3 samples, 2 bad" in out and "0.png" in out and "2.png" in out and "1.png" not in out
+
+
+def test_class_weights_need_a_dataset_that_has_them(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "r"), *TINY, "--set", "class_weights=true"]) == 2
+    assert "no class weights" in capsys.readouterr().err

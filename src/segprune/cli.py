@@ -85,6 +85,34 @@ def cmd_finetune(args) -> None:
     print(f"fine-tuned {recipe.finetune_epochs} epochs -> {out}")
 
 
+def cmd_check(args) -> None:
+    from segprune.data import build_dataset
+    from segprune.data.check import check_dataset
+
+    from inspect import signature
+
+    from segprune.data.datasets import DATASETS
+
+    kind, root = _data_spec(args.data)
+    if kind not in DATASETS:
+        raise ValueError(f"unknown dataset {kind!r}; known: {', '.join(sorted(DATASETS))}")
+    params = signature(DATASETS[kind]).parameters
+    splits = args.split if "split" in params else ["all"]
+    bad = 0
+    for split in splits:
+        kw = {"split": split} if "split" in params else {}
+        if "check_sizes" in params:
+            kw["check_sizes"] = False  # read each file once, in the check itself, so every bad one is reported
+        dataset = build_dataset(kind, root=root, **kw)
+        problems = check_dataset(dataset)
+        bad += len(problems)
+        print(f"{kind} {split}: {len(dataset)} samples, {len(problems)} bad")
+        for line in problems:
+            print(f"  {line}")
+    if bad:
+        raise ValueError(f"{bad} bad sample(s) in {args.data}")
+
+
 def cmd_groups(args) -> None:
     import torch
 
@@ -197,7 +225,7 @@ def _train(recipe, out: Path, device, *, resume: bool, force: bool, quiet: bool)
     from segprune import checkpoint
     from segprune.eval.metrics import evaluate
     from segprune.models import create_model
-    from segprune.pipeline import sparsity
+    from segprune.pipeline import loss_fn, sparsity
     from segprune.prune import channel_groups
     from segprune.train import distributed
     from segprune.train.checkpoint import Checkpoints
@@ -237,7 +265,7 @@ def _train(recipe, out: Path, device, *, resume: bool, force: bool, quiet: bool)
         f"({distributed.get_world_size()} process(es), device {device})")
     fit(net, train_loader, epochs=recipe.epochs, lr=recipe.lr, optimizer=recipe.optimizer, regularizer=reg,
         device=device, progress=not quiet and main_rank, accumulate=recipe.accumulate, amp=recipe.amp,
-        amp_dtype=recipe.amp_dtype or None, resume=resume, log_dir=out,
+        amp_dtype=recipe.amp_dtype or None, resume=resume, log_dir=out, criterion=loss_fn(recipe, train_loader),
         checkpoints=Checkpoints(out / "checkpoints", every=recipe.checkpoint_every, config=config),
         on_epoch=lambda epoch, loss: say(f"epoch {epoch + 1}/{recipe.epochs}: loss {loss:.4f}"))
     if hasattr(reg, "remove"):
@@ -329,6 +357,10 @@ def parser() -> argparse.ArgumentParser:
     ft.add_argument("--recipe", default=None)
     _run_options(ft)
     ft.set_defaults(func=cmd_finetune)
+    check = sub.add_parser("check", help="read every sample of a dataset and report every bad file")
+    check.add_argument("--data", required=True, metavar="KIND:PATH", help="e.g. camvid:../shared/data/camvid")
+    check.add_argument("--split", nargs="+", default=["train", "val", "test"])
+    check.set_defaults(func=cmd_check)
     groups = sub.add_parser("groups", help="list the channel groups of a registered model")
     groups.add_argument("model")
     groups.add_argument("--num-classes", type=int, default=19)

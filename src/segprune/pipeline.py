@@ -55,6 +55,7 @@ class Recipe:
     batch_size: int = 8
     epochs: int = 12
     optimizer: str = "adamw"  # converges in a dozen CPU epochs; "sgd" (poly LR) is the papers' choice
+    class_weights: bool = False  # weight the loss by the dataset's class weights (CamVid: SegNet's median frequency)
     lr: float = 0.006
     method: str = "slimming"  # one of METHODS
     lam: float = 5e-4  # sparsity on BN scales (slimming, cap), added to their gradients
@@ -150,6 +151,16 @@ def loaders(r: Recipe) -> tuple[DataLoader, DataLoader, int]:
             DataLoader(val, batch_size=r.batch_size), classes)
 
 
+def loss_fn(r: Recipe, train_loader) -> nn.Module:
+    """Cross-entropy ignoring void (255), weighted by the dataset's `class_weights` when the recipe asks for it."""
+    dataset = getattr(train_loader.dataset, "dataset", train_loader.dataset)  # through a Subset
+    weights = getattr(dataset, "class_weights", None) if r.class_weights else None
+    if r.class_weights and weights is None:
+        raise ValueError(f"class_weights: the {r.data} dataset has no class weights")
+    weight = None if weights is None else torch.as_tensor(weights, dtype=torch.float32, device=r.device)
+    return nn.CrossEntropyLoss(weight=weight, ignore_index=255)
+
+
 def _first(dataset, n: int):
     return Subset(dataset, range(min(n, len(dataset)))) if n > 0 else dataset
 
@@ -195,7 +206,8 @@ def prune_and_finetune(r, model, example, groups, train_loader, log, progress):
         log(f"    pass {it + 1}/{r.iterations}: removed {result.channels_removed} channels")
         extra = distillation(teacher, alpha=r.kd_alpha, temperature=r.kd_temperature) if teacher else None
         fit(result.model, train_loader, epochs=math.ceil(r.finetune_epochs / r.iterations), lr=r.finetune_lr,
-            optimizer=r.optimizer, extra_loss=extra, device=r.device, progress=progress, desc="fine-tune")
+            optimizer=r.optimizer, extra_loss=extra, device=r.device, progress=progress, desc="fine-tune",
+            criterion=loss_fn(r, train_loader))
         current = result.model
     return current, plan, removed
 
@@ -224,7 +236,8 @@ def run(r: Recipe, out: str | Path, *, force: bool = False, progress: bool = Tru
 
     log(f"1/4 training {r.model} (width {r.width}) for {r.epochs} epochs; method {r.method}")
     fit(model, train_loader, epochs=r.epochs, lr=r.lr, optimizer=r.optimizer, regularizer=reg, device=r.device,
-        progress=progress, desc="train", on_epoch=lambda e, loss: histograms.append(gamma_histogram(model)))
+        progress=progress, desc="train", on_epoch=lambda e, loss: histograms.append(gamma_histogram(model)),
+        criterion=loss_fn(r, train_loader))
     if isinstance(reg, CAPSparsity):
         reg.remove()  # nothing of CAP stays in the model
     log(f"    |gamma| histogram after training: {histograms[-1] if histograms else []}")

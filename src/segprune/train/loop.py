@@ -235,6 +235,7 @@ def fit(
     checkpoints: Checkpoints | None = None,
     resume: bool = False,
     log_dir: str | Path | None = None,
+    criterion: Callable | None = None,
 ) -> list[float]:
     """Train for ``epochs`` epochs with SGD (or AdamW) and a per-step poly learning-rate decay.
 
@@ -254,6 +255,7 @@ def fit(
         progress: Show progress bars.
         desc: Prefix of the progress bar labels.
         on_epoch: Called as ``on_epoch(epoch, mean_loss)`` after every epoch (logging, histograms).
+        criterion: Loss of (logits, target); defaults to cross-entropy ignoring label 255.
         accumulate: Step the optimizer every ``accumulate`` batches (see :func:`train_one_epoch`).
         amp: Mixed precision, see :func:`amp_settings`.
         amp_dtype: ``"float16"`` or ``"bfloat16"``; None is float16 on CUDA and an error on CPU.
@@ -276,7 +278,8 @@ def fit(
     state = (checkpoints.restore(**objects) if checkpoints is not None and resume else None) or Progress()
     log = EpochLog(log_dir) if log_dir is not None and is_main() else None
     kwargs = dict(aux_weight=aux_weight, scheduler=scheduler, regularizer=regularizer, extra_loss=extra_loss,
-                  device=device, progress=progress, accumulate=accumulate, amp_dtype=dtype, scaler=scaler)
+                  device=device, progress=progress, accumulate=accumulate, amp_dtype=dtype, scaler=scaler,
+                  criterion=criterion)
     try:
         while state.epoch < epochs:
             _epoch(state, objects, checkpoints, desc=f"{desc} {state.epoch + 1}/{epochs}", **kwargs)
