@@ -86,11 +86,10 @@ def cmd_finetune(args) -> None:
 
 
 def cmd_check(args) -> None:
-    from segprune.data import build_dataset
-    from segprune.data.check import check_dataset
-
     from inspect import signature
 
+    from segprune.data import build_dataset
+    from segprune.data.check import check_dataset
     from segprune.data.datasets import DATASETS
 
     kind, root = _data_spec(args.data)
