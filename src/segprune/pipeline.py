@@ -223,7 +223,7 @@ def run(r: Recipe, out: str | Path, *, force: bool = False, progress: bool = Tru
     if out.exists() and any(out.iterdir()) and not force:
         raise FileExistsError(f"{out} already holds a run; choose another --out or pass --force")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "recipe.yaml").write_text(yaml.safe_dump(_plain(r), sort_keys=False))
+    (out / "recipe.yaml").write_text(yaml.safe_dump(as_plain(r), sort_keys=False))
     start, log = time.perf_counter(), _Log(out / "log.txt", progress)
     torch.manual_seed(r.seed)
     torch.set_num_threads(r.threads)
@@ -256,7 +256,7 @@ def run(r: Recipe, out: str | Path, *, force: bool = False, progress: bool = Tru
     for side, row in (("before", before), ("after", after)):
         row["latency_ms"], row["latency"] = latency[side]["median_ms"], latency[side]
     prunable = sum(int(g.prunable.sum()) for g in groups)
-    report = {"title": f"{r.name}: {r.model} ({r.method})", "recipe": _plain(r),
+    report = {"title": f"{r.name}: {r.model} ({r.method})", "recipe": as_plain(r),
               "seconds": time.perf_counter() - start, "before": before, "after": after,
               "pruning": {"removed_channels": removed, "prunable_channels": prunable,
                           "removed_fraction": removed / max(prunable, 1), "groups": len(groups)},
@@ -267,7 +267,7 @@ def run(r: Recipe, out: str | Path, *, force: bool = False, progress: bool = Tru
     return report
 
 
-def _plain(r: Recipe) -> dict:
+def as_plain(r: Recipe) -> dict:
     """The recipe as plain YAML/JSON values (tuples as lists)."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(r).items()}
 
