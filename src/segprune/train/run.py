@@ -9,7 +9,6 @@ from pathlib import Path
 
 from segprune.pipeline import as_plain
 
-
 _RESUME_MAY_CHANGE = ("threads", "num_workers", "device")  # how the run computes, not what
 _RUN_FILES = ("checkpoints", "model", "tensorboard", "train.csv", "metrics.json", "log.txt")  # what train writes
 
