@@ -110,3 +110,20 @@ def test_eval_cli_prints_metrics_and_foreground_iou(tmp_path, capsys):
     miou = float(out.split()[1])
     assert 0 <= miou <= 1
     assert main(["eval", str(folder), "--data", "camvid:" + str(tmp_path / "missing")]) == 2  # named, not a trace
+
+
+def test_multi_scale_testing_averages_rescaled_predictions():
+    import torch
+    from torch import nn
+
+    from segprune.eval.metrics import predict
+
+    torch.manual_seed(0)
+    model = nn.Conv2d(3, 4, 3, padding=1)
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(predict(model, x, scales=(1.0,)), model(x))
+    both = predict(model, x, scales=(0.5, 1.0))
+    half = nn.functional.interpolate(model(nn.functional.interpolate(x, size=(8, 8), mode="bilinear")), size=(16, 16),
+                                     mode="bilinear")
+    assert both.shape == (2, 4, 16, 16)
+    assert torch.allclose(both, (half + model(x)) / 2, atol=1e-6)

@@ -139,7 +139,8 @@ def sliding_window(model: nn.Module, image: torch.Tensor, crop, stride) -> torch
     return (total / count)[..., :height, :width]
 
 
-def predict(model: nn.Module, images: torch.Tensor, *, crop=None, stride=None, flip: bool = False) -> torch.Tensor:
+def predict(model: nn.Module, images: torch.Tensor, *, crop=None, stride=None, flip: bool = False,
+            scales=(1.0,)) -> torch.Tensor:
     """Logits of ``images``: one forward pass, or sliding windows when ``crop`` is given, and with ``flip`` the
     mean of those of the image and of its left-right mirror (mirrored back).
 
@@ -149,7 +150,13 @@ def predict(model: nn.Module, images: torch.Tensor, *, crop=None, stride=None, f
         crop: Window size for :func:`sliding_window`; None runs the whole image at once.
         stride: Window step; by default two thirds of ``crop``.
         flip: Average with the prediction of the mirrored image.
+        scales: Multi-scale testing: the mean of the logits at each scale of the image, resized back.
     """
+    if tuple(scales) != (1.0,):
+        size = images.shape[-2:]
+        logits = [F.interpolate(predict(model, _rescale(images, s), crop=crop, stride=stride, flip=flip), size=size,
+                                mode="bilinear", align_corners=False) for s in scales]
+        return torch.stack(logits).mean(0)
     if crop is not None:
         stride = stride if stride is not None else tuple(max(1, 2 * c // 3) for c in _pair(crop))
         run = lambda x: sliding_window(model, x, crop, stride)
@@ -159,8 +166,15 @@ def predict(model: nn.Module, images: torch.Tensor, *, crop=None, stride=None, f
     return (logits + run(images.flip(-1)).flip(-1)) / 2 if flip else logits
 
 
+def _rescale(images: torch.Tensor, scale: float) -> torch.Tensor:
+    if scale == 1.0:
+        return images
+    size = [max(1, round(d * scale)) for d in images.shape[-2:]]
+    return F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+
+
 def evaluate(model: nn.Module, loader, *, num_classes: int, ignore_index: int = 255, device="cpu", crop=None,
-             stride=None, flip: bool = False, all_reduce: bool = False) -> dict:
+             stride=None, flip: bool = False, scales=(1.0,), all_reduce: bool = False) -> dict:
     """Segmentation metrics of ``model`` on every batch of ``loader``.
 
     Logits whose size differs from the target's are resized bilinearly first. The model's
@@ -175,6 +189,7 @@ def evaluate(model: nn.Module, loader, *, num_classes: int, ignore_index: int = 
         crop: Sliding-window inference with windows of this size (see :func:`predict`); None: whole images.
         stride: Step of the sliding windows; by default two thirds of ``crop``.
         flip: Flip testing: average the logits of each image and of its mirror.
+        scales: Multi-scale testing, e.g. (0.75, 1.0, 1.25): average the logits over rescaled copies.
         all_reduce: Sum the confusion matrix over the processes of the process group before computing metrics
             (each process evaluating its own shard of the data, see ``segprune.train.distributed.ShardSampler``).
 
@@ -186,7 +201,7 @@ def evaluate(model: nn.Module, loader, *, num_classes: int, ignore_index: int = 
     try:
         with torch.inference_mode():
             for images, targets in loader:
-                logits = predict(model, images.to(device), crop=crop, stride=stride, flip=flip)
+                logits = predict(model, images.to(device), crop=crop, stride=stride, flip=flip, scales=scales)
                 if logits.shape[-2:] != targets.shape[-2:]:
                     logits = F.interpolate(logits, size=targets.shape[-2:], mode="bilinear", align_corners=False)
                 matrix.update(logits, targets.to(device))
