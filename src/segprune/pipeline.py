@@ -224,7 +224,7 @@ def run(r: Recipe, out: str | Path, *, force: bool = False, progress: bool = Tru
         raise FileExistsError(f"{out} already holds a run; choose another --out or pass --force")
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.yaml").write_text(yaml.safe_dump(as_plain(r), sort_keys=False))
-    start, log = time.perf_counter(), _Log(out / "log.txt", progress)
+    start, log = time.perf_counter(), RunLog(out / "log.txt", progress)
     torch.manual_seed(r.seed)
     torch.set_num_threads(r.threads)
     train_loader, val_loader, num_classes = loaders(r)
@@ -279,7 +279,7 @@ def _notes(r: Recipe) -> list[str]:
             f"1x3x{r.size[0]}x{r.size[1]} input (torch.utils.flop_counter)."]
 
 
-class _Log:
+class RunLog:
     """Print a line and keep it in the run's log file."""
 
     def __init__(self, path: Path, echo: bool):

@@ -7,7 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
-from segprune.pipeline import as_plain
+from segprune.pipeline import RunLog, as_plain
 
 _RESUME_MAY_CHANGE = ("threads", "num_workers", "device")  # how the run computes, not what
 _RUN_FILES = ("checkpoints", "model", "tensorboard", "train.csv", "metrics.json", "log.txt")  # what train writes
@@ -47,13 +47,6 @@ def _train_loaders(r):
     val = DataLoader(val.dataset, batch_size=r.batch_size, sampler=ShardSampler(len(val.dataset)),
                      num_workers=r.num_workers)
     return train, val, num_classes
-
-
-def _say(out: Path, line: str, echo: bool) -> None:
-    if echo:
-        print(line, flush=True)
-    with (out / "log.txt").open("a") as f:
-        f.write(line + "\n")
 
 
 def run_training(recipe, out: Path, device, *, resume: bool, force: bool, quiet: bool) -> None:
@@ -101,7 +94,7 @@ def run_training(recipe, out: Path, device, *, resume: bool, force: bool, quiet:
 
     def say(line: str) -> None:
         if main_rank:
-            _say(out, line, not quiet)
+            RunLog(out / "log.txt", not quiet)(line)
 
     say(f"{'resuming' if resume else 'training'} {recipe.model} on {recipe.data} for {recipe.epochs} epochs "
         f"({distributed.get_world_size()} process(es), device {device})")
