@@ -228,3 +228,12 @@ def test_two_prunings_compose_into_one_plan():
     fresh.load_state_dict(second.model.state_dict())
     fresh.eval()
     assert torch.equal(fresh(x)["out"], second.model(x)["out"])
+
+
+def test_shape_only_trace_finds_the_same_groups_as_a_real_run():
+    from tests.zoo import ZOO
+
+    model, x = randomize_norms(ZOO["SplitSliceLinear"]()), torch.randn(1, 3, 16, 16)
+    fast, real = groups_of(model, x), groups_of(model, x, shape_only=False)
+    key = lambda gs: sorted((g.size, tuple(g.prunable), tuple(f"{m.module}.{m.role}" for m in g.members)) for g in gs)  # noqa: E731
+    assert key(fast) == key(real) and fast.total_macs == real.total_macs

@@ -75,7 +75,7 @@ class ChannelGroup:
 
 
 def channel_groups(model: nn.Module, example_inputs, *, ignore: Sequence[str] = (),
-                   modes: Sequence[str] = ("eval", "train")) -> ChannelGroups:
+                   modes: Sequence[str] = ("eval", "train"), shape_only: bool = True) -> ChannelGroups:
     """Trace `model` on `example_inputs` and return its channel groups.
 
     Args:
@@ -83,9 +83,11 @@ def channel_groups(model: nn.Module, example_inputs, *, ignore: Sequence[str] = 
         example_inputs: a tensor, a tuple of positional inputs, or a dict of keyword inputs.
         ignore: qualified module names whose output channels must not be removed (a name covers its children).
         modes: which modes to run; both by default so that train-only branches (auxiliary heads) count.
+        shape_only: evaluate convolutions and linear layers for their shapes only (fast; zeros come out). Pass
+            False for a model whose forward branches on values.
     """
     _check_ignore(model, ignore)
-    st = trace(model, example_inputs, modes=modes)
+    st = trace(model, example_inputs, modes=modes, shape_only=shape_only)
     for message in st.warnings:
         warnings.warn(f"segprune: {message}", stacklevel=2)
     return build_groups(st, ignore=ignore)
