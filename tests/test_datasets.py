@@ -369,3 +369,14 @@ def test_workers_augment_differently_and_reproducibly():
     first, second = run(), run()
     assert all(torch.equal(a, b) for a, b in zip(first, second))
     assert not torch.equal(first[0], first[1]), "the two workers repeated each other's augmentations"
+
+
+def test_an_empty_split_is_a_clear_error(tmp_path):
+    from segprune.data import build_dataset
+
+    for split in ("train", "val", "test"):
+        (tmp_path / split).mkdir()
+        (tmp_path / f"{split}annot").mkdir()
+        (tmp_path / f"{split}.txt").write_text("")
+    with pytest.raises(ValueError, match="no samples found.*'test'"):
+        build_dataset("camvid", root=tmp_path, split="test")

@@ -106,7 +106,7 @@ class SegmentationDataset(Dataset):
             way; with ``False`` the first one met is reported instead.
 
     Subclasses set ``num_classes``, ``class_names`` and ``self.samples`` (a list of (image path, mask reference))
-    before calling :meth:`_check_sizes`, and implement :meth:`load_mask`.
+    before calling :meth:`_validate`, and implement :meth:`load_mask`.
     """
 
     ignore_index = IGNORE_INDEX
@@ -147,6 +147,13 @@ class SegmentationDataset(Dataset):
     def mask_size(self, index: int) -> tuple[int, int]:
         """(W, H) of mask ``index`` without decoding it; by default the header of the mask file."""
         return image_size(self.samples[index][1])
+
+    def _validate(self) -> None:
+        """Refuse an empty split (naming where it was looked for), then check mask sizes."""
+        if not self.samples:
+            raise ValueError(f"{type(self).__name__}: no samples found (root {getattr(self, 'root', '?')}, "
+                             f"split {getattr(self, 'split', '?')!r})")
+        self._check_sizes()
 
     def _check_sizes(self) -> None:
         """Count masks whose size differs from their image and warn once with the count."""

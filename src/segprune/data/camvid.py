@@ -56,7 +56,7 @@ class CamVid(SegmentationDataset):
         self.root, self.split = require_dir(Path(root), "CamVid root"), split
         self.samples = _read_split_list(self.root, self.root / f"{split}.txt")
         require_files([p for pair in self.samples for p in pair], f"CamVid {split} list {self.root / split}.txt")
-        self._check_sizes()
+        self._validate()
 
     def load_mask(self, index: int) -> np.ndarray:
         path = self.samples[index][1]

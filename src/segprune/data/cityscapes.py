@@ -66,7 +66,7 @@ class Cityscapes(SegmentationDataset):
         if not self.samples:
             raise FileNotFoundError(f"Cityscapes: no <city>/*_leftImg8bit.png files under {images}")
         require_files([label for _, label in self.samples], f"Cityscapes gtFine/{split}")
-        self._check_sizes()
+        self._validate()
 
     def load_mask(self, index: int) -> np.ndarray:
         path = self.samples[index][1]

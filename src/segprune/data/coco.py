@@ -55,7 +55,7 @@ class COCOSemantic(SegmentationDataset):
         self.num_classes = len(self.class_names)
         self.samples = [(self.root / self.coco.imgs[i]["file_name"], i) for i in sorted(self.coco.getImgIds())]
         require_files([image for image, _ in self.samples], f"COCO images of {ann_file}")
-        self._check_sizes()
+        self._validate()
 
     def mask_size(self, index: int) -> tuple[int, int]:
         info = self.coco.imgs[self.samples[index][1]]

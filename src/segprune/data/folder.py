@@ -87,7 +87,7 @@ class MaskFolder(SegmentationDataset):
         self.num_classes = len(self.class_names)
         if self.num_classes > IGNORE_INDEX:
             raise ValueError(f"MaskFolder: {self.num_classes} classes, at most {IGNORE_INDEX} (255 means ignore)")
-        self._check_sizes()
+        self._validate()
 
     def load_mask(self, index: int) -> np.ndarray:
         path = self.samples[index][1]
@@ -122,7 +122,7 @@ class HumanFolder(SegmentationDataset):
         super().__init__(transform=transform, check_sizes=check_sizes)
         self.root = require_dir(Path(root), "HumanFolder root")
         self.samples = pair_by_stem(self.root, "HumanFolder")
-        self._check_sizes()
+        self._validate()
 
     def load_mask(self, index: int) -> np.ndarray:
         with Image.open(self.samples[index][1]) as mask:

@@ -49,7 +49,7 @@ class VOC(SegmentationDataset):
             (self.root / "JPEGImages" / f"{i}.jpg", self.root / "SegmentationClass" / f"{i}.png") for i in ids
         ]
         require_files([p for pair in self.samples for p in pair], f"VOC split {list_file}")
-        self._check_sizes()
+        self._validate()
 
     def load_mask(self, index: int) -> np.ndarray:
         path = self.samples[index][1]

@@ -80,3 +80,12 @@ def init_weights(module: nn.Module) -> None:
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+
+
+def run_stages(stages: nn.Module, x: Tensor) -> list[Tensor]:
+    """Run `stages` one after another and return every stage's output (an encoder's feature list)."""
+    feats = []
+    for stage in stages:
+        x = stage(x)
+        feats.append(x)
+    return feats

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .backbones import load_backbone_weights
-from .layers import ConvBnAct, LayerFn, check_input_size, check_num_classes, init_weights, scale_width
+from .layers import ConvBnAct, LayerFn, check_input_size, check_num_classes, init_weights, run_stages, scale_width
 from .registry import register_model
 
 
@@ -34,11 +34,7 @@ class UNetEncoder(nn.Module):
             self.stages.append(nn.Sequential(nn.MaxPool2d(2, stride=2), double_conv(c_in, c_out, **kw)))
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        feats = []
-        for stage in self.stages:
-            x = stage(x)
-            feats.append(x)
-        return feats
+        return run_stages(self.stages, x)
 
 
 class UpBlock(nn.Module):

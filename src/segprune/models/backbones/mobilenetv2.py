@@ -14,7 +14,7 @@ are unused. Those weights were trained with ReLU6: build with ``act_layer=nn.ReL
 
 from torch import Tensor, nn
 
-from ..layers import ConvBnAct, LayerFn, scale_width
+from ..layers import ConvBnAct, LayerFn, run_stages, scale_width
 from .weights import KeyMap
 
 # (expansion t, channels c, blocks n, stride s) per block group, Table 2 of the paper.
@@ -119,11 +119,7 @@ class MobileNetV2(nn.Module):
         return KeyMap(layers, unused=("classifier.", f"features.{len(blocks)}."))
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        feats = []
-        for stage in self.stages:
-            x = stage(x)
-            feats.append(x)
-        return feats
+        return run_stages(self.stages, x)
 
 
 def mobilenetv2(**kwargs) -> MobileNetV2:
