@@ -58,8 +58,11 @@ def setup(device: str = "cpu") -> torch.device:
 
 
 def cleanup() -> None:
-    """Leave the process group, if in one."""
+    """Leave the process group, if in one. Every rank meets at a barrier first: a rank tearing gloo down while
+    another still has a collective in flight aborts the process ("terminate called without an active
+    exception"), which made the torchrun test flaky."""
     if is_distributed():
+        dist.barrier()
         dist.destroy_process_group()
 
 
