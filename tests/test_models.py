@@ -143,18 +143,21 @@ def test_backbone_weights_mismatch_is_explained(tmp_path):
 
 # ------------------------------------------------------------------------------------------------- full-size sizes
 
-# (entry point, num_classes, our exact count, published count); benchmarks/model_sizes.py has MACs and the sources.
+# (entry point, num_classes, builder kwargs, our exact count, published count); benchmarks/model_sizes.py has MACs
+# and the sources. PSPNet's published counts fit a 512-channel auxiliary head; our default (256) is checked too.
 FULL_SIZE = [
-    ("segnet_vgg16_bn", 11, 29_441_419, 29.45e6),
-    ("pspnet_resnet101", 19, 68_072_166, 70.4e6),
-    ("pspnet_resnet50", 19, 49_080_038, 51.5e6),
+    ("segnet_vgg16_bn", 11, {}, 29_441_419, 29.45e6),
+    ("pspnet_resnet101", 19, {"aux_channels": 512}, 70_436_838, 70.44e6),
+    ("pspnet_resnet50", 19, {"aux_channels": 512}, 51_444_710, 51.45e6),
+    ("pspnet_resnet101", 19, {}, 68_072_166, 70.44e6),
+    ("pspnet_resnet50", 19, {}, 49_080_038, 51.45e6),
 ]
 
 
-@pytest.mark.parametrize(("name", "num_classes", "exact", "published"), FULL_SIZE)
-def test_full_size_parameter_counts(name, num_classes, exact, published):
+@pytest.mark.parametrize(("name", "num_classes", "kwargs", "exact", "published"), FULL_SIZE)
+def test_full_size_parameter_counts(name, num_classes, kwargs, exact, published):
     with torch.device("meta"):  # shapes only: a 68 M-parameter model in milliseconds
-        model = create_model(name, num_classes=num_classes)
+        model = create_model(name, num_classes=num_classes, **kwargs)
     count = sum(p.numel() for p in model.parameters())
     assert count == exact
     assert abs(count - published) / published < 0.05

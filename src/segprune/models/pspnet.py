@@ -3,19 +3,18 @@
 A dilated ResNet with the three-conv deep stem at output stride 8; a pyramid pooling module (adaptive average pool
 to 1×1, 2×2, 3×3, 6×6 → 1×1 ConvBnAct to C/4 channels → bilinear upsample → concatenated with its input); a head of
 3×3 ConvBnAct (512 channels at width 1), Dropout2d(0.1) and a 1×1 classifier; and in training an auxiliary head on
-layer3 (3×3 ConvBnAct to 256, dropout, 1×1), whose loss weight (0.4 in the paper) is the trainer's business.
+layer3 (3×3 ConvBnAct to ``aux_channels``, 256 by default, dropout, 1×1), whose loss weight (0.4 in the paper) is
+the trainer's business.
 Deviations: upsampling uses align_corners=False; bottleneck stride on the 3×3 conv (see ``backbones/resnet.py``).
 
-Size at width 1 with 19 classes (``benchmarks/model_sizes.py``; tested exactly in ``tests/test_models.py``):
-PSPNet-101 68,072,166 parameters with the auxiliary head (65,707,475 without), PSPNet-50 49,080,038 (46,715,347),
-against the published ≈70.4 M and ≈51.5 M (-3.3 %, -4.7 %). The gaps, 2.33 M and 2.42 M, are close to the 2.05 M
-of ResNet's ImageNet classifier (``fc``), which we do not have: counted with it, we are within 0.4 % and 0.7 %, which
-fits a published figure that includes it (we have not confirmed that it does). MACs at 713×713 in eval mode: 517.2 G
-and 363.8 G against the published ≈556 G and ≈403 G (-7.0 %, -9.7 %: outside 5 %), and we have not found why. The
-gap is the same, ≈39 G, at both depths, so it lies outside layer3, the only part where the two differ. Counting the
-auxiliary head (training mode, 19.15 G) halves it (-3.5 %, -5.0 %); elementwise ops (BN, ReLU, pooling), which
-``FlopCounterMode`` does not count, would add 1.5 G and 0.9 G. 713 = 8·89 + 1 gives 90×90 features at output
-stride 8, as in the released model.
+Size at width 1 with 19 classes (``benchmarks/model_sizes.py``; counts tested exactly in ``tests/test_models.py``).
+The published figures (CAP's table in METHODS.md: PSPNet-101 70.44 M params and 556.04 GMACs, PSPNet-50 51.45 M and
+403.00 GMACs at 713×713) fit an auxiliary head of 512 channels — the "dsn" head of common PyTorch PSPNets (3×3 conv
+1024→512, BN, dropout, 1×1) — with MACs counted in training mode, head included. Built with ``aux_channels=512`` we
+count 70,436,838 / 555.49 G (PSPNet-101) and 51,444,710 / 402.08 G (PSPNet-50): -0.004 % / -0.10 % and -0.01 % /
+-0.23 %. The default ``aux_channels=256`` follows the released PSPNet: 68,072,166 and 49,080,038 parameters (the aux
+head is 2.36 M of them) and, in eval mode, 517.2 G and 363.8 G. The aux head only matters for training: it is never
+in an exported model. 713 = 8·89 + 1 gives 90×90 features at output stride 8, as in the released model.
 """
 
 from pathlib import Path
@@ -66,6 +65,7 @@ class PSPNet(nn.Module):
         num_classes: int,
         width: float = 1.0,
         aux_head: bool = True,
+        aux_channels: int = 256,
         norm_layer: LayerFn = nn.BatchNorm2d,
         act_layer: LayerFn = nn.ReLU,
     ):
@@ -76,7 +76,7 @@ class PSPNet(nn.Module):
         c3, c4 = backbone.out_channels[-2:]
         self.ppm = PyramidPooling(c4, **kw)
         self.head = seg_head(self.ppm.out_channels, scale_width(512, width), num_classes, **kw)
-        self.aux_head = seg_head(c3, scale_width(256, width), num_classes, **kw) if aux_head else None
+        self.aux_head = seg_head(c3, scale_width(aux_channels, width), num_classes, **kw) if aux_head else None
         init_weights(self)
 
     @property
@@ -102,6 +102,7 @@ def _create_pspnet(
     norm_layer: LayerFn = nn.BatchNorm2d,
     act_layer: LayerFn = nn.ReLU,
     aux_head: bool = True,
+    aux_channels: int = 256,
     output_stride: int = 8,
     backbone_weights: str | Path | None = None,
 ) -> PSPNet:
@@ -109,7 +110,7 @@ def _create_pspnet(
     encoder: ResNet = resnet(
         backbone, in_channels=in_channels, width=width, deep_stem=True, output_stride=output_stride, **kw
     )
-    model = PSPNet(encoder, num_classes=num_classes, width=width, aux_head=aux_head, **kw)
+    model = PSPNet(encoder, num_classes=num_classes, width=width, aux_head=aux_head, aux_channels=aux_channels, **kw)
     if backbone_weights is not None:
         load_backbone_weights(model.backbone, backbone_weights)
     return model
