@@ -18,6 +18,7 @@ def make_loader(
     pin_memory: bool = False,
     num_replicas: int | None = None,
     rank: int | None = None,
+    collate_fn=None,
 ) -> DataLoader:
     """A DataLoader whose order and augmentations are fixed by ``seed``.
 
@@ -36,6 +37,8 @@ def make_loader(
         pin_memory: Pin batches in page-locked memory for faster copies to the GPU.
         num_replicas: Number of processes when distributed; by default the world size of the process group.
         rank: This process's rank when distributed; by default its rank in the process group.
+        collate_fn: How samples become a batch; None stacks them (instance targets use
+            :func:`segprune.data.instances.instance_collate`).
     """
     generator = torch.Generator().manual_seed(seed)
     sampler = None
@@ -51,6 +54,7 @@ def make_loader(
         worker_init_fn=reseed_worker if num_workers else None,
         drop_last=drop_last,
         pin_memory=pin_memory,
+        collate_fn=collate_fn,
     )
 
 

@@ -243,3 +243,81 @@ def _boxes(instances: np.ndarray) -> np.ndarray:
         ys, xs = np.nonzero(instances == k + 1)
         boxes[k] = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
     return boxes
+
+
+class SyntheticInstances(Dataset):
+    """The procedural scenes as instance segmentation: every object left visible is an instance of its class.
+
+    Samples follow the instance contract of :mod:`segprune.data.instances`: ``(image, target)`` with boxes, labels
+    0..K-1 (object class ``c`` of the scenes is label ``c - 2``; ground and sky are stuff, not instances), uint8
+    masks, ``image_id`` (the sample index) and ``orig_size`` (the image size: nothing is resized). Like the scenes
+    they are a function of (seed, split, index); in training the flips come from a generator seeded with ``seed``
+    (see :class:`~segprune.data.instances.InstanceTransform`).
+
+    Args:
+        num_samples: Number of samples in the split.
+        size: Image size as (height, width).
+        num_classes: Number of object classes K (the scenes get K + 2 classes with ground and sky).
+        seed: Base seed of the scenes and of the flips.
+        split: One of ``"train"``, ``"val"``, ``"test"``.
+        train: Mirror samples left-right with probability ``flip``.
+        flip: Flip probability in training.
+    """
+
+    def __init__(self, *, num_samples=256, size=(96, 128), num_classes=4, seed=0, split="train", train=False,
+                 flip=0.5):
+        from segprune.data.instances import InstanceTransform
+
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be at least 1 object class, got {num_classes}")
+        self.scenes = SyntheticScenes(num_samples=num_samples, size=size, num_classes=num_classes + 2, seed=seed,
+                                      split=split)
+        self.size, self.train = tuple(size), train
+        self.categories = [{"id": k + 1, "name": name} for k, name in enumerate(self.scenes.class_names[2:])]
+        self.transform = InstanceTransform(None, flip=flip if train else 0.0, mean=SyntheticScenes.MEAN,
+                                           std=SyntheticScenes.STD, seed=seed)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.categories)
+
+    @property
+    def class_names(self) -> list[str]:
+        return [c["name"] for c in self.categories]
+
+    @property
+    def image_ids(self) -> list[int]:
+        return list(range(len(self)))
+
+    def __len__(self) -> int:
+        return len(self.scenes)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
+        from segprune.data.instances import make_target
+
+        sample = self.scenes.sample(index)
+        image, masks = self.transform(sample["image"], _instance_masks(sample["instances"]))
+        return image, make_target(masks, torch.from_numpy(sample["labels"] - 2), index, self.size)
+
+    def coco_dict(self) -> dict:
+        """Every sample's instances in COCO form (RLE masks, xywh boxes): the ground truth of evaluation."""
+        from segprune.data.instances import mask_api
+
+        encode, images, annotations = mask_api().encode, [], []
+        for index in range(len(self)):
+            sample = self.scenes.sample(index)
+            images.append({"id": index, "file_name": f"{self.scenes.split}_{index}.png", "height": self.size[0],
+                           "width": self.size[1]})
+            for mask, box, cls in zip(_instance_masks(sample["instances"]), sample["boxes"], sample["labels"]):
+                rle = encode(np.asfortranarray(mask))
+                x0, y0, x1, y1 = map(float, box)
+                annotations.append({"id": len(annotations) + 1, "image_id": index, "category_id": int(cls) - 1,
+                                    "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()},
+                                    "area": float(mask.sum()), "bbox": [x0, y0, x1 - x0, y1 - y0], "iscrowd": 0})
+        return {"images": images, "categories": [dict(c) for c in self.categories], "annotations": annotations}
+
+
+def _instance_masks(instances: np.ndarray) -> np.ndarray:
+    """(n, H, W) uint8 masks of instance ids 1..n."""
+    ids = np.arange(1, int(instances.max()) + 1, dtype=instances.dtype)
+    return (instances[None] == ids[:, None, None]).astype(np.uint8)

@@ -1,0 +1,318 @@
+"""Instance data (COCO files, synthetic scenes) and COCO box / mask AP.
+
+The tiny COCO file below holds one of every kind of bad input the loader must count and survive.
+"""
+
+import json
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("pycocotools", reason="pycocotools not installed: pip install segprune[coco]")
+
+from pycocotools import mask as mask_api  # noqa: E402
+
+from segprune.data.instances import CocoInstances, instance_collate, make_instance_loader, mask_boxes  # noqa: E402
+from segprune.data.synthetic import SyntheticInstances, SyntheticScenes  # noqa: E402
+from segprune.eval.coco_metrics import evaluate_instances  # noqa: E402
+
+H, W = 16, 20
+
+
+def _write_image(path, height, width, seed=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path)
+
+
+def _uncompressed_rle(mask: np.ndarray) -> dict:
+    values = mask.ravel(order="F")  # runs over column-major pixels, starting with zeros
+    edges = np.flatnonzero(np.diff(values)) + 1
+    return {"counts": np.diff(np.concatenate([[0], edges, [values.size]])).tolist(), "size": list(mask.shape)}
+
+
+def _rect(y0, y1, x0, x1) -> np.ndarray:
+    mask = np.zeros((H, W), dtype=np.uint8)
+    mask[y0:y1, x0:x1] = 1
+    return mask
+
+
+RLE_MASK = _rect(10, 14, 12, 18)  # compressed RLE instance
+RAW_MASK = _rect(1, 5, 14, 19)  # uncompressed RLE instance
+
+
+@pytest.fixture
+def coco_tree(tmp_path):
+    """Image 1 (a.png) with a polygon, a compressed and an uncompressed RLE instance, a crowd region and bad
+    annotations; image 2 (b.png) without any; image 3 listed but its file missing."""
+    _write_image(tmp_path / "images" / "a.png", H, W)
+    _write_image(tmp_path / "images" / "b.png", H, W, seed=1)
+    rle = mask_api.encode(np.asfortranarray(RLE_MASK))
+    ann = lambda i, image, cat, seg, bbox=None, crowd=0: {  # noqa: E731
+        "id": i, "image_id": image, "category_id": cat, "segmentation": seg, "iscrowd": crowd,
+        **({} if bbox is None else {"bbox": bbox, "area": bbox[2] * bbox[3]})}
+    data = {
+        "images": [{"id": i, "file_name": f, "height": H, "width": W} for i, f in ((1, "a.png"), (2, "b.png"),
+                                                                                (3, "c.png"))],
+        "categories": [{"id": 7, "name": "big"}, {"id": 3, "name": "small"}],
+        "annotations": [
+            ann(1, 1, 7, [[2, 2, 10, 2, 10, 10, 2, 10]], [2, 2, 8, 8]),
+            ann(2, 1, 3, {"size": rle["size"], "counts": rle["counts"].decode()}, [12, 10, 6, 4]),
+            ann(3, 1, 7, _uncompressed_rle(RAW_MASK)),  # no bbox: taken from the mask
+            ann(4, 1, 3, _uncompressed_rle(_rect(12, 16, 0, 4)), [0, 12, 4, 4], crowd=1),
+            ann(5, 1, 7, [[2, 2, 3, 2, 3, 10, 2, 10]], [2, 2, 1, 8]),  # 1 px wide: degenerate box
+            ann(6, 1, 7, [[1, 1, 5, 5]]),  # two points: degenerate polygon (pycocotools would read a box)
+            ann(7, 1, 7, [[1, 1, 5, 5, 9, 9]]),  # collinear: zero area
+            ann(8, 1, 42, [[2, 2, 10, 2, 10, 10, 2, 10]], [2, 2, 8, 8]),  # unknown category
+            ann(9, 99, 7, [[2, 2, 10, 2, 10, 10, 2, 10]], [2, 2, 8, 8]),  # unknown image
+            ann(10, 3, 7, [[2, 2, 10, 2, 10, 10, 2, 10]], [2, 2, 8, 8]),  # on the image whose file is missing
+            ann(11, 1, 3, {"counts": [5, 5], "size": [H + 1, W]}),  # RLE of another size
+        ],
+    }  # fmt: skip
+    (tmp_path / "ann.json").write_text(json.dumps(data))
+    return tmp_path
+
+
+def _load(tree, **kwargs) -> CocoInstances:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return CocoInstances(tree / "images", tree / "ann.json", **kwargs)
+
+
+def _perfect(target: dict) -> dict:
+    """A prediction that is the target itself, every score 1."""
+    return {"boxes": target["boxes"], "scores": torch.ones(len(target["labels"])), "labels": target["labels"],
+            "masks": target["masks"].bool()}
+
+
+def _empty_prediction(height, width) -> dict:
+    return {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64),
+            "masks": torch.zeros(0, height, width, dtype=torch.bool)}
+
+
+# Bad input
+
+
+def test_bad_input_counted_reported_and_warned_once(coco_tree):
+    with pytest.warns(UserWarning, match="dataset.problems") as caught:
+        dataset = CocoInstances(coco_tree / "images", coco_tree / "ann.json", size=None)
+    assert len([w for w in caught if "CocoInstances" in str(w.message)]) == 1
+    counts = dataset.problems.counts()
+    assert counts == {"missing_image_file": 1, "unknown_image": 1, "unknown_category": 1, "degenerate_box": 1,
+                      "degenerate_polygon": 2, "bad_segmentation": 1, "empty_image": 1, "crowd": 1}
+    assert len(dataset.problems) == 8  # crowd regions are information, not problems
+    entries = dataset.problems.entries
+    assert "image 3" in entries["missing_image_file"][0] and "c.png" in entries["missing_image_file"][0]
+    assert "annotation 8" in entries["unknown_category"][0] and "42" in entries["unknown_category"][0]
+    assert "annotation 9" in entries["unknown_image"][0]
+    assert "annotation 5" in entries["degenerate_box"][0]
+    assert {"annotation 6 (image 1)", "annotation 7 (image 1)"} == set(entries["degenerate_polygon"])
+    assert "annotation 11" in entries["bad_segmentation"][0]
+    assert "image 2" in entries["empty_image"][0]
+    assert dataset.image_ids == [1, 2], "the image without a file is dropped, the empty one kept"
+    assert [a["id"] for a in dataset.annotations[1]] == [1, 2, 3]
+
+
+def test_clean_file_gives_no_warning(coco_tree):
+    data = json.loads((coco_tree / "ann.json").read_text())
+    data["images"], data["annotations"] = data["images"][:1], data["annotations"][:3]
+    (coco_tree / "clean.json").write_text(json.dumps(data))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dataset = CocoInstances(coco_tree / "images", coco_tree / "clean.json")
+    assert len(dataset.problems) == 0 and "no problems" in dataset.problems.summary()
+
+
+def test_unreadable_files_are_clear_errors(coco_tree):
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        CocoInstances(coco_tree / "images", coco_tree / "nope.json")
+    (coco_tree / "bad.json").write_text(json.dumps({"images": []}))
+    with pytest.raises(ValueError, match=r"bad.json: not a COCO instances file \(no list annotations, categories"):
+        CocoInstances(coco_tree / "images", coco_tree / "bad.json")
+    (coco_tree / "broken.json").write_text("{")
+    with pytest.raises(ValueError, match="broken.json: not a JSON file"):
+        CocoInstances(coco_tree / "images", coco_tree / "broken.json")
+
+
+def test_without_pycocotools_names_the_extra(coco_tree, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pycocotools", None)
+    with pytest.raises(ImportError, match=r"pip install segprune\[coco\]"):
+        CocoInstances(coco_tree / "images", coco_tree / "ann.json")
+
+
+# Samples
+
+
+def test_sample_contract_at_original_size(coco_tree):
+    dataset = _load(coco_tree, size=None)
+    assert [c["id"] for c in dataset.categories] == [3, 7] and dataset.class_names == ["small", "big"]
+    image, target = dataset[0]
+    assert image.shape == (3, H, W) and image.dtype == torch.float32
+    assert set(target) == {"boxes", "labels", "masks", "image_id", "orig_size"}
+    assert target["masks"].shape == (3, H, W) and target["masks"].dtype == torch.uint8
+    assert target["boxes"].dtype == torch.float32 and target["labels"].dtype == torch.int64
+    assert target["labels"].tolist() == [1, 0, 1]  # category 7 -> 1, category 3 -> 0
+    assert target["image_id"] == 1 and target["orig_size"] == (H, W)
+    masks = target["masks"].numpy()
+    np.testing.assert_array_equal(masks[0], _rect(2, 10, 2, 10))  # polygon [2, 10) x [2, 10)
+    np.testing.assert_array_equal(masks[1], RLE_MASK)
+    np.testing.assert_array_equal(masks[2], RAW_MASK)
+    assert target["boxes"].tolist() == [[2, 2, 10, 10], [12, 10, 18, 14], [14, 1, 19, 5]]
+    assert not masks[:, 12:, :4].any(), "the crowd region is no target"
+
+
+def test_resized_sample_and_empty_image(coco_tree):
+    dataset = _load(coco_tree, size=(32, 40))
+    image, target = dataset[0]
+    assert image.shape == (3, 32, 40) and target["masks"].shape == (3, 32, 40) and target["orig_size"] == (H, W)
+    assert torch.equal(target["boxes"], mask_boxes(target["masks"]))
+    assert target["boxes"][0].tolist() == [4, 4, 20, 20]  # exactly twice the original box
+    image, target = dataset[1]
+    assert image.shape == (3, 32, 40) and target["image_id"] == 2
+    assert target["boxes"].shape == (0, 4) and target["masks"].shape == (0, 32, 40) and target["labels"].shape == (0,)
+
+
+def test_flip_moves_masks_and_boxes_together(coco_tree):
+    plain = _load(coco_tree, size=(24, 30))
+    flipped = _load(coco_tree, size=(24, 30), train=True, flip=1.0)
+    (image, target), (image_f, target_f) = plain[0], flipped[0]
+    assert torch.equal(image_f, image.flip(-1)) and torch.equal(target_f["masks"], target["masks"].flip(-1))
+    assert torch.equal(target_f["boxes"], mask_boxes(target_f["masks"]))
+    mirrored = torch.stack([30 - target["boxes"][:, 2], target["boxes"][:, 1], 30 - target["boxes"][:, 0],
+                            target["boxes"][:, 3]], dim=1)
+    assert torch.equal(target_f["boxes"], mirrored)
+
+
+def test_seeded_loader_collates_targets_as_a_list(coco_tree):
+    dataset = _load(coco_tree, size=(24, 30), train=True, seed=0)
+    order = []
+    for _ in range(2):
+        images, targets = next(iter(make_instance_loader(dataset, batch_size=2, shuffle=True, seed=5)))
+        assert images.shape == (2, 3, 24, 30) and isinstance(targets, list) and len(targets) == 2
+        order.append([t["image_id"] for t in targets])
+    assert order[0] == order[1] and sorted(order[0]) == [1, 2]
+    with pytest.raises(ValueError, match="differ in size"):
+        instance_collate([(torch.zeros(3, 4, 4), {}), (torch.zeros(3, 4, 5), {})])
+
+
+# Synthetic instances
+
+
+def test_synthetic_instances_contract_and_determinism():
+    a = SyntheticInstances(num_samples=3, size=(40, 56), num_classes=4, seed=2)
+    b = SyntheticInstances(num_samples=3, size=(40, 56), num_classes=4, seed=2)
+    scenes = SyntheticScenes(num_samples=3, size=(40, 56), num_classes=6, seed=2)
+    assert a.num_classes == 4 and a.class_names == scenes.class_names[2:]
+    for i in range(3):
+        (image, target), (image_b, target_b) = a[i], b[i]
+        assert torch.equal(image, image_b) and torch.equal(target["masks"], target_b["masks"])
+        torch.testing.assert_close(image, scenes[i][0], rtol=1e-5, atol=1e-5)  # the semantic scenes' pixels
+        sample = scenes.sample(i)
+        assert target["labels"].tolist() == (sample["labels"] - 2).tolist()
+        assert 0 <= target["labels"].min() and target["labels"].max() < 4
+        assert target["masks"].dtype == torch.uint8 and target["masks"].shape == (len(sample["labels"]), 40, 56)
+        np.testing.assert_array_equal(target["boxes"].numpy(), sample["boxes"])
+        assert torch.equal(target["boxes"], mask_boxes(target["masks"]))
+        # every object pixel of the semantic mask belongs to exactly one instance of the same class
+        painted = (target["masks"].numpy() * (target["labels"].numpy() + 2)[:, None, None]).sum(0)
+        np.testing.assert_array_equal(np.where(sample["mask"] >= 2, sample["mask"], 0), painted)
+        assert target["image_id"] == i and target["orig_size"] == (40, 56)
+    other = SyntheticInstances(num_samples=3, size=(40, 56), seed=3)
+    assert not torch.equal(other[0][0], a[0][0])
+
+
+def test_synthetic_training_flips_are_seeded():
+    flips = []
+    for _ in range(2):
+        dataset = SyntheticInstances(num_samples=6, size=(32, 40), seed=1, train=True)
+        plain = SyntheticInstances(num_samples=6, size=(32, 40), seed=1)
+        flips.append([torch.equal(dataset[i][0], plain[i][0].flip(-1)) for i in range(6)])
+    assert flips[0] == flips[1] and any(flips[0]) and not all(flips[0])
+
+
+# COCO metrics
+
+
+def test_perfect_predictions_score_one_and_worse_ones_less():
+    dataset = SyntheticInstances(num_samples=4, size=(48, 64), split="val")
+    targets = [dataset[i][1] for i in range(len(dataset))]
+    perfect = evaluate_instances([_perfect(t) for t in targets], dataset)
+    assert perfect["bbox"]["AP"] == 1.0 and perfect["segm"]["AP"] == 1.0
+    assert perfect["bbox"]["AP50"] == 1.0 and perfect["segm"]["AP75"] == 1.0
+    shifted = [dict(_perfect(t), boxes=t["boxes"] + 2, masks=t["masks"].bool().roll(2, -1)) for t in targets]
+    worse = evaluate_instances(shifted, dataset)
+    assert worse["bbox"]["AP"] < 0.9 and worse["segm"]["AP"] < 0.9
+    wrong_class = [dict(_perfect(t), labels=(t["labels"] + 1) % 4) for t in targets]
+    assert evaluate_instances(wrong_class, dataset)["segm"]["AP"] < 0.5
+    empty = evaluate_instances([_empty_prediction(48, 64) for _ in targets], dataset)
+    assert empty["bbox"]["AP"] == 0.0 and empty["segm"]["AP"] == 0.0
+
+
+def test_predictions_mapped_back_to_original_size_and_category_ids(coco_tree):
+    dataset = _load(coco_tree, size=(32, 40))  # 2x the annotated frame; crowd region and empty image present
+    predictions = [_perfect(dataset[i][1]) for i in range(len(dataset))]
+    metrics = evaluate_instances(predictions, dataset)
+    assert metrics["bbox"]["AP"] == 1.0 and metrics["segm"]["AP"] == 1.0
+    # a subset, keyed by image id: only image 1 is evaluated
+    subset = evaluate_instances({1: predictions[0]}, dataset, iou_types=("segm",))
+    assert set(subset) == {"segm"} and subset["segm"]["AP"] == 1.0
+    # a detection on the crowd region, ranked first, is ignored, not a false positive
+    crowd = dict(predictions[0], scores=torch.full((3,), 0.5))
+    crowd_mask = torch.zeros(1, 32, 40, dtype=torch.bool)
+    crowd_mask[0, 24:32, 0:8] = True
+    crowd = {"boxes": torch.cat([crowd["boxes"], torch.tensor([[0.0, 24, 8, 32]])]),
+             "scores": torch.cat([crowd["scores"], torch.ones(1)]),
+             "labels": torch.cat([crowd["labels"], torch.zeros(1, dtype=torch.int64)]),
+             "masks": torch.cat([crowd["masks"], crowd_mask])}
+    assert evaluate_instances({1: crowd}, dataset)["segm"]["AP"] == 1.0
+
+
+def test_bad_predictions_are_clear_errors(coco_tree):
+    dataset = _load(coco_tree, size=None)
+    bad_label = dict(_perfect(dataset[0][1]), labels=torch.tensor([0, 5, 1]))
+    with pytest.raises(ValueError, match="label 5 outside 0..1"):
+        evaluate_instances({1: bad_label}, dataset)
+    with pytest.raises(ValueError, match="image id 77"):
+        evaluate_instances({77: _empty_prediction(H, W)}, dataset)
+
+
+# The real fruits set
+
+
+@pytest.mark.data
+def test_fruits_nuts(data_root):
+    root = data_root / "fruits_nuts_coco"
+    raw = json.loads((root / "annotations.json").read_text())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a clean file: no problem warning
+        dataset = CocoInstances(root / "images", root / "annotations.json", size=None)
+    assert len(dataset) == len(raw["images"]) == 18 and dataset.class_names == ["date", "fig", "hazelnut"]
+    reference = {a["id"]: a["bbox"] for a in raw["annotations"]}
+    total, predictions = 0, []
+    for index in range(len(dataset)):
+        image, target = dataset[index]
+        assert image.shape == (3, 600, 800) and target["masks"].shape[1:] == (600, 800)
+        anns = dataset.annotations[target["image_id"]]
+        assert len(anns) == len(target["labels"])
+        for ann, box in zip(anns, target["boxes"]):
+            x, y, w, h = reference[ann["id"]]
+            np.testing.assert_allclose(box.numpy(), [x, y, x + w, y + h], atol=1.5)
+        total += len(anns)
+        predictions.append(_perfect(target))
+    assert total == len(raw["annotations"]) == 165
+    metrics = evaluate_instances(predictions, dataset)
+    assert metrics["segm"]["AP"] == 1.0 and metrics["bbox"]["AP"] > 0.95
+
+
+@pytest.mark.data
+def test_fruits_nuts_resized_batch(data_root):
+    root = data_root / "fruits_nuts_coco"
+    dataset = CocoInstances(root / "images", root / "annotations.json", size=(138, 184), train=True, seed=0)
+    images, targets = next(iter(make_instance_loader(dataset, batch_size=2, shuffle=False, seed=0)))
+    assert images.shape == (2, 3, 138, 184)
+    for target in targets:
+        assert target["masks"].shape[1:] == (138, 184) and len(target["boxes"]) > 0
+        assert torch.equal(target["boxes"], mask_boxes(target["masks"]))
