@@ -316,3 +316,24 @@ def test_fruits_nuts_resized_batch(data_root):
     for target in targets:
         assert target["masks"].shape[1:] == (138, 184) and len(target["boxes"]) > 0
         assert torch.equal(target["boxes"], mask_boxes(target["masks"]))
+
+
+# segprune check
+
+
+def test_cli_check_reports_every_problem(coco_tree, capsys):
+    from segprune.cli import main
+
+    assert main(["check", "--task", "instance", "--data", f"coco:{coco_tree / 'images'}:{coco_tree / 'ann.json'}"]) == 2
+    out = capsys.readouterr()
+    assert "unknown_category: annotation 8" in out.out and "missing_image_file: image 3" in out.out
+    assert "2 images, 0 unreadable, 7 annotation problem(s)" in out.out and "7 annotation problem(s)" in out.err
+    (coco_tree / "images" / "b.png").write_bytes(b"not a png")
+    data = json.loads((coco_tree / "ann.json").read_text())
+    data["images"], data["annotations"] = data["images"][:2], data["annotations"][:4]
+    (coco_tree / "clean.json").write_text(json.dumps(data))
+    spec = f"coco:{coco_tree / 'images'}:{coco_tree / 'clean.json'}"
+    assert main(["check", "--task", "instance", "--data", spec]) == 2
+    assert "image 2 (b.png): cannot identify image file" in capsys.readouterr().out
+    _write_image(coco_tree / "images" / "b.png", H, W)
+    assert main(["check", "--task", "instance", "--data", spec]) == 0

@@ -401,3 +401,50 @@ def make_instance_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, se
     """A seeded loader (:func:`segprune.data.loader.make_loader`) of (images, list of targets) batches."""
     return make_loader(dataset, batch_size=batch_size, shuffle=shuffle, seed=seed, collate_fn=instance_collate,
                        **kwargs)
+
+
+# Building from a --data spec, and checking
+
+
+def instance_dataset(spec: str, *, size=(550, 550), train: bool = False, seed: int = 0, split: str = "train",
+                     num_samples: int = 64, num_classes: int = 4) -> Dataset:
+    """An instance dataset from a ``--data`` spec: ``coco:IMAGES_DIR:ANNOTATIONS_JSON`` or ``synthetic``.
+
+    Args:
+        spec: The spec; the annotation file is what follows the last colon.
+        size: Input size (H, W) of the samples.
+        train: Training samples (flips).
+        seed: Seed of the flips and, for synthetic data, of the scenes.
+        split: Synthetic data: the split.
+        num_samples: Synthetic data: the number of samples.
+        num_classes: Synthetic data: the number of object classes.
+    """
+    kind, _, rest = spec.partition(":")
+    if kind == "synthetic":
+        from segprune.data.synthetic import SyntheticInstances
+
+        return SyntheticInstances(num_samples=num_samples, size=size, num_classes=num_classes, seed=seed,
+                                  split=split, train=train)
+    images, sep, annotations = rest.rpartition(":")
+    if kind != "coco" or not sep or not images or not annotations:
+        raise ValueError(f"instance data is coco:IMAGES_DIR:ANNOTATIONS_JSON or synthetic, got {spec!r}")
+    return CocoInstances(images, annotations, size=size, train=train, seed=seed)
+
+
+# Findings that lose data: `segprune check` fails on them (empty images and crowd regions are normal).
+DATA_LOSS = tuple(kind for kind in PROBLEM_ACTIONS if kind not in ("empty_image", "crowd"))
+
+
+def check_instances(dataset: Dataset) -> list[str]:
+    """Read every sample; one message per image that fails, naming its id and file where known."""
+    bad = []
+    images = getattr(dataset, "images", None)
+    for index in range(len(dataset)):
+        try:
+            image, target = dataset[index]
+            if image.shape[-2:] != target["masks"].shape[-2:]:
+                raise ValueError(f"image {tuple(image.shape[-2:])} and masks {tuple(target['masks'].shape)} differ")
+        except Exception as error:  # noqa: BLE001 - every failure is a finding to report, whatever its type
+            where = f"image {images[index]['id']} ({images[index]['file_name']})" if images else f"sample {index}"
+            bad.append(f"{where}: {error}")
+    return bad
