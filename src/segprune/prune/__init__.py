@@ -2,6 +2,7 @@
 imports segprune.models."""
 
 from segprune.prune.api import PruneResult, prune
+from segprune.prune.blocks import Block, bypass_blocks, prune_blocks, residual_blocks, score_blocks, slim_layers
 from segprune.prune.cost import CostModel
 from segprune.prune.criteria import Taylor
 from segprune.prune.graph import ChannelGroup, ChannelGroups, Member, channel_groups
@@ -9,5 +10,6 @@ from segprune.prune.plan import Plan
 from segprune.prune.regularizer import BNSparsity, CAPSparsity
 from segprune.prune.surgery import register_surgery
 
-__all__ = ["BNSparsity", "CAPSparsity", "ChannelGroup", "ChannelGroups", "CostModel", "Member", "Plan", "PruneResult",
-           "Taylor", "channel_groups", "prune", "register_surgery"]
+__all__ = ["BNSparsity", "Block", "CAPSparsity", "ChannelGroup", "ChannelGroups", "CostModel", "Member", "Plan",
+           "PruneResult", "Taylor", "bypass_blocks", "channel_groups", "prune", "prune_blocks", "register_surgery",
+           "residual_blocks", "score_blocks", "slim_layers"]

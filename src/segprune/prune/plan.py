@@ -3,6 +3,13 @@
 For every pruned module (qualified name) it keeps the layer type, the original widths and the kept
 output- and input-channel indices in the original numbering. Replaying it calls the same surgery
 that pruning used, so `build -> plan.apply -> load weights` rebuilds a pruned model without pickle.
+
+A second kind of step, `bypass`, records whole residual blocks replaced by what remains of them when their
+branch is gone (`segprune.prune.blocks`): the identity, the block's final activation, or zeros in place of a
+branch module. Bypasses replay before channel cuts (a later plan's channel cuts number a bypassed model's
+layers; an earlier plan's cuts inside a block that is later bypassed are dropped, since the block is gone). A plan
+without bypasses is written exactly as before (format `segprune.plan/1`); one with bypasses is written as
+`segprune.plan/2`, so that an older reader refuses it instead of silently skipping them. Both are read.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from segprune.prune.graph import ChannelGroup
 from segprune.prune.surgery import surgery_for
 
 FORMAT = "segprune.plan/1"
+FORMAT_BYPASS = "segprune.plan/2"
 _WIDTH_ATTRS = {"out": ("out_channels", "out_features", "num_features", "num_channels", "num_parameters"),
                 "in": ("in_channels", "in_features")}
 
@@ -33,9 +41,12 @@ def width(module: nn.Module, role: str) -> int | None:
 
 @dataclass
 class Plan:
-    """`modules[name] = {"type", "out", "out_size", "in", "in_size"}` (kept indices, original widths)."""
+    """`modules[name] = {"type", "out", "out_size", "in", "in_size"}` (kept indices, original widths);
+    `bypass[name] = {"type", "with"}`: block `name` (of that type) is replaced, before any channel cut, by
+    "identity", "zero" (a module returning zeros like its input) or an activation `{"act", "kwargs"}`."""
 
     modules: dict[str, dict] = field(default_factory=dict)
+    bypass: dict[str, dict] = field(default_factory=dict)
 
     @classmethod
     def from_removal(cls, model: nn.Module, groups: list[ChannelGroup], removed: dict[int, np.ndarray]) -> Plan:
@@ -54,6 +65,8 @@ class Plan:
 
     def apply(self, model: nn.Module) -> nn.Module:
         """Cut `model` in place as recorded; raises ValueError naming the layer if the model does not fit."""
+        for name, entry in self.bypass.items():
+            _bypass(model, name, entry)
         for name, entry in self.modules.items():
             module = _checked_module(model, name, entry)
             keep = {role: torch.as_tensor(entry[role], dtype=torch.long) for role in ("out", "in") if role in entry}
@@ -62,7 +75,8 @@ class Plan:
 
     def then(self, later: Plan) -> Plan:
         """One plan doing `self`, then `later` (whose indices number the channels `self` kept)."""
-        merged = {name: dict(entry) for name, entry in self.modules.items()}
+        bypass = {**self.bypass, **later.bypass}
+        merged = {name: dict(entry) for name, entry in self.modules.items() if not _inside(name, later.bypass)}
         for name, entry in later.modules.items():
             first = merged.setdefault(name, {"type": entry["type"]})
             for role in ("out", "in"):
@@ -72,21 +86,21 @@ class Plan:
                     first[role] = [first[role][i] for i in entry[role]]
                 else:
                     first[role], first[f"{role}_size"] = list(entry[role]), entry[f"{role}_size"]
-        return Plan(merged)
+        return Plan(merged, bypass)
 
     def to_json(self) -> str:
         # one layer per line: readable in a diff, and still plain JSON
-        lines = [f"  {json.dumps(name)}: {json.dumps(entry)}" for name, entry in self.modules.items()]
-        body = ",\n".join(lines)
-        return f'{{"format": "{FORMAT}", "modules": {{\n{body}\n}}}}\n'
-
+        body = _lines(self.modules)
+        if not self.bypass:
+            return f'{{"format": "{FORMAT}", "modules": {{\n{body}\n}}}}\n'
+        return f'{{"format": "{FORMAT_BYPASS}", "bypass": {{\n{_lines(self.bypass)}\n}}, "modules": {{\n{body}\n}}}}\n'
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
         data = json.loads(text)
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise ValueError(f"not a segprune plan (expected format {FORMAT!r})")
-        return cls(modules=data["modules"])
+        if not isinstance(data, dict) or data.get("format") not in (FORMAT, FORMAT_BYPASS):
+            raise ValueError(f"not a segprune plan (expected format {FORMAT!r} or {FORMAT_BYPASS!r})")
+        return cls(modules=data["modules"], bypass=data.get("bypass", {}))
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
@@ -114,3 +128,47 @@ def _checked_module(model: nn.Module, name: str, entry: dict) -> nn.Module:
             raise ValueError(f"plan expects {name!r} to have {entry[f'{role}_size']} {role}put channels, "
                              f"the model has {width(module, role)}")
     return module
+
+
+def _lines(entries: dict[str, dict]) -> str:
+    return ",\n".join(f"  {json.dumps(name)}: {json.dumps(entry)}" for name, entry in entries.items())
+
+
+def _inside(name: str, blocks: dict[str, dict]) -> bool:
+    """Whether module `name` is one of `blocks` or lies inside one."""
+    return any(name == b or name.startswith(b + ".") for b in blocks)
+
+
+class ZeroBranch(nn.Module):
+    """What a bypassed residual branch computes: zeros shaped like its input (the add around it stays)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+
+# activations a bypassed block may end with (its post-add op), rebuilt by name with these keyword attributes
+ACTIVATIONS = {"ReLU": (), "ReLU6": (), "SiLU": (), "GELU": ("approximate",), "Hardswish": (), "Sigmoid": (),
+               "Tanh": (), "Mish": (), "LeakyReLU": ("negative_slope",), "ELU": ("alpha",),
+               "Hardtanh": ("min_val", "max_val")}
+
+
+def replacement(entry: dict) -> nn.Module:
+    """The module a bypass entry puts in place of its block."""
+    kind = entry["with"]
+    if kind == "identity":
+        return nn.Identity()
+    if kind == "zero":
+        return ZeroBranch()
+    if kind == "act" and entry.get("act") in ACTIVATIONS:
+        return getattr(nn, entry["act"])(**entry.get("kwargs", {}))
+    raise ValueError(f"unknown bypass {entry!r}: expected with = identity, zero or act (one of {sorted(ACTIVATIONS)})")
+
+
+def _bypass(model: nn.Module, name: str, entry: dict) -> None:
+    try:
+        module = model.get_submodule(name)
+    except AttributeError as err:
+        raise ValueError(f"plan bypasses block {name!r}, which this model does not have") from err
+    if type(module).__name__ != entry["type"]:
+        raise ValueError(f"plan expects block {name!r} to be a {entry['type']}, the model has {type(module).__name__}")
+    model.set_submodule(name, replacement(entry))
