@@ -104,6 +104,7 @@ def main() -> None:
     p.add_argument("--finetune-epochs", type=int, default=2)
     p.add_argument("--targets", type=float, nargs="+", default=(0.5, 0.3), help="MACs left, fraction of unpruned")
     p.add_argument("--methods", nargs="+", default=OURS + PEERS)
+    p.add_argument("--out", default="camvid_methods", help="results/<out>.{json,md,png}")
     args = p.parse_args()
     recipe = Recipe(name="camvid_methods", model=args.model, width=args.width, data="camvid", data_root=args.data,
                     size=tuple(args.size), eval_size=tuple(args.size), val_split="test", train_samples=0,
@@ -112,15 +113,16 @@ def main() -> None:
     train_loader, val_loader, k = loaders(recipe)
     example = torch.zeros(1, 3, *recipe.size)
     t0 = time.perf_counter()
-    trained = {"plain": train(recipe, "l1", train_loader, k)}
+    trained = {"plain": train(recipe, "l1", train_loader, k)} if set(args.methods) - {"slimming", "cap"} else {}
     for m in ("slimming", "cap"):
         if m in args.methods:
             trained[m] = train(recipe, m, train_loader, k)
-    rows = [row("unpruned", trained["plain"], val_loader, example, k, time.perf_counter() - t0)]
+    rows = [row("unpruned", trained["plain"], val_loader, example, k, time.perf_counter() - t0)] if "plain" in trained \
+        else []
     for target in args.targets:
         for method in args.methods:
             start = time.perf_counter()
-            base = trained.get(method, trained["plain"])
+            base = trained[method] if method in trained else trained["plain"]
             model = peer(method, base, example, target) if method in PEERS else \
                 ours(recipe, method, base, example, target, train_loader)
             fit(model, train_loader, epochs=args.finetune_epochs, lr=recipe.finetune_lr, optimizer=recipe.optimizer,
@@ -128,20 +130,20 @@ def main() -> None:
             rows.append({**row(method, model, val_loader, example, k, time.perf_counter() - start),
                          "target_macs": target})
             print(json.dumps({k2: v for k2, v in rows[-1].items() if k2 != "latency"}), flush=True)
-            (RESULTS / "camvid_methods.partial.json").write_text(json.dumps(rows, indent=1))
+            (RESULTS / f"{args.out}.partial.json").write_text(json.dumps(rows, indent=1))
     result = {"benchmark": "camvid_methods", "machine": machine(), "dataset": "CamVid (SegNet release), test split",
               "budget": {"model": args.model, "width": args.width, "size": args.size, "train_epochs": args.epochs,
                          "finetune_epochs": args.finetune_epochs, "optimizer": recipe.optimizer, "lr": recipe.lr,
                          "finetune_lr": recipe.finetune_lr, "lam": recipe.lam, "seed": recipe.seed},
               "rows": rows, "goals": goals(rows, args.targets)}
-    write_result("camvid_methods", result)
-    (RESULTS / "camvid_methods.md").write_text(markdown(result))
-    plot(rows, RESULTS / "camvid_methods.png")
-    (RESULTS / "camvid_methods.partial.json").unlink(missing_ok=True)
+    write_result(args.out, result)
+    (RESULTS / f"{args.out}.md").write_text(markdown(result))
+    plot(rows, RESULTS / f"{args.out}.png")
+    (RESULTS / f"{args.out}.partial.json").unlink(missing_ok=True)
 
 
 def goals(rows, targets) -> dict:
-    unpruned = rows[0]["miou"]
+    unpruned = rows[0]["miou"] if rows and rows[0]["method"] == "unpruned" else float("nan")
     out = {}
     for t in targets:
         at = {r["method"]: r["miou"] for r in rows if r.get("target_macs") == t}

@@ -111,11 +111,33 @@ def test_cap_weights_penalise_channels_others_attend_to_less():
 
 
 def test_cap_guiding_vector_on_a_known_layer():
-    out = torch.zeros(1, 3, 2, 2)
-    out[0, 0] = 3.0  # a strong channel everyone attends to
-    out[0, 1] = 1.0
+    out = torch.zeros(1, 4, 4, 4)
+    out[0, :3, :2] = 1.0  # three channels share one context (the top half) ...
+    out[0, 3, 2:] = 1.0  # ... the fourth fires where none of them does
     g = guiding_vector(out)
-    assert g[0] == 1.0 and g[0] > g[1] > g[2] >= 0
+    assert torch.allclose(g.mean(), torch.tensor(1.0))
+    assert (g[:3] > 1).all() and g[3] < 0.01
+
+
+def test_cap_guidance_is_not_flat_on_a_real_layer():
+    """Regression: softmax over raw dot products including each channel's own was one-hot on the diagonal, so
+    every channel got the same guidance (and `one_minus` switched the penalty off)."""
+    torch.manual_seed(0)
+    layer = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU())
+    out = layer(torch.randn(4, 3, 24, 24)).detach()
+    g = guiding_vector(out)
+    assert g.std() > 0.05
+    reg = segprune.CAPSparsity(layer, lam=1e-3, weight="one_minus")
+    layer(torch.randn(4, 3, 24, 24))
+    assert reg.weights("1", layer[1]).max() > 0.2  # was eps for every channel
+
+
+def test_cap_inverse_weights_keep_slimming_budget():
+    model, reg, _ = _grads_after(segprune.CAPSparsity)  # weight="inverse" by default
+    for name, norm in reg.norms:
+        w = reg.weights(name, norm)
+        assert torch.allclose(w.mean(), torch.tensor(1.0)) and w.std() > 0
+        assert int(w.argmin()) == int(reg.guide[name].argmax())
 
 
 def test_cap_leaves_nothing_in_the_model():

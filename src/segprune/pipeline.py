@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from segprune import checkpoint
-from segprune.eval.metrics import evaluate
+from segprune.eval.metrics import evaluate, predict
 from segprune.eval.profile import compare_latency, profile
 from segprune.export.fuse import fuse_conv_bn
 from segprune.models import create_model
@@ -61,7 +61,8 @@ class Recipe:
     lam: float = 5e-4  # sparsity on BN scales (slimming, cap), added to their gradients
     warmup: int = 0  # steps over which lam ramps up
     cap_affinity: str = "dot"
-    cap_weight: str = "one_minus"
+    cap_weight: str = "inverse"
+    cap_temperature: float = 0.1
     ratio: float = 0.5  # fraction of prunable channels removed (when target_macs is 0)
     target_macs: float = 0.0  # if > 0: remove until MACs <= this fraction of the original
     min_keep: float = 0.1
@@ -74,6 +75,7 @@ class Recipe:
     threads: int = 2
     latency_rounds: int = 7  # interleaved before/after rounds of the latency measurement
     latency_runs: int = 10  # timed runs per model per round
+    report_samples: int = 3  # validation images shown as input | truth | unpruned | pruned in report.html
     device: str = "cpu"
     seed: int = 0
     # `segprune train` only (segprune.train.loop.fit):
@@ -171,7 +173,7 @@ def sparsity(r: Recipe, model: nn.Module, groups) -> BNSparsity | None:
         return BNSparsity(model, lam=r.lam, groups=groups, warmup=r.warmup)
     if r.method == "cap":
         return CAPSparsity(model, lam=r.lam, groups=groups, warmup=r.warmup, affinity=r.cap_affinity,
-                           weight=r.cap_weight)
+                           weight=r.cap_weight, temperature=r.cap_temperature)
     return None
 
 
@@ -260,11 +262,47 @@ def run(r: Recipe, out: str | Path, *, force: bool = False, progress: bool = Tru
               "seconds": time.perf_counter() - start, "before": before, "after": after,
               "pruning": {"removed_channels": removed, "prunable_channels": prunable,
                           "removed_fraction": removed / max(prunable, 1), "groups": len(groups)},
-              "gamma_histograms": histograms, "notes": _notes(r)}
-    write_report(out, report)
+              "gamma_histograms": histograms, "notes": _notes(r), "widths": layer_widths(model, pruned, groups)}
+    write_report(out, report, samples=sample_predictions(model, deployed, val_loader, r.report_samples, num_classes))
     log(table(before, after))
     log(f"done in {report['seconds']:.0f} s: {out / 'report.md'}")
     return report
+
+
+# --- report material (report.html) -----------------------------------------------------------------------------
+def layer_widths(before: nn.Module, after: nn.Module, groups) -> dict[str, list[int]]:
+    """{layer: [output channels before, after]} of every conv with prunable output channels, in model order."""
+    prunable = {name for g in groups if not g.frozen for name in g.modules("out")}
+    pruned = dict(after.named_modules())
+    return {name: [m.out_channels, pruned[name].out_channels] for name, m in before.named_modules()
+            if name in prunable and name in pruned and hasattr(m, "out_channels")}
+
+
+@torch.no_grad()
+def sample_predictions(before: nn.Module, after: nn.Module, loader, count: int, num_classes: int) -> dict | None:
+    """The first `count` validation images, their targets and both models' predicted labels (the overlays)."""
+    images, targets, count = [], [], max(count, 0)
+    for x, y in loader:
+        images += list(x[: count - len(images)])
+        targets += list(y[: count - len(targets)])
+        if len(images) >= count:
+            break
+    if not images:
+        return None
+    preds = {"before": [], "after": []}
+    for name, model in (("before", before), ("after", after)):
+        training, device = model.training, next(model.parameters()).device
+        model.eval()
+        for x, y in zip(images, targets):
+            logits = predict(model, x[None].to(device))
+            if logits.shape[-2:] != y.shape[-2:]:
+                logits = F.interpolate(logits, size=y.shape[-2:], mode="bilinear")
+            preds[name].append(logits.argmax(1)[0].cpu().numpy())
+        model.train(training)
+    dataset = getattr(loader.dataset, "dataset", loader.dataset)  # through a Subset
+    return {"images": [x.numpy() for x in images], "targets": [y.numpy() for y in targets], **preds,
+            "num_classes": num_classes, "ignore_index": getattr(dataset, "ignore_index", 255),
+            "class_names": list(getattr(dataset, "class_names", []))}
 
 
 def as_plain(r: Recipe) -> dict:

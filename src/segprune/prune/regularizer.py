@@ -63,28 +63,38 @@ class CAPSparsity(BNSparsity):
     """CAP's guided sparsification: slimming's penalty weighted by a context-guided vector per BN layer.
 
     A forward hook on each selected norm (active in training mode only, under no_grad) takes its activated
-    output relu(BN(x)) averaged over the batch, F in R^{C x HW}, builds the channel affinity
-    A = softmax_row(F F^T) ("dot") or of cosine similarities ("cosine"), the guiding vector g_c = sum_j A_jc
-    normalised by its max, and keeps an EMA of g. The penalty weight is w = 1 - g + eps ("one_minus") or
-    1 / (g + eps) normalised to mean 1 ("inverse"); "none" gives w = 1, which is network slimming exactly.
-    [R] marks these as reconstructions (../METHODS.md); each is a named option. `remove()` takes the hooks
-    out: nothing of CAP stays in the model.
+    output relu(BN(x)) averaged over the batch, F in R^{C x HW}, builds the channel affinity A = softmax_row(S / T)
+    of similarities S ("dot": F F^T over the mean squared channel norm; "cosine") at temperature T, without each
+    channel's affinity to itself, and the guiding vector g_c = sum_{j != c} A_jc: how much the other channels lean
+    on channel c. g has mean 1 (every row of A sums to 1). An EMA smooths it. The penalty weight is
+    1 / (g + eps) normalised to mean 1 ("inverse", the default: the layer's total penalty is slimming's, CAP only
+    moves it from channels others depend on to channels nobody does), or 1 - g / max g + eps ("one_minus"); "none"
+    gives w = 1, which is network slimming exactly. [R] marks these as reconstructions (../METHODS.md); each is a
+    named option. `remove()` takes the hooks out: nothing of CAP stays in the model.
+
+    Why no self-affinity and a temperature: a channel's similarity to itself is the largest in its row, so with
+    raw dot products over H*W positions the softmax is one-hot on the diagonal, g is the same for every channel
+    and the guidance says nothing (with "one_minus" it even switched the penalty off: w = eps everywhere).
 
     Args:
         every: update the guiding vectors every `every` training forward passes (cost control).
+        temperature: of the affinity softmax; similarities are in [0, 1]-ish, so 0.1 spreads them over e^10.
     """
 
     AFFINITIES = ("dot", "cosine")
-    WEIGHTS = ("one_minus", "inverse", "none")
+    WEIGHTS = ("inverse", "one_minus", "none")
 
     def __init__(self, model: nn.Module, *, lam: float, groups: list[ChannelGroup] | None = None, warmup: int = 0,
-                 affinity: str = "dot", weight: str = "one_minus", momentum: float = 0.9, eps: float = 1e-3,
-                 every: int = 1):
+                 affinity: str = "dot", weight: str = "inverse", momentum: float = 0.9, eps: float = 1e-3,
+                 every: int = 1, temperature: float = 0.1):
         super().__init__(model, lam=lam, groups=groups, warmup=warmup)
         if affinity not in self.AFFINITIES or weight not in self.WEIGHTS:
             raise ValueError(f"affinity must be one of {self.AFFINITIES} and weight one of {self.WEIGHTS}; "
                              f"got {affinity!r}, {weight!r}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
         self.affinity, self.weight, self.momentum, self.eps, self.every = affinity, weight, momentum, eps, every
+        self.temperature = temperature
         self.guide: dict[str, torch.Tensor] = {}
         self.seen: dict[str, int] = {}
         self.handles = [] if weight == "none" else [norm.register_forward_hook(self._hook(name))
@@ -96,7 +106,7 @@ class CAPSparsity(BNSparsity):
             self.seen[name] = count + 1
             if module.training and count % self.every == 0 and out.dim() >= 3:
                 with torch.no_grad():
-                    g = guiding_vector(out.detach(), affinity=self.affinity)
+                    g = guiding_vector(out.detach(), affinity=self.affinity, temperature=self.temperature)
                     old = self.guide.get(name)
                     self.guide[name] = g if old is None else self.momentum * old + (1 - self.momentum) * g
         return update
@@ -106,7 +116,7 @@ class CAPSparsity(BNSparsity):
         if self.weight == "none" or g is None:
             return 1.0
         if self.weight == "one_minus":
-            return 1.0 - g + self.eps
+            return 1.0 - g / g.max().clamp_min(1e-12) + self.eps
         w = 1.0 / (g + self.eps)
         return w / w.mean()
 
@@ -117,12 +127,18 @@ class CAPSparsity(BNSparsity):
         self.handles = []
 
 
-def guiding_vector(out: torch.Tensor, *, affinity: str = "dot") -> torch.Tensor:
+def guiding_vector(out: torch.Tensor, *, affinity: str = "dot", temperature: float = 0.1) -> torch.Tensor:
     """CAP's context guiding vector of one layer's output (N, C, *spatial): how strongly the other channels
-    attend to each channel, in [0, 1] (divided by its max)."""
+    attend to each channel; mean 1 over the channels."""
     feats = F.relu(out).float().mean(0).flatten(1)  # (C, HW): the activated output, averaged over the batch
     if affinity == "cosine":
         feats = F.normalize(feats, dim=1)
-    attention = torch.softmax(feats @ feats.T, dim=1)  # row j: how channel j spreads its attention
-    g = attention.sum(0)  # column sums: how much the others attend to channel c
-    return g / g.max().clamp_min(1e-12)
+        sim = feats @ feats.T
+    else:
+        sim = feats @ feats.T
+        sim = sim / sim.diagonal().mean().clamp_min(1e-12)
+    if sim.shape[0] == 1:
+        return torch.ones(1, device=out.device)
+    sim.fill_diagonal_(float("-inf"))  # attention to oneself is not context
+    attention = torch.softmax(sim / temperature, dim=1)  # row j: how channel j spreads its attention
+    return attention.sum(0)  # column sums: how much the others attend to channel c
