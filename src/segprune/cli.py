@@ -1,4 +1,4 @@
-"""`segprune demo|run|prune|finetune|groups|train|eval`: a thin layer over the library (which never imports this file).
+"""`segprune demo|run|prune|finetune|groups|train|eval|report`: a thin layer over the library (never imported by it).
 
 `segprune train` also runs under `torchrun --nproc_per_node=N -m segprune.cli train ...` (DDP; rank 0 writes).
 """
@@ -90,8 +90,6 @@ def cmd_check(args) -> None:
     from segprune.data.check import check_dataset
     from segprune.data.datasets import DATASETS
 
-    if args.task == "instance":
-        return _check_instances(args)
     kind, root = _data_spec(args.data)
     if kind not in DATASETS:
         raise ValueError(f"unknown dataset {kind!r}; known: {', '.join(sorted(DATASETS))}")
@@ -110,27 +108,6 @@ def cmd_check(args) -> None:
             print(f"  {line}")
     if bad:
         raise ValueError(f"{bad} bad sample(s) in {args.data}")
-
-
-def _check_instances(args) -> None:
-    """`segprune check --task instance`: the annotation file's findings, then every image read."""
-    import warnings
-
-    from segprune.data.instances import DATA_LOSS, check_instances, instance_dataset
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the summary warning repeats what is printed here
-        dataset = instance_dataset(args.data, size=None)
-    problems = getattr(dataset, "problems", None)
-    for line in [] if problems is None else [problems.summary(), *problems.lines()]:
-        print(f"  {line}")
-    failures = check_instances(dataset)
-    lost = 0 if problems is None else sum(problems.count(kind) for kind in DATA_LOSS)
-    print(f"{args.data}: {len(dataset)} images, {len(failures)} unreadable, {lost} annotation problem(s)")
-    for line in failures:
-        print(f"  {line}")
-    if failures or lost:
-        raise ValueError(f"{len(failures)} unreadable image(s) and {lost} annotation problem(s) in {args.data}")
 
 
 def cmd_groups(args) -> None:
@@ -227,6 +204,15 @@ def cmd_eval(args) -> None:
         print(f"  {name:<16} {iou:.4f}")
 
 
+def cmd_report(args) -> None:
+    from segprune.report.writer import combined_report
+
+    combined = combined_report(args.runs, args.out, force=args.force)
+    print(f"report of {len(combined['runs'])} run(s) -> {Path(args.out) / 'report.html'}")
+    for note in combined["notes"]:
+        print(f"  note: {note}")
+
+
 def _run_options(p, default_out=None):
     p.add_argument("--out", default=default_out, help="run folder")
     p.add_argument("--force", action="store_true", help="overwrite a run already in --out")
@@ -266,8 +252,6 @@ def parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="read every sample of a dataset and report every bad file")
     check.add_argument("--data", required=True, metavar="KIND:PATH", help="e.g. camvid:../shared/data/camvid")
     check.add_argument("--split", nargs="+", default=["train", "val", "test"])
-    check.add_argument("--task", choices=("semantic", "instance"), default="semantic",
-                       help="instance: COCO instances, --data coco:IMAGES_DIR:ANNOTATIONS_JSON")
     check.set_defaults(func=cmd_check)
     groups = sub.add_parser("groups", help="list the channel groups of a registered model")
     groups.add_argument("model")
@@ -294,6 +278,11 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--flip", action="store_true", help="average with the mirrored image's prediction")
     ev.add_argument("--device", default="cpu")
     ev.set_defaults(func=cmd_eval)
+    rep = sub.add_parser("report", help="one report (HTML, Markdown, JSON) over several run folders")
+    rep.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders holding report.json")
+    rep.add_argument("--out", default="segprune-report", help="folder for report.html, report.md, report.json")
+    rep.add_argument("--force", action="store_true", help="overwrite a report already in --out")
+    rep.set_defaults(func=cmd_report)
     return p
 
 

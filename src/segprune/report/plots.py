@@ -1,0 +1,171 @@
+"""The report's images as PNG bytes: accuracy vs cost (Pareto), channel widths, prediction overlays.
+
+matplotlib is optional (the `report` extra), so it is imported inside each function: without it a plot raises
+ImportError, which the report turns into a note instead of failing the run. Figures are drawn with the Agg
+canvas directly (no pyplot), so no global backend is switched and nothing opens a window.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+import numpy as np
+
+# Fixed class colours (RGB): the same class has the same colour in every report. Classes past the list get
+# colours from a seeded generator; ignored pixels are black.
+PALETTE = np.array([
+    (128, 64, 128), (70, 130, 180), (107, 142, 35), (220, 20, 60), (250, 170, 30), (190, 153, 153),
+    (0, 0, 142), (220, 220, 0), (152, 251, 152), (255, 127, 14), (148, 103, 189), (23, 190, 207),
+    (227, 119, 194), (188, 189, 34), (140, 86, 75), (0, 80, 100), (119, 11, 32), (255, 255, 255),
+    (102, 102, 156), (0, 255, 127)], dtype=np.uint8)
+IGNORE_COLOUR = np.zeros(3, dtype=np.uint8)
+
+
+def palette(num_classes: int) -> np.ndarray:
+    """(num_classes, 3) uint8 colours: PALETTE first, then seeded random colours."""
+    extra = max(num_classes - len(PALETTE), 0)
+    more = np.random.default_rng(12345).integers(40, 256, size=(extra, 3)).astype(np.uint8)
+    return np.concatenate([PALETTE, more])[:num_classes]
+
+
+def colourise(labels: np.ndarray, num_classes: int, *, ignore_index: int = 255) -> np.ndarray:
+    """(H, W) class labels as an (H, W, 3) uint8 image; `ignore_index` and out-of-range labels are black."""
+    labels = np.asarray(labels)
+    valid = (labels >= 0) & (labels < num_classes) & (labels != ignore_index)
+    rgb = np.zeros((*labels.shape, 3), dtype=np.uint8)
+    rgb[valid] = palette(num_classes)[labels[valid]]
+    return rgb
+
+
+def overlay(image: np.ndarray, labels: np.ndarray, num_classes: int, *, ignore_index: int = 255,
+            alpha: float = 0.6) -> np.ndarray:
+    """Class colours blended over an (H, W, 3) uint8 image; ignored pixels black (not blended)."""
+    colours = colourise(labels, num_classes, ignore_index=ignore_index).astype(np.float32)
+    mixed = (alpha * colours + (1 - alpha) * image.astype(np.float32)).round().astype(np.uint8)
+    mixed[np.asarray(labels) == ignore_index] = IGNORE_COLOUR
+    return mixed
+
+
+def displayable(image: np.ndarray) -> np.ndarray:
+    """A normalised (3, H, W) float image as (H, W, 3) uint8, stretched between its 1st and 99th percentiles
+    (the report does not know the dataset's normalisation)."""
+    image = np.asarray(image, dtype=np.float32).transpose(1, 2, 0)
+    low, high = np.percentile(image, 1), np.percentile(image, 99)
+    scaled = (image - low) / (high - low) if high > low else np.zeros_like(image)
+    return (255 * scaled.clip(0, 1)).round().astype(np.uint8)
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points (cost, accuracy) no other point beats (cost <=, accuracy >=, one strictly), by cost."""
+    def beaten(i):
+        ci, ai = points[i]
+        return any(c <= ci and a >= ai and (c < ci or a > ai) for c, a in points)
+    return sorted((i for i in range(len(points)) if not beaten(i)), key=lambda i: points[i][0])
+
+
+def pareto(points: Sequence[dict], *, cost: str, xlabel: str, title: str, unit: float = 1.0) -> bytes:
+    """Accuracy (mIoU, %) against `cost` / `unit` for points {"label", "run", cost, "miou"}; the Pareto front
+    dashed.
+
+    Points of one run (`run`) share a colour and are joined by an arrow from the first (before) to the last
+    (after).
+    """
+    fig, ax = _figure(6.4, 4.2)
+    runs = list(dict.fromkeys(p["run"] for p in points))
+    colours = _cycle(len(runs))
+    for run, colour in zip(runs, colours):
+        mine = [p for p in points if p["run"] == run]
+        xs, ys = [p[cost] / unit for p in mine], [100 * p["miou"] for p in mine]
+        ax.scatter(xs, ys, color=colour, zorder=3, label=run if len(runs) > 1 else None)
+        for x0, y0, x1, y1 in zip(xs, ys, xs[1:], ys[1:]):
+            ax.annotate("", (x1, y1), (x0, y0), arrowprops=dict(arrowstyle="->", color=colour, alpha=0.6))
+        for p, x, y in zip(mine, xs, ys):
+            ax.annotate(p["label"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8,
+                        parse_math=False)
+    front = pareto_front([(p[cost], 100 * p["miou"]) for p in points])
+    ax.plot([points[i][cost] / unit for i in front], [100 * points[i]["miou"] for i in front], "k--", lw=1,
+            alpha=0.5, label="Pareto front", zorder=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("mIoU (%)")
+    ax.set_title(title, parse_math=False)
+    ax.grid(alpha=0.3)
+    ax.margins(0.15)
+    ax.legend(fontsize=8, loc="best")
+    return _png(fig)
+
+
+def widths(layers: dict[str, Sequence[int]], *, title: str = "channel widths per prunable layer") -> bytes:
+    """Horizontal bars per layer: output channels before (light) and after (dark) pruning."""
+    if not layers:
+        raise ValueError("no prunable layers recorded")
+    names = list(layers)
+    before = np.array([layers[n][0] for n in names])
+    after = np.array([layers[n][1] for n in names])
+    pos = np.arange(len(names))
+    fig, ax = _figure(7.0, min(2.0 + 0.22 * len(names), 60.0))
+    ax.barh(pos, before, color="#c6dbef", label="before")
+    ax.barh(pos, after, color="#2171b5", height=0.5, label="after")
+    ax.set_yticks(pos, names, fontsize=7, parse_math=False)
+    ax.invert_yaxis()
+    ax.set_xlabel("output channels")
+    ax.set_title(title, parse_math=False)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(axis="x", alpha=0.3)
+    return _png(fig)
+
+
+def prediction_panel(image: np.ndarray, target: np.ndarray, before: np.ndarray, after: np.ndarray, *,
+                     num_classes: int, ignore_index: int = 255, class_names: Sequence[str] = ()) -> bytes:
+    """One validation image: input | ground truth | unpruned prediction | pruned prediction, with a legend of the
+    classes present."""
+    rgb = displayable(image)
+    panels = [("input", rgb)] + [(name, overlay(rgb, labels, num_classes, ignore_index=ignore_index))
+                                 for name, labels in (("ground truth", target), ("unpruned", before),
+                                                      ("pruned", after))]
+    height, width = rgb.shape[:2]
+    fig, axes = _figure(4 * 3.2, 3.2 * height / width + 0.9, ncols=4)
+    for ax, (name, picture) in zip(axes, panels):
+        ax.imshow(picture, interpolation="nearest")
+        ax.set_title(name, fontsize=9)
+        ax.set_axis_off()
+    _legend(fig, np.unique(np.concatenate([np.ravel(a) for a in (target, before, after)])), num_classes,
+            ignore_index, class_names)
+    return _png(fig)
+
+
+def _legend(fig, present, num_classes, ignore_index, class_names) -> None:
+    from matplotlib.patches import Patch
+
+    colours = palette(num_classes) / 255
+    handles = [Patch(color=colours[k], label=_class_name(k, class_names)) for k in present if 0 <= k < num_classes]
+    if ignore_index in present:
+        handles.append(Patch(color="black", label=f"ignored ({ignore_index})"))
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 8) or 1, fontsize=7, frameon=False)
+
+
+def _class_name(k: int, class_names: Sequence[str]) -> str:
+    return f"{k} {class_names[k]}" if k < len(class_names) else str(k)
+
+
+def _cycle(n: int) -> list:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10"]
+    return [cmap(i % 10) for i in range(n)]
+
+
+def _figure(width: float, height: float, ncols: int = 1):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, ncols)
+    return fig, axes
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()

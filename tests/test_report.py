@@ -1,0 +1,193 @@
+"""report.html: written by every pipeline run, self-contained, escaped, rendered by headless Chromium; plots that
+fail (or a missing matplotlib) are noted instead of failing the run; `segprune report` over several runs."""
+
+import base64
+import json
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from segprune import checkpoint
+from segprune.cli import main
+from segprune.pipeline import recipe_from, run
+from segprune.report import plots
+from segprune.report.writer import combined_report, write_report
+
+TINY = dict(model="test_pspnet", width=1 / 32, train_samples=8, val_samples=4, batch_size=4, epochs=1,
+            finetune_epochs=1, size=[32, 48], threads=1, latency_rounds=1, latency_runs=1)
+IMG_SRC = re.compile(r'<img[^>]*\ssrc="([^"]*)"')
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def tiny_run(out, **overrides):
+    return run(recipe_from(None, {**TINY, **overrides}), out, progress=False)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reports") / "run"
+    tiny_run(out)
+    return out
+
+
+def fake_report(title="fake run", miou=(0.5, 0.45), macs=(2e6, 1e6), latency=(2.0, 1.2), **extra):
+    setup = dict(device="cpu", dtype="float32", batch=1, input_size=[32, 32], threads=1, rounds=1)
+    side = [dict(miou=miou[k], params=1000 - 400 * k, macs=macs[k], size_bytes=4000 - 1600 * k,
+                 latency_ms=latency[k], latency=setup) for k in (0, 1)]
+    return {"title": title, "before": side[0], "after": side[1], "widths": {"conv1": [8, 4], "conv2": [16, 12]},
+            "notes": ["a note"], **extra}
+
+
+def image_sources(page: str) -> list[str]:
+    return IMG_SRC.findall(page)
+
+
+def test_pipeline_writes_a_self_contained_html_report(run_dir):
+    page = (run_dir / "report.html").read_text()
+    sources = image_sources(page)
+    assert len(sources) == 2 + 1 + 3  # accuracy vs MACs and vs latency, channel widths, 3 validation images
+    for src in sources:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1], validate=True).startswith(PNG)
+    for external in ("http://", "https://", "<link", "<script", "url(", "@import"):
+        assert external not in page
+    assert page.count("<tr>") >= 5 and "mIoU (%)" in page and "after / before" in page
+    assert "skipped" not in page
+
+
+def test_widths_are_read_from_the_unpruned_and_pruned_models(run_dir):
+    widths = json.loads((run_dir / "report.json").read_text())["widths"]
+    pruned = dict(checkpoint.load(run_dir / "pruned").named_modules())
+    assert widths and all(pruned[name].out_channels == after for name, (_, after) in widths.items())
+    assert all(0 < after <= before for before, after in widths.values())
+    assert any(after < before for before, after in widths.values())
+
+
+def test_a_failing_plot_is_noted_and_the_run_finishes(tmp_path, monkeypatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("widths plot exploded")
+
+    monkeypatch.setattr(plots, "widths", boom)
+    report = tiny_run(tmp_path / "run", report_samples=1)
+    note = "plot channel widths before and after skipped: RuntimeError: widths plot exploded"
+    for name in ("report.html", "report.md", "report.json"):
+        assert note in (tmp_path / "run" / name).read_text()
+    assert report["after"]["macs"] < report["before"]["macs"]
+    assert len(image_sources((tmp_path / "run" / "report.html").read_text())) == 2 + 1  # the others still drawn
+
+
+def test_without_matplotlib_the_report_is_written_with_notes(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib...` now raises ImportError
+    skipped = write_report(tmp_path, fake_report())
+    assert skipped == [f"plot {name} skipped: matplotlib not installed (pip install segprune[report])"
+                       for name in ("accuracy vs MACs", "accuracy vs measured latency",
+                                    "channel widths before and after")]
+    page = (tmp_path / "report.html").read_text()
+    assert image_sources(page) == [] and "pip install segprune[report]" in page
+    assert "45.00" in page  # the table is there
+    assert json.loads((tmp_path / "report.json").read_text())["notes"][-3:] == skipped
+
+
+def test_user_strings_are_escaped(tmp_path):
+    evil = '<script>alert("x")</script> & <b>'
+    report = fake_report(title=evil, notes=[evil], recipe={"name": evil},
+                         widths={"<img src=x onerror=alert(1)>": [4, 2]})
+    write_report(tmp_path, report)
+    page = (tmp_path / "report.html").read_text()
+    assert "<script" not in page and "<b>" not in page and "<img src=x" not in page
+    assert page.count("&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; &lt;b&gt;") >= 3
+    assert len(image_sources(page)) == 3
+
+
+def test_colours_are_fixed_and_ignored_pixels_black():
+    labels = np.array([[0, 1], [255, 30]])
+    rgb = plots.colourise(labels, num_classes=31)
+    assert (rgb[0, 0] == plots.PALETTE[0]).all() and (rgb[0, 1] == plots.PALETTE[1]).all()
+    assert (rgb[1, 0] == 0).all() and (rgb[1, 1] == plots.palette(31)[30]).all()
+    assert (plots.palette(31) == plots.palette(31)).all()
+    mixed = plots.overlay(np.full((2, 2, 3), 200, np.uint8), labels, 31)
+    assert (mixed[1, 0] == 0).all() and (mixed[0, 0] != 0).any()
+
+
+def test_pareto_front_keeps_the_undominated_points():
+    points = [(10, 50), (5, 40), (5, 45), (20, 50), (1, 10), (12, 60)]  # (cost, accuracy)
+    assert plots.pareto_front(points) == [4, 2, 0, 5]
+
+
+def test_report_command_combines_runs(run_dir, tmp_path, capsys):
+    other = tmp_path / "other"
+    other.mkdir()
+    write_report(other, fake_report(title="other & more"))
+    out = tmp_path / "combined"
+    assert main(["report", str(run_dir), str(other), "--out", str(out)]) == 0
+    page = (out / "report.html").read_text()
+    assert len(image_sources(page)) == 2 and "other &amp; more" in page
+    assert page.count("<tr>") == 1 + 2 + 1 + 2  # header + a row per run, in both tables
+    combined = json.loads((out / "report.json").read_text())
+    assert [r["name"] for r in combined["runs"]] == ["run", "other"]
+    assert "| run | test_pspnet | slimming |" in (out / "report.md").read_text()
+
+    before = page
+    assert main(["report", str(run_dir), "--out", str(out)]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert (out / "report.html").read_text() == before
+    assert main(["report", str(run_dir), "--out", str(out), "--force"]) == 0
+    assert len(json.loads((out / "report.json").read_text())["runs"]) == 1
+
+
+def test_report_command_names_bad_folders(tmp_path, capsys):
+    empty, broken, partial = tmp_path / "empty", tmp_path / "broken", tmp_path / "partial"
+    for folder in (empty, broken, partial):
+        folder.mkdir()
+    (broken / "report.json").write_text('{"title": "cut off", "bef')
+    report = fake_report()
+    del report["after"]["macs"]
+    (partial / "report.json").write_text(json.dumps(report))
+    out = tmp_path / "out"
+    cases = ((empty, "no report.json"), (broken, "not valid JSON"), (partial, "'after' lacks numeric macs"),
+             (tmp_path / "missing", "no such run folder"))
+    for folder, message in cases:
+        assert main(["report", str(folder), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and str(folder) in err
+    assert not out.exists()
+    good = tmp_path / "good"
+    good.mkdir()
+    write_report(good, fake_report())
+    with pytest.raises(ValueError, match="is one of the run folders"):
+        combined_report([good], good, force=True)
+
+
+CHECK_IMAGES = """<script>
+window.addEventListener("load", () => {
+  const imgs = [...document.images];
+  const bad = imgs.filter(i => !i.complete || i.naturalWidth === 0).map(i => i.alt);
+  document.title = bad.length ? "BROKEN: " + bad.join("; ") : "IMAGES OK " + imgs.length;
+});
+</script>"""
+
+
+def rendered_title(page: str, tmp_path, name: str) -> str:
+    """Load `page` (plus a script that checks every image) in headless Chromium; the title it ends with."""
+    path = tmp_path / name
+    path.write_text(page.replace("</body>", CHECK_IMAGES + "</body>"))
+    cmd = ["chromium", "--headless=new", "--disable-gpu", "--no-sandbox", f"--user-data-dir={tmp_path / 'profile'}",
+           "--virtual-time-budget=10000", "--dump-dom", path.as_uri()]
+    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout
+    match = re.search(r"<title>(.*?)</title>", dom, re.S)
+    assert match, f"chromium dumped no page: {dom[:500]!r}"
+    return match.group(1)
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None,
+                    reason="chromium not on PATH (Debian: apt-get install chromium; .ci/run installs it)")
+def test_html_renders_in_headless_chromium_with_every_image(run_dir, tmp_path):
+    page = (run_dir / "report.html").read_text()
+    assert rendered_title(page, tmp_path, "report.html") == "IMAGES OK 6"
+    first = image_sources(page)[0]
+    corrupt = page.replace(first, first[:40] + "AAAA" + first[44:200], 1)  # the check can fail
+    assert rendered_title(corrupt, tmp_path, "corrupt.html").startswith("BROKEN: accuracy vs MACs")
