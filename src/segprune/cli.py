@@ -90,6 +90,8 @@ def cmd_check(args) -> None:
     from segprune.data.check import check_dataset
     from segprune.data.datasets import DATASETS
 
+    if args.task == "instance":
+        return _check_instances(args)
     kind, root = _data_spec(args.data)
     if kind not in DATASETS:
         raise ValueError(f"unknown dataset {kind!r}; known: {', '.join(sorted(DATASETS))}")
@@ -108,6 +110,27 @@ def cmd_check(args) -> None:
             print(f"  {line}")
     if bad:
         raise ValueError(f"{bad} bad sample(s) in {args.data}")
+
+
+def _check_instances(args) -> None:
+    """`segprune check --task instance`: the annotation file's findings, then every image read."""
+    import warnings
+
+    from segprune.data.instances import DATA_LOSS, check_instances, instance_dataset
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the summary warning repeats what is printed here
+        dataset = instance_dataset(args.data, size=None)
+    problems = getattr(dataset, "problems", None)
+    for line in [] if problems is None else [problems.summary(), *problems.lines()]:
+        print(f"  {line}")
+    failures = check_instances(dataset)
+    lost = 0 if problems is None else sum(problems.count(kind) for kind in DATA_LOSS)
+    print(f"{args.data}: {len(dataset)} images, {len(failures)} unreadable, {lost} annotation problem(s)")
+    for line in failures:
+        print(f"  {line}")
+    if failures or lost:
+        raise ValueError(f"{len(failures)} unreadable image(s) and {lost} annotation problem(s) in {args.data}")
 
 
 def cmd_groups(args) -> None:
@@ -252,6 +275,8 @@ def parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="read every sample of a dataset and report every bad file")
     check.add_argument("--data", required=True, metavar="KIND:PATH", help="e.g. camvid:../shared/data/camvid")
     check.add_argument("--split", nargs="+", default=["train", "val", "test"])
+    check.add_argument("--task", choices=("semantic", "instance"), default="semantic",
+                       help="instance: COCO instances, --data coco:IMAGES_DIR:ANNOTATIONS_JSON")
     check.set_defaults(func=cmd_check)
     groups = sub.add_parser("groups", help="list the channel groups of a registered model")
     groups.add_argument("model")

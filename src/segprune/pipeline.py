@@ -61,7 +61,8 @@ class Recipe:
     lam: float = 5e-4  # sparsity on BN scales (slimming, cap), added to their gradients
     warmup: int = 0  # steps over which lam ramps up
     cap_affinity: str = "dot"
-    cap_weight: str = "one_minus"
+    cap_weight: str = "inverse"
+    cap_temperature: float = 0.1
     ratio: float = 0.5  # fraction of prunable channels removed (when target_macs is 0)
     target_macs: float = 0.0  # if > 0: remove until MACs <= this fraction of the original
     min_keep: float = 0.1
@@ -172,7 +173,7 @@ def sparsity(r: Recipe, model: nn.Module, groups) -> BNSparsity | None:
         return BNSparsity(model, lam=r.lam, groups=groups, warmup=r.warmup)
     if r.method == "cap":
         return CAPSparsity(model, lam=r.lam, groups=groups, warmup=r.warmup, affinity=r.cap_affinity,
-                           weight=r.cap_weight)
+                           weight=r.cap_weight, temperature=r.cap_temperature)
     return None
 
 
