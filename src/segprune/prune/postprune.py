@@ -65,7 +65,7 @@ class PathStep:
 
     def to_dict(self) -> dict:
         return {"alpha": self.alpha, "macs": self.macs, "params": self.params, "miou": self.miou,
-                "miou_se": self.miou_se, "removed": self.removed, "plan": self.plan.modules}
+                "miou_se": self.miou_se, "removed": self.removed, "plan": json.loads(self.plan.to_json())}
 
 
 @dataclass
@@ -112,7 +112,7 @@ class PruningPath:
             if data.get("format") != FORMAT:
                 raise ValueError(f"{file}: not a segprune path (expected format {FORMAT!r})")
             steps = [PathStep(s["alpha"], s["macs"], s["params"], s["miou"], s["miou_se"], s["removed"],
-                              Plan(s["plan"])) for s in data["steps"]]
+                              Plan.from_json(json.dumps(s["plan"])))  for s in data["steps"]]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise ValueError(f"{file}: corrupt path ({err})") from err
         return cls(steps, data.get("criterion", "taylor"), data.get("selector", "rank"))
