@@ -448,7 +448,29 @@ def reshape(st, args, kwargs, out):
             k = size // channels
             if inner % k == 0 and math.prod(out.shape[j + 1 :]) == inner // k:
                 return st.set(out, np.repeat(info.ids, k), j)
-    unknown(st, "a reshape that splits or merges the channels with other dims", args, kwargs, out)
+    if not _split_channels(st, info, shape, out):
+        unknown(st, "a reshape that splits or merges the channels with other dims", args, kwargs, out)
+
+
+def _split_channels(st, info, shape, out) -> bool:
+    """(.., G*k, rest..) -> (.. G .., k, rest..): channel g*k+i becomes feature i of group g, the groups joining the
+    outer dims (a detection head's per-anchor outputs, (N, A*k, H, W) -> permute -> (N, H*W*A, k)). Feature i then
+    stands for the G channels {g*k+i}: they are one channel, cut together, so the output keeps k features."""
+    before, inner = math.prod(shape[: info.cdim]), math.prod(shape[info.cdim + 1 :])
+    channels = len(info.ids)
+    for j in range(out.dim()):
+        outer = math.prod(out.shape[:j])
+        if outer <= before or outer % before or channels % (outer // before):
+            continue
+        groups = outer // before
+        k = channels // groups
+        if k > 1 and out.shape[j] == k and math.prod(out.shape[j + 1 :]) == inner:
+            ids = info.ids.reshape(groups, k)
+            for g in range(1, groups):
+                st.union(ids[0], ids[g])
+            st.set(out, ids[0], j)
+            return True
+    return False
 
 
 @rule("permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "t")
@@ -549,3 +571,96 @@ def setitem(st, args, kwargs, out):
         if info is not None:
             st.freeze(info.ids, f"in-place write into a slice (in {st.where})")
             st.warn(f"in-place slice assignment in {st.where}: channels frozen")
+
+
+# --- contractions: einsum, matmul, bmm ------------------------------------------------------------------------
+# A channel contracted between two traced operands (YOLACT's masks: prototypes (N, k, H, W) times coefficients
+# (N, A, k)) is one channel in both: a dead factor kills the product term, so both sides lose it together and the
+# output carries none of it. A channel summed inside one operand alone, or meeting a tensor that is not traced (a
+# constant keeps its k values), is frozen; a channel meeting another operand's non-channel dim is an unknown op.
+@rule("einsum")
+def einsum(st, args, kwargs, out):
+    equation, operands = args[0], list(args[1:])
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = list(operands[0])
+    parsed = _parse_einsum(equation, operands)
+    if parsed is None or not isinstance(out, torch.Tensor):
+        return unknown(st, f"einsum '{equation}' (ellipsis or an unparsed equation)", args, kwargs, out)
+    _contract(st, *parsed, operands, args, kwargs, out)
+
+
+def _parse_einsum(equation, operands):
+    eq = equation.replace(" ", "")
+    if "." in eq or not all(isinstance(t, torch.Tensor) for t in operands):
+        return None
+    lhs, arrow, rhs = eq.partition("->")
+    subs = lhs.split(",")
+    if not arrow:  # implicit output: the letters used once, in alphabetical order
+        rhs = "".join(sorted(c for c in set(lhs) if c != "," and lhs.count(c) == 1))
+    if len(subs) != len(operands) or any(len(s) != t.dim() for s, t in zip(subs, operands)):
+        return None
+    return subs, rhs
+
+
+_BATCH_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVW"  # never k, x, y
+
+
+@rule("matmul", "mm", "bmm", "rmatmul")
+def matmul(st, args, kwargs, out):
+    second = "mat2" if st.current_op in ("mm", "bmm") else "other"
+    a, b = (args[1], args[0]) if st.current_op == "rmatmul" else (args[0], _arg(args, kwargs, 1, second))
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or not isinstance(out, torch.Tensor):
+        return unknown(st, f"{st.current_op} of non-tensors", args, kwargs, out)
+    subs, rhs = _matmul_subscripts(a.dim(), b.dim())
+    _contract(st, subs, rhs, [a, b], args, kwargs, out)
+
+
+def _matmul_subscripts(da: int, db: int) -> tuple[list[str], str]:
+    """torch.matmul as an einsum: 1-D operands gain and lose a dim, batch dims broadcast right-aligned."""
+    batch = _BATCH_LETTERS[: max(da, db, 2) - 2]
+    sa = "k" if da == 1 else batch[len(batch) - (da - 2) :] + "xk"
+    sb = "k" if db == 1 else batch[len(batch) - (db - 2) :] + "ky"
+    rhs = batch + ("x" if da > 1 else "") + ("y" if db > 1 else "")
+    return [sa, sb], rhs
+
+
+def _contract(st, subs, rhs, operands, args, kwargs, out):
+    channels = {}  # channel letter -> the channels it carries
+    for s, t in zip(subs, operands):
+        info = st.get(t)
+        if info is None:
+            continue
+        letter = s[info.cdim]
+        if not _operand_fits(st, letter, info, subs, operands, rhs):
+            return unknown(st, f"{st.current_op} of channels with a repeated subscript or another operand's "
+                               "non-channel dim", args, kwargs, out)
+        if letter in channels:
+            st.union(channels[letter].ids, info.ids)
+        channels.setdefault(letter, info)
+    kept = [letter for letter in channels if letter in rhs]
+    if len(kept) > 1:
+        return unknown(st, f"{st.current_op} whose output carries two channel spaces", args, kwargs, out)
+    if kept:
+        return st.set(out, channels[kept[0]].ids, rhs.index(kept[0]))
+    if out.dim() >= 1:  # every channel was contracted away: the output's dims belong to nobody
+        st.set_free(out, 1 if out.dim() >= 2 else 0)
+
+
+def _operand_fits(st, letter, info, subs, operands, rhs) -> bool:
+    """Check where a traced operand's channel letter occurs elsewhere, freezing what cannot be cut; False when
+    it meets a non-channel dim (the op is then unknown)."""
+    if any(s.count(letter) > 1 for s in subs):
+        return False
+    traced = 0
+    for s, t in zip(subs, operands):
+        if letter not in s:
+            continue
+        other, size = st.get(t), t.shape[s.index(letter)]
+        if other is None and size > 1:
+            st.freeze(info.ids, f"{st.current_op} meets these channels with a tensor that is not traced ({st.where})")
+        elif other is not None and (s[other.cdim] != letter or size != len(info.ids)):
+            return False
+        traced += other is not None
+    if letter not in rhs and traced < 2:
+        st.freeze(info.ids, f"{st.current_op} sums over these channels (in {st.where})")
+    return True
