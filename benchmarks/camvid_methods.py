@@ -73,7 +73,7 @@ def peer(kind, start, example, target):
         model = copy.deepcopy(start).eval()
         imp = tp.importance.BNScaleImportance() if kind == "peer_bn_scale" else tp.importance.MagnitudeImportance(p=1)
         cls = tp.pruner.BNScalePruner if kind == "peer_bn_scale" else tp.pruner.MagnitudePruner
-        ignored = [model.head[-1]] + ([model.aux_head[-1]] if getattr(model, "aux_head", None) is not None else [])
+        ignored = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.out_channels == model.num_classes]
         cls(model, example, importance=imp, pruning_ratio=ratio, global_pruning=True, ignored_layers=ignored,
             output_transform=lambda out: out["out"]).step()
         if count_macs(model, example) <= target * base:
@@ -85,6 +85,27 @@ def peer(kind, start, example, target):
     if getattr(best, "aux_head", None) is not None:
         best.aux_head = None
     return best
+
+
+def peer_equivalence(start, pruned, example) -> float:
+    """Relative output error between the peer's pruned model and its masked model: `start` with the BN channels
+    the peer removed zeroed (gamma = beta = 0). Kept channels are found by matching each pruned BN channel's
+    (gamma, beta, mean, var) to the original's. ~1e-7 means the cut model is the masked one; a large value means
+    the peer cut channels it did not account for (e.g. SegNet's pooling indices). Float32, eval mode."""
+    from segprune.prune.oracle import outputs, relative_error
+
+    masked = copy.deepcopy(start).eval()
+    cut = dict(pruned.named_modules())
+    with torch.no_grad():
+        for name, bn in masked.named_modules():
+            if not isinstance(bn, torch.nn.BatchNorm2d) or name not in cut or cut[name].num_features == bn.num_features:
+                continue
+            stats = lambda m: torch.stack([m.weight, m.bias, m.running_mean, m.running_var], 1)  # noqa: E731
+            orig, kept = stats(bn), stats(cut[name])
+            alive = (orig[:, None, :] == kept[None, :, :]).all(-1).any(1)
+            bn.weight[~alive] = 0.0
+            bn.bias[~alive] = 0.0
+    return relative_error(outputs(masked, example), outputs(copy.deepcopy(pruned).eval(), example))
 
 
 def row(name, model, val_loader, example, num_classes, seconds=None):
@@ -123,12 +144,18 @@ def main() -> None:
         for method in args.methods:
             start = time.perf_counter()
             base = trained[method] if method in trained else trained["plain"]
-            model = peer(method, base, example, target) if method in PEERS else \
-                ours(recipe, method, base, example, target, train_loader)
+            try:
+                model = peer(method, base, example, target) if method in PEERS else \
+                    ours(recipe, method, base, example, target, train_loader)
+            except RuntimeError as err:  # the peer's SegNet does not run: its unpool indices lost their channels
+                rows.append({"method": method, "target_macs": target, "error": f"{type(err).__name__}: {err}"})
+                print(json.dumps(rows[-1]), flush=True)
+                continue
+            extra = {"equivalence_error": peer_equivalence(base, model, example)} if method in PEERS else {}
             fit(model, train_loader, epochs=args.finetune_epochs, lr=recipe.finetune_lr, optimizer=recipe.optimizer,
                 progress=False)
             rows.append({**row(method, model, val_loader, example, k, time.perf_counter() - start),
-                         "target_macs": target})
+                         "target_macs": target, **extra})
             print(json.dumps({k2: v for k2, v in rows[-1].items() if k2 != "latency"}), flush=True)
             (RESULTS / f"{args.out}.partial.json").write_text(json.dumps(rows, indent=1))
     result = {"benchmark": "camvid_methods", "machine": machine(), "dataset": "CamVid (SegNet release), test split",
@@ -146,7 +173,7 @@ def goals(rows, targets) -> dict:
     unpruned = rows[0]["miou"] if rows and rows[0]["method"] == "unpruned" else float("nan")
     out = {}
     for t in targets:
-        at = {r["method"]: r["miou"] for r in rows if r.get("target_macs") == t}
+        at = {r["method"]: r["miou"] for r in rows if r.get("target_macs") == t and "miou" in r}
         best_ours = max((v for m, v in at.items() if not m.startswith("peer")), default=None)
         best_peer = max((v for m, v in at.items() if m.startswith("peer")), default=None)
         out[str(t)] = {"cap_ge_slimming_ge_random": all(m in at for m in ("cap", "slimming", "random"))
@@ -159,10 +186,16 @@ def goals(rows, targets) -> dict:
 
 def markdown(result) -> str:
     lines = [f"# CamVid methods benchmark ({result['budget']})", "",
-             "| MACs left | method | mIoU % | params | GMACs | latency ms |", "|---|---|---:|---:|---:|---:|"]
+             "| MACs left | method | mIoU % | params | GMACs | latency ms | pruned = masked? |",
+             "|---|---|---:|---:|---:|---:|---|"]
     for r in result["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['target_macs']} | {r['method']} | failed | | | | **no**: {r['error'][:120]} |")
+            continue
+        err = r.get("equivalence_error")
+        eq = "" if err is None else f"{'yes' if err < 1e-4 else '**no**'} (rel. error {err:.1e})"
         lines.append(f"| {r.get('target_macs', 1.0)} | {r['method']} | {100 * r['miou']:.2f} | {r['params']:,} | "
-                     f"{r['macs'] / 1e9:.3f} | {r['latency_ms']:.2f} |")
+                     f"{r['macs'] / 1e9:.3f} | {r['latency_ms']:.2f} | {eq} |")
     lines += ["", "Goals: " + json.dumps(result["goals"]), ""]
     return "\n".join(lines)
 
@@ -177,6 +210,7 @@ def plot(rows, path: Path) -> None:
         print("matplotlib not installed: no plot")
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    rows = [r for r in rows if "miou" in r]
     for method in dict.fromkeys(r["method"] for r in rows):
         pts = [(r["macs"] / 1e9, 100 * r["miou"]) for r in rows if r["method"] == method]
         ax.plot(*zip(*pts), marker="o", linestyle="-" if len(pts) > 1 else "", label=method)
