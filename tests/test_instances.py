@@ -337,3 +337,120 @@ def test_cli_check_reports_every_problem(coco_tree, capsys):
     assert "image 2 (b.png): cannot identify image file" in capsys.readouterr().out
     _write_image(coco_tree / "images" / "b.png", H, W)
     assert main(["check", "--task", "instance", "--data", spec]) == 0
+
+
+# Training and evaluating YOLACT on the shared loop
+
+
+def _tiny_recipe(**overrides):
+    from segprune.pipeline import recipe_from
+
+    settings = dict(model="test_yolact", width=0.0625, size=[48, 64], train_samples=8, val_samples=4, batch_size=4,
+                    epochs=2, threads=1, lr=0.003, **overrides)
+    return recipe_from(None, {k: json.dumps(v) if isinstance(v, list) else v for k, v in settings.items()})
+
+
+def _yolact(num_classes=4):
+    pytest.importorskip("segprune.models.yolact", reason="the YOLACT model is not in this tree")
+    from segprune.models import create_model
+
+    torch.manual_seed(0)
+    return create_model("test_yolact", num_classes=num_classes, width=0.0625)
+
+
+def test_short_training_lowers_the_yolact_loss():
+    model = _yolact()
+    from segprune.models.yolact import YolactLoss
+    from segprune.train.instance import InstanceLoss
+    from segprune.train.loop import fit
+
+    dataset = SyntheticInstances(num_samples=8, size=(48, 64), train=True)
+    loader = make_instance_loader(dataset, batch_size=4, shuffle=True, seed=0, drop_last=True)
+    loss_fn = InstanceLoss(model, YolactLoss(4))
+    losses = fit(model, loader, epochs=4, lr=0.003, optimizer="adamw", progress=False, loss_fn=loss_fn)
+    assert all(np.isfinite(losses)) and losses[-1] < 0.7 * losses[0]
+    assert set(loss_fn.parts) == {"box", "conf", "mask", "seg"}
+
+
+class _Killed(SyntheticInstances):
+    """Synthetic instances whose loading dies (like a killed process) after ``fail_after`` samples."""
+
+    def __init__(self, fail_after=None, **kwargs):
+        super().__init__(**kwargs)
+        self.fail_after, self.fetched = fail_after, 0
+
+    def __getitem__(self, index):
+        self.fetched += 1
+        if self.fail_after is not None and self.fetched > self.fail_after:
+            raise KeyboardInterrupt
+        return super().__getitem__(index)
+
+
+def test_interrupted_instance_training_resumes_exactly(tmp_path):
+    _yolact()
+    from segprune.models.yolact import YolactLoss
+    from segprune.train.checkpoint import Checkpoints
+    from segprune.train.instance import InstanceLoss
+    from segprune.train.loop import fit
+
+    def run(folder, fail_after=None, resume=False):
+        net = _yolact()
+        dataset = _Killed(fail_after, num_samples=4, size=(32, 40), train=True, seed=3)  # seeded flips
+        loader = make_instance_loader(dataset, batch_size=2, shuffle=True, seed=1, drop_last=True)
+        fit(net, loader, epochs=2, lr=0.003, optimizer="adamw", progress=False, resume=resume,
+            loss_fn=InstanceLoss(net, YolactLoss(4)), checkpoints=Checkpoints(folder, every=1))
+        return net
+
+    straight = run(tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", fail_after=6)  # dies in the second batch of epoch 2
+    resumed = run(tmp_path / "b", resume=True)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+
+
+def test_bfloat16_autocast_keeps_the_loss_in_float32():
+    model = _yolact()
+    from segprune.models.yolact import YolactLoss
+    from segprune.train.instance import InstanceLoss
+    from segprune.train.loop import backward
+
+    images, targets = instance_collate([SyntheticInstances(num_samples=2, size=(32, 40))[i] for i in range(2)])
+    model.train()
+    loss = backward(model, images, targets, criterion=None, amp_dtype=torch.bfloat16,
+                    loss_fn=InstanceLoss(model, YolactLoss(4)))
+    assert np.isfinite(loss) and all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_evaluate_model_scores_postprocessed_predictions():
+    model = _yolact()
+    from segprune.train.instance import evaluate_model, predict_instances
+
+    dataset = SyntheticInstances(num_samples=3, size=(32, 40), split="val")
+    loader = make_instance_loader(dataset, batch_size=2, shuffle=False, seed=0)
+    predictions = predict_instances(model, loader, score_thresh=0.0)
+    assert sorted(predictions) == [0, 1, 2] and model.training
+    for prediction in predictions.values():
+        assert prediction["masks"].dtype == torch.bool and prediction["masks"].shape[1:] == (32, 40)
+    metrics = evaluate_model(model, torch.utils.data.Subset(dataset, [0, 1]), batch_size=2)
+    assert 0.0 <= metrics["segm"]["AP"] < 0.5 and 0.0 <= metrics["bbox"]["AP"] < 0.5  # untrained
+
+
+def test_cli_trains_and_evaluates_an_instance_model(tmp_path, coco_tree, capsys):
+    _yolact()
+    from segprune.cli import main
+
+    out = tmp_path / "run"
+    common = ["--model", "test_yolact", "--out", str(out), "--quiet", "--set", "width=0.0625",
+              "--set", "size=[32,40]", "--set", "batch_size=2", "--set", "threads=1"]
+    data = f"coco:{coco_tree / 'images'}:{coco_tree / 'ann.json'}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tree's bad annotations are reported, and skipped
+        assert main(["train", "--task", "instance", "--data", data, "--set", "epochs=1", *common]) == 0
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert set(metrics) == {"bbox", "segm"} and 0 <= metrics["segm"]["AP"] <= 1
+        assert main(["eval", str(out / "model"), "--data", data]) == 0
+    printed = capsys.readouterr().out
+    assert "mask AP" in printed and "box  AP" in printed
+    assert main(["train", "--task", "instance", "--data", "synthetic", *common]) == 2  # the folder is in use
+    assert "already holds a run" in capsys.readouterr().err

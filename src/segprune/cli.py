@@ -178,7 +178,12 @@ def cmd_train(args) -> None:
     out = Path(args.out or f"runs/{recipe.name}")
     device = distributed.setup(recipe.device)
     try:
-        run_training(recipe, out, device, resume=args.resume, force=args.force, quiet=args.quiet)
+        if args.task == "instance":
+            from segprune.train.instance import run_instance_training
+
+            run_instance_training(recipe, out, device, resume=args.resume, force=args.force, quiet=args.quiet)
+        else:
+            run_training(recipe, out, device, resume=args.resume, force=args.force, quiet=args.quiet)
     finally:
         distributed.cleanup()
 
@@ -211,6 +216,8 @@ def cmd_eval(args) -> None:
     from segprune.eval.metrics import evaluate
 
     config = checkpoint.load_config(args.checkpoint)
+    if config.get("task") == "instance" or args.task == "instance":
+        return _eval_instances(args, config)
     model = checkpoint.load(args.checkpoint).to(args.device)
     dataset = _eval_dataset(args, config)
     num_classes = config.get("model_kwargs", {}).get("num_classes", dataset.num_classes)
@@ -234,6 +241,35 @@ def cmd_report(args) -> None:
     print(f"report of {len(combined['runs'])} run(s) -> {Path(args.out) / 'report.html'}")
     for note in combined["notes"]:
         print(f"  note: {note}")
+
+
+def _eval_instances(args, config: dict) -> None:
+    """`segprune eval` of an instance model: COCO box and mask AP."""
+    from dataclasses import asdict
+
+    from torch.utils.data import Subset
+
+    from segprune import checkpoint
+    from segprune.data.instances import instance_dataset
+    from segprune.pipeline import Recipe
+    from segprune.train.instance import evaluate_model
+
+    if config.get("task") != "instance":
+        raise ValueError(f"{args.checkpoint} holds a semantic model ({config.get('model')}); drop --task instance")
+    r = {**asdict(Recipe()), **config.get("recipe", {})}  # the input size and scenes the model was trained on
+    num_classes = config["model_kwargs"]["num_classes"]
+    dataset = instance_dataset(args.data, size=tuple(args.eval_size or r["size"]), seed=r["seed"], split=args.split,
+                               num_samples=args.samples or r["val_samples"], num_classes=num_classes)
+    if dataset.num_classes != num_classes:
+        raise ValueError(f"the model predicts {num_classes} classes, the {args.data} data has {dataset.num_classes}")
+    if args.samples and len(dataset) > args.samples:
+        dataset = Subset(dataset, range(args.samples))
+    model = checkpoint.load(args.checkpoint).to(args.device)
+    metrics = evaluate_model(model, dataset, batch_size=args.batch_size, device=args.device)
+    for kind, name in (("bbox", "box"), ("segm", "mask")):
+        m = metrics[kind]
+        print(f"{name:<4} AP {m['AP']:.4f}  AP50 {m['AP50']:.4f}  AP75 {m['AP75']:.4f}  "
+              f"APs {m['APs']:.4f}  APm {m['APm']:.4f}  APl {m['APl']:.4f}")
 
 
 def _run_options(p, default_out=None):
@@ -289,6 +325,8 @@ def parser() -> argparse.ArgumentParser:
     tr.add_argument("--data", default=None, metavar="KIND[:PATH]", help="e.g. camvid:data/camvid or synthetic")
     tr.add_argument("--recipe", default=None, help="flat YAML recipe")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    tr.add_argument("--task", choices=("semantic", "instance"), default="semantic",
+                    help="instance: a YOLACT model on --data synthetic or coco:IMAGES_DIR:ANNOTATIONS_JSON")
     _run_options(tr)
     tr.set_defaults(func=cmd_train)
     ev = sub.add_parser("eval", help="mIoU, per-class IoU and accuracies of a checkpoint folder")
@@ -302,6 +340,8 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--stride", type=int, nargs=2, default=None, metavar=("H", "W"), help="sliding-window step")
     ev.add_argument("--flip", action="store_true", help="average with the mirrored image's prediction")
     ev.add_argument("--device", default="cpu")
+    ev.add_argument("--task", choices=("semantic", "instance"), default="semantic",
+                    help="instance: box and mask AP (COCOeval); taken from the checkpoint when it records it")
     ev.set_defaults(func=cmd_eval)
     rep = sub.add_parser("report", help="one report (HTML, Markdown, JSON) over several run folders")
     rep.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders holding report.json")

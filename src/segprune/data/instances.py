@@ -217,7 +217,11 @@ class InstanceTransform:
         self.generator = None if seed is None else torch.Generator().manual_seed(seed)
 
     def reseed(self, seed: int) -> None:
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = (self.generator or torch.Generator()).manual_seed(seed)
+
+    def generators(self) -> list[torch.Generator]:
+        """The flip's generator, if seeded (training checkpoints save and restore its state)."""
+        return [] if self.generator is None else [self.generator]
 
     def __call__(self, image: np.ndarray, masks: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         masks = torch.from_numpy(np.ascontiguousarray(masks, dtype=np.uint8))

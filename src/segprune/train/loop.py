@@ -70,17 +70,21 @@ def train_step(model, images, targets, optimizer, *, criterion: Callable, aux_we
 
 
 def backward(model, images, targets, *, criterion: Callable, aux_weight=0.4, extra_loss=None, scale: float = 1.0,
-             amp_dtype: torch.dtype | None = None, scaler=None) -> float:
+             amp_dtype: torch.dtype | None = None, scaler=None, loss_fn: Callable | None = None) -> float:
     """Forward (under autocast when ``amp_dtype`` is given) and ``backward()`` of ``scale`` times the loss.
 
     Gradients add up in ``.grad``: with ``scale = 1 / k`` over k batches they are those of the mean loss.
+    ``loss_fn(output, targets)``, when given, replaces the segmentation loss (e.g. YOLACT's detection loss).
 
     Returns:
         The (unscaled) loss of the batch.
     """
     with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         output = model(images)
-        loss = segmentation_loss(output, targets, criterion=criterion, aux_weight=aux_weight)
+        if loss_fn is not None:
+            loss = loss_fn(output, targets)
+        else:
+            loss = segmentation_loss(output, targets, criterion=criterion, aux_weight=aux_weight)
         if extra_loss is not None:
             loss = loss + extra_loss(images, output)
     scaled = loss * scale if scale != 1 else loss
@@ -102,6 +106,13 @@ def optimizer_step(model, optimizer, *, regularizer=None, scaler=None) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
+def to_device(targets, device):
+    """Targets on ``device``: a tensor, or a list of dicts (instance targets; values that are no tensor stay)."""
+    if isinstance(targets, torch.Tensor):
+        return targets.to(device)
+    return [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in t.items()} for t in targets]
+
+
 def train_one_epoch(
     model: nn.Module,
     loader,
@@ -120,6 +131,7 @@ def train_one_epoch(
     scaler=None,
     start: int = 0,
     on_batch: Callable[[int, float, bool], None] | None = None,
+    loss_fn: Callable | None = None,
 ) -> float:
     """Train ``model`` for one pass over ``loader``.
 
@@ -142,6 +154,8 @@ def train_one_epoch(
         start: Batches of the epoch already done before ``loader`` (a resumed epoch); a multiple of ``accumulate``.
         on_batch: Called as ``on_batch(index, loss, stepped)`` after every batch (``index`` counts from the
             epoch's start; ``stepped`` says whether the optimizer stepped), e.g. to write checkpoints.
+        loss_fn: ``loss_fn(output, targets)`` in place of the segmentation loss (``criterion`` and ``aux_weight``
+            are then unused); targets may be a list of dicts (instance segmentation).
 
     Returns:
         The mean of the per-iteration losses.
@@ -155,8 +169,9 @@ def train_one_epoch(
         group = min(accumulate, length - index // accumulate * accumulate)
         stepping = (index + 1) % accumulate == 0 or index + 1 == length
         with contextlib.nullcontext() if stepping or not hasattr(model, "no_sync") else model.no_sync():
-            loss = backward(model, images.to(device), targets.to(device), criterion=criterion, aux_weight=aux_weight,
-                            extra_loss=extra_loss, scale=1 / group, amp_dtype=amp_dtype, scaler=scaler)
+            loss = backward(model, images.to(device), to_device(targets, device), criterion=criterion,
+                            aux_weight=aux_weight, extra_loss=extra_loss, scale=1 / group, amp_dtype=amp_dtype,
+                            scaler=scaler, loss_fn=loss_fn)
         if stepping:
             optimizer_step(model, optimizer, regularizer=regularizer, scaler=scaler)
             if scheduler is not None:
@@ -236,6 +251,7 @@ def fit(
     resume: bool = False,
     log_dir: str | Path | None = None,
     criterion: Callable | None = None,
+    loss_fn: Callable | None = None,
 ) -> list[float]:
     """Train for ``epochs`` epochs with SGD (or AdamW) and a per-step poly learning-rate decay.
 
@@ -256,6 +272,7 @@ def fit(
         desc: Prefix of the progress bar labels.
         on_epoch: Called as ``on_epoch(epoch, mean_loss)`` after every epoch (logging, histograms).
         criterion: Loss of (logits, target); defaults to cross-entropy ignoring label 255.
+        loss_fn: ``loss_fn(output, targets)`` in place of the segmentation loss (see :func:`train_one_epoch`).
         accumulate: Step the optimizer every ``accumulate`` batches (see :func:`train_one_epoch`).
         amp: Mixed precision, see :func:`amp_settings`.
         amp_dtype: ``"float16"`` or ``"bfloat16"``; None is float16 on CUDA and an error on CPU.
@@ -279,7 +296,7 @@ def fit(
     log = EpochLog(log_dir) if log_dir is not None and is_main() else None
     kwargs = dict(aux_weight=aux_weight, scheduler=scheduler, regularizer=regularizer, extra_loss=extra_loss,
                   device=device, progress=progress, accumulate=accumulate, amp_dtype=dtype, scaler=scaler,
-                  criterion=criterion)
+                  criterion=criterion, loss_fn=loss_fn)
     try:
         while state.epoch < epochs:
             _epoch(state, objects, checkpoints, desc=f"{desc} {state.epoch + 1}/{epochs}", **kwargs)
