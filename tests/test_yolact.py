@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import segprune
+from segprune.export.fuse import fuse_conv_bn
 from segprune.models import create_model
 from segprune.models.yolact import YolactLoss, fast_nms, postprocess
 from segprune.models.yolact_loss import box_iou, decode, encode, point_form
@@ -178,9 +179,27 @@ def test_loss_is_finite_and_falls_when_overfitting_one_batch():
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        history.append(float(loss))
+        history.append(float(loss.detach()))
     assert history[-1] < 0.5 * history[0]
     assert all(v > 0 for v in parts.values())
+
+
+def test_loss_parts_by_hand():
+    """All-zero predictions: every CE term is ln(K + 1), every mask and seg pixel ln 2, so the parts are known."""
+    model = build()
+    anchors = model.anchors(64, 64)
+    a = anchors.shape[0]
+    out = {"cls": torch.zeros(1, a, K + 1), "box": torch.zeros(1, a, 4), "coef": torch.zeros(1, a, 8),
+           "proto": torch.randn(1, 8, 16, 16), "seg": torch.zeros(1, K, 8, 8)}
+    masks = torch.zeros(1, 64, 64, dtype=torch.uint8)
+    masks[0, 16:48, 16:48] = 1  # proto pixels 4..11: a box of 8×8, cropped with one pixel of padding to 10×10
+    target = {"boxes": torch.tensor([[16.0, 16, 48, 48]]), "labels": torch.tensor([1]), "masks": masks}
+    _, parts = YolactLoss(K)(out, [target], anchors)
+    ln2 = torch.log(torch.tensor(2.0)).item()
+    assert parts["conf"] == pytest.approx(4 * torch.log(torch.tensor(K + 1.0)).item(), rel=1e-5)  # 1 pos : 3 neg
+    assert parts["mask"] == pytest.approx(6.125 * ln2 * 100 / 64, rel=1e-5)
+    assert parts["seg"] == pytest.approx(K * ln2, rel=1e-5)
+    assert parts["box"] > 0
 
 
 def test_loss_of_a_batch_without_instances():
@@ -236,7 +255,8 @@ def test_oracle_on_raw_outputs_and_assembled_masks(ratio):
     removed = result.removed.get(group.id, [])
     assert len(removed) > 0, "the prototype group lost nothing: the test would prove little"
     keep = _kept(next(m for m in group.members if m.module == "protonet.9").index, torch.as_tensor(removed))
-    ref, got = masked.eval()(x), result.model.eval()(x)
+    with torch.no_grad():
+        ref, got = masked.eval()(x), result.model.eval()(x)
     assert got["proto"].shape[1] == got["coef"].shape[2] == len(keep) == result.model.num_prototypes
     pairs = [(ref["cls"], got["cls"]), (ref["box"], got["box"]), (ref["proto"][:, keep], got["proto"]),
              (ref["coef"][..., keep], got["coef"])]
@@ -256,6 +276,28 @@ def test_pruned_head_stays_one_shared_module():
     handle.remove()
     assert len(calls) == 5 and len(set(calls)) == 1  # the same module, on inputs of the same width, at every level
     assert sum(isinstance(m, type(model.head)) for m in pruned.modules()) == 1
+
+
+def test_the_seeds_compression_sparsity_bn_scale_pruning_and_fusion():
+    """Network slimming as in the seed: the YOLACT loss plus λ·sign(γ) moves the backbone's BN scales, a global
+    |γ| threshold prunes (only the backbone has BN), and Conv–BN fusion is exact on the pruned model."""
+    model, (images, targets) = randomize_norms(build()).train(), synthetic_batch()
+    groups = groups_of(model, model.prune_inputs(images))
+    sparsity = segprune.BNSparsity(model, lam=1e-2, groups=groups)
+    gamma = model.backbone.stem[0].bn.weight
+    loss, _ = YolactLoss(K)(model(images), targets, model.anchors(64, 64))
+    loss.backward()
+    before = gamma.grad.clone()
+    sparsity(model)
+    torch.testing.assert_close(gamma.grad - before, 1e-2 * torch.sign(gamma.detach()))
+    result = segprune.prune(model.eval(), model.prune_inputs(images), ratio=0.4, criterion="bn_scale", groups=groups)
+    old = dict(model.named_parameters())
+    changed = {name for name, p in result.model.named_parameters() if p.shape != old[name].shape}
+    assert any(n.startswith("backbone.") for n in changed)
+    assert all(n.startswith(("backbone.", "fpn.lateral")) for n in changed)  # the laterals lose inputs only
+    fused = fuse_conv_bn(result.model, images)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    assert relative_error(outputs(result.model, images), outputs(fused, images)) < 1e-5
 
 
 # ------------------------------------------------------------------------------------- contraction rules, alone

@@ -7,8 +7,10 @@ in between ignored; each box also takes its best anchor, so no instance goes unm
 - conf: cross-entropy over positives and the hardest negatives, 3 negatives per positive (online hard example mining,
   ranked by background loss; an image without instances mines none, as in the reference implementation);
 - mask: BCE between the assembled mask ``sigmoid(P·cᵀ)`` of each positive anchor and its instance's mask, both at
-  prototype resolution, cropped to the ground-truth box (padded by one prototype pixel) and normalised by the box
-  area, for at most ``masks_to_train`` positives per image (a random subset, as the reference);
+  prototype resolution, over the ground-truth box (padded by one prototype pixel), normalised by the box area, for at
+  most ``masks_to_train`` positives per image (a random subset, as the reference). The reference crops only the
+  prediction, so a target pixel outside its own box would cost a clamped log(0); here pixels outside never count.
+  Written on logits (BCE with logits), which is the same inside the box and safe under autocast;
 - seg: per-class BCE of the semantic auxiliary head against the union of each class's instance masks.
 
 box, conf and mask are divided by the number of positives in the batch, seg by the batch size; weights as the paper:
@@ -114,6 +116,8 @@ class YolactLoss(torch.nn.Module):
     def forward(self, outputs: dict[str, Tensor], targets: list[dict[str, Tensor]], anchors: Tensor):
         cls = outputs["cls"]
         _check(cls, targets, anchors, self.num_classes)
+        anchors = anchors.to(outputs["box"])
+        targets = [{key: value.to(cls.device) for key, value in t.items()} for t in targets]
         size = tuple(targets[0]["masks"].shape[-2:])  # the input's (H, W): masks come at input resolution
         matched = [self._match(t, anchors, size) for t in targets]
         conf_t = torch.stack([m[0] for m in matched])
@@ -162,8 +166,10 @@ class YolactLoss(torch.nn.Module):
                 continue
             gt = _downsample(target["masks"], p.shape[-2:])[index[pos]]
             box = boxes[index[pos]]
-            pred = crop_masks(assemble_masks(p, c[pos]), box)
-            bce = F.binary_cross_entropy(pred, crop_masks(gt, box), reduction="none")  # 0 outside the box
+            # BCE of sigmoid(P·cᵀ) cropped to the box, as the reference, written on logits (exact inside the box,
+            # zero outside where the cropped prediction and target are both 0) so that it runs under autocast
+            logits = torch.einsum("khw,pk->phw", p, c[pos])
+            bce = crop_masks(F.binary_cross_entropy_with_logits(logits, gt, reduction="none"), box)
             area = ((box[:, 2] - box[:, 0]) * p.shape[-1] * (box[:, 3] - box[:, 1]) * p.shape[-2]).clamp(min=1)
             loss = loss + (bce.sum(dim=(1, 2)) / area).sum()
         return loss
