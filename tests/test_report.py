@@ -93,13 +93,13 @@ def test_without_matplotlib_the_report_is_written_with_notes(tmp_path, monkeypat
 
 
 def test_user_strings_are_escaped(tmp_path):
-    evil = '<script>alert("x")</script> & <b>'
+    evil = '<script>alert("x")</script> & <b> $\\frac{$'  # and broken mathtext, which matplotlib must not parse
     report = fake_report(title=evil, notes=[evil], recipe={"name": evil},
                          widths={"<img src=x onerror=alert(1)>": [4, 2]})
     write_report(tmp_path, report)
     page = (tmp_path / "report.html").read_text()
     assert "<script" not in page and "<b>" not in page and "<img src=x" not in page
-    assert page.count("&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; &lt;b&gt;") >= 3
+    assert page.count("&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; &lt;b&gt; $\\frac{$") >= 3
     assert len(image_sources(page)) == 3
 
 
@@ -111,6 +111,10 @@ def test_colours_are_fixed_and_ignored_pixels_black():
     assert (plots.palette(31) == plots.palette(31)).all()
     mixed = plots.overlay(np.full((2, 2, 3), 200, np.uint8), labels, 31)
     assert (mixed[1, 0] == 0).all() and (mixed[0, 0] != 0).any()
+    rng = np.random.default_rng(0)
+    png = plots.prediction_panel(rng.normal(size=(3, 8, 8)), *rng.integers(0, 3, size=(3, 8, 8)), num_classes=3,
+                                 class_names=["a", "$\\frac{$", "c"])
+    assert png.startswith(b"\x89PNG")
 
 
 def test_pareto_front_keeps_the_undominated_points():
@@ -119,7 +123,7 @@ def test_pareto_front_keeps_the_undominated_points():
 
 
 def test_report_command_combines_runs(run_dir, tmp_path, capsys):
-    other = tmp_path / "other"
+    other = tmp_path / "other $\\frac{$"  # the run's name goes into a plot legend: no mathtext
     other.mkdir()
     write_report(other, fake_report(title="other & more"))
     out = tmp_path / "combined"
@@ -128,7 +132,7 @@ def test_report_command_combines_runs(run_dir, tmp_path, capsys):
     assert len(image_sources(page)) == 2 and "other &amp; more" in page
     assert page.count("<tr>") == 1 + 2 + 1 + 2  # header + a row per run, in both tables
     combined = json.loads((out / "report.json").read_text())
-    assert [r["name"] for r in combined["runs"]] == ["run", "other"]
+    assert [r["name"] for r in combined["runs"]] == ["run", other.name]
     assert "| run | test_pspnet | slimming |" in (out / "report.md").read_text()
 
     before = page

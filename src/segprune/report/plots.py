@@ -77,7 +77,7 @@ def pareto(points: Sequence[dict], *, cost: str, xlabel: str, title: str, unit: 
     for run, colour in zip(runs, colours):
         mine = [p for p in points if p["run"] == run]
         xs, ys = [p[cost] / unit for p in mine], [100 * p["miou"] for p in mine]
-        ax.scatter(xs, ys, color=colour, zorder=3, label=run if len(runs) > 1 else None)
+        ax.scatter(xs, ys, color=colour, zorder=3, label=_literal(run) if len(runs) > 1 else None)
         for x0, y0, x1, y1 in zip(xs, ys, xs[1:], ys[1:]):
             ax.annotate("", (x1, y1), (x0, y0), arrowprops=dict(arrowstyle="->", color=colour, alpha=0.6))
         for p, x, y in zip(mine, xs, ys):
@@ -138,7 +138,8 @@ def _legend(fig, present, num_classes, ignore_index, class_names) -> None:
     from matplotlib.patches import Patch
 
     colours = palette(num_classes) / 255
-    handles = [Patch(color=colours[k], label=_class_name(k, class_names)) for k in present if 0 <= k < num_classes]
+    handles = [Patch(color=colours[k], label=_literal(_class_name(k, class_names))) for k in present
+               if 0 <= k < num_classes]
     if ignore_index in present:
         handles.append(Patch(color="black", label=f"ignored ({ignore_index})"))
     fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 8) or 1, fontsize=7, frameon=False)
@@ -146,6 +147,11 @@ def _legend(fig, present, num_classes, ignore_index, class_names) -> None:
 
 def _class_name(k: int, class_names: Sequence[str]) -> str:
     return f"{k} {class_names[k]}" if k < len(class_names) else str(k)
+
+
+def _literal(text: str) -> str:
+    """`text` shown as is where matplotlib has no parse_math switch (legend labels): `$` would start mathtext."""
+    return str(text).replace("$", r"\$")
 
 
 def _cycle(n: int) -> list:
