@@ -14,7 +14,7 @@ import pytest
 from segprune import checkpoint
 from segprune.cli import main
 from segprune.pipeline import recipe_from, run
-from segprune.report import plots
+from segprune.report import html, plots
 from segprune.report.writer import combined_report, write_report
 
 TINY = dict(model="test_pspnet", width=1 / 32, train_samples=8, val_samples=4, batch_size=4, epochs=1,
@@ -78,6 +78,18 @@ def test_a_failing_plot_is_noted_and_the_run_finishes(tmp_path, monkeypatch):
         assert note in (tmp_path / "run" / name).read_text()
     assert report["after"]["macs"] < report["before"]["macs"]
     assert len(image_sources((tmp_path / "run" / "report.html").read_text())) == 2 + 1  # the others still drawn
+
+
+def test_a_failing_page_section_still_writes_all_three_files(tmp_path, monkeypatch):
+    def boom(*args, **kwargs):
+        raise KeyError("table exploded")
+
+    monkeypatch.setattr(html, "table", boom)
+    skipped = write_report(tmp_path, fake_report())
+    assert skipped == ["report.html incomplete: KeyError: 'table exploded'"]
+    assert "table exploded" in (tmp_path / "report.html").read_text()
+    assert "| mIoU (%) | 50.00 | 45.00 |" in (tmp_path / "report.md").read_text()
+    assert json.loads((tmp_path / "report.json").read_text())["notes"][-1] == skipped[0]
 
 
 def test_without_matplotlib_the_report_is_written_with_notes(tmp_path, monkeypatch):

@@ -48,7 +48,11 @@ def write_report(folder: str | Path, report: dict, *, samples: dict | None = Non
         The notes on plots that were skipped (also added to the notes of all three files).
     """
     folder = Path(folder)
-    sections, skipped = _run_sections(report, samples)
+    try:
+        sections, skipped = _run_sections(report, samples)
+    except Exception as err:  # noqa: BLE001 - see _attempt; report.json and report.md still carry the numbers
+        skipped = [f"report.html incomplete: {type(err).__name__}: {err}"]
+        sections = [html.section("Notes", html.notes(skipped, css="note"))]
     report = {**report, "notes": [*report.get("notes", []), *skipped]}
     page = _guarded_page(report["title"], sections, skipped)
     _write(folder / "report.json", json.dumps(report, indent=2) + "\n")
@@ -60,13 +64,13 @@ def write_report(folder: str | Path, report: dict, *, samples: dict | None = Non
 def _markdown(report: dict) -> str:
     lat = report["after"]["latency"]
     return "\n".join([f"# segprune report: {report['title']}", "", table(report["before"], report["after"]), "",
-                      f"Latency: {_setup(lat)}, median of {lat['rounds']} interleaved rounds.", "",
+                      f"Latency: {_setup(lat)}, median of {lat.get('rounds', '?')} interleaved rounds.", "",
                       *[f"- {note}" for note in report.get("notes", [])], ""])
 
 
 def _setup(lat: dict) -> str:
-    return (f"{lat['device']}, {lat['dtype']}, batch {lat['batch']}, input {lat['input_size']}, "
-            f"{lat['threads']} threads")
+    get = lambda key: lat.get(key, "?")
+    return f"{get('device')}, {get('dtype')}, batch {get('batch')}, input {get('input_size')}, {get('threads')} threads"
 
 
 def _attempt(name: str, draw: Callable[[], bytes], skipped: list[str]) -> bytes | None:
@@ -111,7 +115,7 @@ def _run_sections(report: dict, samples: dict | None) -> tuple[list[str], list[s
     overlays = _figures(_prediction_plots(samples), skipped)
     sections = [
         html.section("Before and after", html.table(["", "before", "after", "after / before"], rows),
-                     html.paragraph(f"Latency: {_setup(lat)}, median of {lat['rounds']} interleaved rounds.")),
+                     html.paragraph(f"Latency: {_setup(lat)}, median of {lat.get('rounds', '?')} interleaved rounds.")),
         html.section("Accuracy vs cost", *cost),
         html.section("Channel widths", *width_figures),
         html.section("Validation predictions", *overlays),
