@@ -14,15 +14,19 @@ Outputs, channels first so the pruning engine's channel dim is dim 1: ``cls`` (N
 Ws). ``anchors(h, w)`` gives the A anchors (cx, cy, w, h), normalised, of an h×w input (A = 19248 at 550×550).
 
 Deviations from the released implementation: anchors have the paper's aspect ratios (the released config makes them
-square, "for backward compatibility with a bug"); anchor scales are fractions of the input size (scale / 550), so
-any input size works; the backbone's BN is trainable (network slimming needs γ to move; freeze it in the trainer to
-follow the reference); all convolutions start from He-normal init; ``forward(x, assemble=True)`` returns the masks
-of every anchor before NMS, ``sigmoid(einsum(proto, coef))``, in place of ``proto`` and ``coef`` (see Pruning).
+square, "for backward compatibility with a bug"); anchor scales are fractions of the input size (scale / 550), so any
+input size works (on a non-square input an anchor's w is a fraction of the width, its h of the height, as in the
+reference's normalised coordinates after its square resize); the backbone's BN is trainable (network slimming needs
+γ to move; freeze it in the trainer to follow the reference); all convolutions start from He-normal init;
+``forward(x, assemble=True)`` returns the masks of every anchor before NMS, ``sigmoid(einsum(proto, coef))``, in
+place of ``proto`` and ``coef`` (see Pruning).
 
 Size (80 COCO classes, k = 32; ``tests/test_yolact.py`` checks these on the meta device): yolact_resnet50 has
 31,164,943 parameters: backbone 23,508,032 (ResNet-50 without its classifier), FPN 3,868,672, protonet 2,368,544,
 shared head 1,399,135, semantic head 20,560 (training only: 31,144,383 at inference); yolact_resnet101 has
-50,157,071. The paper gives no parameter count; 31.2 M float32 parameters are a 125 MB weight file.
+50,157,071. At 550×550, eval mode, the convolutions take 59.14 GMACs (ResNet-50) and 82.34 GMACs (ResNet-101), from
+the engine's trace (``channel_groups(...).total_macs``). No parameter count is taken from the paper (its tables give
+fps and AP); 31.2 M float32 parameters make a weight file of about 125 MB.
 
 Pruning: prototypes and coefficients are the model's outputs, so a plain trace keeps them (they "reach the model's
 output"). Trace with ``model.prune_inputs(x)`` instead: the forward then contracts them inside the model, and the
@@ -219,7 +223,8 @@ def postprocess(outputs: dict[str, Tensor], anchors: Tensor, image_size: tuple[i
     if anchors.shape[0] != outputs["cls"].shape[1]:
         raise ValueError(f"{anchors.shape[0]} anchors for {outputs['cls'].shape[1]} predictions: use "
                          "model.anchors(h, w) of this input size")
-    anchors = anchors.to(outputs["box"])
+    outputs = {k: v.float() if v.dtype in (torch.float16, torch.bfloat16) else v for k, v in outputs.items()}
+    anchors = anchors.to(outputs["box"])  # (NMS in half precision would merge boxes that differ)
     boxes = decode(outputs["box"], anchors)
     scores = outputs["cls"].softmax(dim=-1)[..., 1:]
     kw = dict(score_thresh=score_thresh, nms_iou=nms_iou, top_k=top_k, mask_thresh=mask_thresh,
