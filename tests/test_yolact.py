@@ -265,6 +265,19 @@ def test_oracle_on_raw_outputs_and_assembled_masks(ratio):
     assert ref["proto"][:, dead].abs().max() == 0 and ref["coef"][..., dead].abs().max() == 0
 
 
+@pytest.mark.slow
+def test_oracle_on_the_full_size_model():
+    torch.manual_seed(0)
+    model = randomize_norms(create_model("yolact_resnet50", num_classes=80)).double().eval()
+    x = torch.randn(1, 3, 96, 96, dtype=torch.float64)
+    example = model.prune_inputs(x)
+    groups = groups_of(model, example)
+    result = segprune.prune(model, example, ratio=0.3, criterion="random", seed=0, groups=groups)
+    assert result.model.num_prototypes < 32
+    masked = outputs(masked_copy(model, groups, result.removed), example)
+    assert relative_error(masked, outputs(result.model, example)) < 1e-6
+
+
 def test_pruned_head_stays_one_shared_module():
     model, x = build(), torch.randn(1, 3, 64, 64)
     result = segprune.prune(model, model.prune_inputs(x), ratio=0.5, criterion="l1")
