@@ -297,3 +297,28 @@ def _copy(model):
     import copy
 
     return copy.deepcopy(model)
+
+
+def test_postprune_recipe_runs_end_to_end(tmp_path):
+    import json
+
+    from segprune.cli import main
+    from tests.test_cli import TINY
+
+    out = tmp_path / "run"
+    assert main(["demo", "--out", str(out), *TINY, "--set", "method=postprune", "--set", "path_step=0.3",
+                 "--set", "path_min_macs=0.5", "--set", "path_batches=1", "--set", "path_delta=0.02",
+                 "--set", "report_samples=0", "--set", "epochs=0", "--set", "val_samples=4"]) == 0
+    path = json.loads((out / "path.json").read_text())
+    report = json.loads((out / "report.json").read_text())
+    chosen = path["steps"][path["selected"]]
+    assert len(path["steps"]) >= 3 and (out / "path.png").is_file()
+    assert report["after"]["macs"] == pytest.approx(chosen["macs"], rel=0.01)  # the selected step was deployed
+    assert chosen["miou"] >= max(s["miou"] for s in path["steps"]) - 0.02
+
+
+def test_postprune_recipe_rejects_a_negative_delta():
+    from segprune.pipeline import recipe_from
+
+    with pytest.raises(ValueError, match="path_delta"):
+        recipe_from(None, {"method": "postprune", "path_delta": "-0.1"})

@@ -34,7 +34,7 @@ from segprune.report.writer import table, write_report
 from segprune.train.distill import distillation
 from segprune.train.loop import fit
 
-METHODS = ("slimming", "cap", "bn_scale", "l1", "l2", "fpgm", "taylor", "random")
+METHODS = ("slimming", "cap", "bn_scale", "l1", "l2", "fpgm", "taylor", "random", "postprune")
 
 
 @dataclass
@@ -85,6 +85,15 @@ class Recipe:
     checkpoint_every: int = 0  # training checkpoint every N optimizer steps (0 = at epoch ends only)
     sync_bn: bool = False  # SyncBatchNorm under torchrun (CUDA only)
     num_workers: int = 0  # data loader processes per training process
+    # method "postprune" only (segprune.prune.postprune: weakest-link path -> selection -> retraining):
+    path_step: float = 0.05  # MACs removed per path step, as a fraction of the original (>= 1: channels per step)
+    path_min_macs: float = 0.1  # walk the path down to this fraction of the MACs
+    path_criterion: str = "taylor"  # dL per channel: "taylor" or "ablation" (exact, small models only)
+    path_selector: str = "rank"  # "rank" or "lasso" (He et al.: LASSO picks the channels, least squares refits)
+    path_batches: int = 4  # training batches forming the pruning split
+    path_recover_steps: int = 0  # fine-tuning batches between path steps (0 = none)
+    path_rule: str = "delta"  # "delta": smallest within path_delta of the best validation mIoU; "1se"
+    path_delta: float = 0.01  # mIoU as a fraction (0.01 = one point)
 
     def check(self) -> Recipe:
         if self.method not in METHODS:
@@ -95,6 +104,10 @@ class Recipe:
             raise ValueError("ratio must be in [0, 1), target_macs in [0, 1] (0 = use ratio), iterations >= 1")
         if self.accumulate < 1 or self.checkpoint_every < 0 or self.num_workers < 0:
             raise ValueError("accumulate must be >= 1, checkpoint_every >= 0 and num_workers >= 0")
+        if self.path_delta < 0 or self.path_step <= 0 or self.path_batches < 1:
+            raise ValueError("path_delta must be >= 0, path_step > 0 and path_batches >= 1")
+        if self.path_rule not in ("delta", "1se"):
+            raise ValueError(f"path_rule must be 'delta' or '1se', got {self.path_rule!r}")
         return self
 
 
@@ -214,8 +227,36 @@ def prune_and_finetune(r, model, example, groups, train_loader, log, progress):
     return current, plan, removed
 
 
+def postprune_and_finetune(r, model, example, train_loader, val_loader, num_classes, out, log, progress):
+    """Post-pruning (Liu): the weakest-link path scored on `path_batches` training batches, one sub-network
+    chosen on the validation split, retrained `finetune_epochs`; writes path.json and path.png into `out`."""
+    from segprune.prune.postprune import plot_path, pruning_path, select, val_miou
+
+    crit = loss_fn(r, train_loader)
+    batches = [(x.to(r.device), y.to(r.device)) for _, (x, y) in zip(range(r.path_batches), train_loader)]
+    recover_batches = [b for _, b in zip(range(r.path_recover_steps), train_loader)]
+    recover = (lambda m: fit(m, recover_batches, epochs=1, lr=r.finetune_lr, optimizer=r.optimizer, device=r.device,
+                             progress=False, desc="recover", criterion=crit)) if recover_batches else None
+    path = pruning_path(model, example, batches, val_miou(val_loader, num_classes, device=r.device),
+                        step=int(r.path_step) if r.path_step >= 1 else r.path_step, criterion=r.path_criterion,
+                        selector=r.path_selector, recover=recover, min_macs=r.path_min_macs, min_keep=r.min_keep,
+                        loss_fn=lambda out, y: crit(out["out"] if isinstance(out, dict) else out, y), log=log)
+    chosen = select(path, delta=r.path_delta, rule=r.path_rule)
+    path.save(out / "path.json", selected=chosen)
+    plot_path(path, out / "path.png", selected=chosen)
+    step = path.steps[chosen]
+    log(f"    selected step {chosen} of {len(path) - 1} ({r.path_rule}): MACs {step.macs / path.steps[0].macs:.3f}, "
+        f"validation mIoU {step.miou:.4f} (best {max(s.miou for s in path.steps):.4f})")
+    pruned = path.model_at(chosen, model)
+    fit(pruned, train_loader, epochs=r.finetune_epochs, lr=r.finetune_lr, optimizer=r.optimizer, device=r.device,
+        progress=progress, desc="retrain", criterion=crit)
+    return pruned, step.plan, step.removed
+
+
 def measure(model, val_loader, example, num_classes) -> dict:
-    return {"miou": evaluate(model, val_loader, num_classes=num_classes)["miou"], **profile(model, example)}
+    metrics = evaluate(model, val_loader, num_classes=num_classes)
+    binary = {"fg_iou": metrics["fg_iou"]} if "fg_iou" in metrics else {}  # two-class (person) data
+    return {"miou": metrics["miou"], **binary, "iou": metrics["iou"], **profile(model, example)}
 
 
 # --- the run ---------------------------------------------------------------------------------------------------
@@ -247,7 +288,11 @@ def run(r: Recipe, out: str | Path, *, force: bool = False, progress: bool = Tru
 
     what = f"to {r.target_macs:.0%} of the MACs" if r.target_macs else f"{r.ratio:.0%} of prunable channels"
     log(f"2/4 pruning {what} ({r.method}), 3/4 fine-tuning {r.finetune_epochs} epochs")
-    pruned, plan, removed = prune_and_finetune(r, model, example, groups, train_loader, log, progress)
+    if r.method == "postprune":
+        pruned, plan, removed = postprune_and_finetune(r, model, example, train_loader, val_loader, num_classes, out,
+                                                       log, progress)
+    else:
+        pruned, plan, removed = prune_and_finetune(r, model, example, groups, train_loader, log, progress)
     checkpoint.save(out / "pruned", pruned, plan=plan, config={"model": r.model, "model_kwargs": model_kwargs})
 
     log("4/4 fusing Conv+BN and measuring (latency interleaved before/after)")
@@ -265,6 +310,9 @@ def run(r: Recipe, out: str | Path, *, force: bool = False, progress: bool = Tru
               "gamma_histograms": histograms, "notes": _notes(r), "widths": layer_widths(model, pruned, groups)}
     write_report(out, report, samples=sample_predictions(model, deployed, val_loader, r.report_samples, num_classes))
     log(table(before, after))
+    if "fg_iou" in after:
+        log(f"foreground IoU {before['fg_iou']:.4f} -> {after['fg_iou']:.4f} (mIoU over the two classes "
+            f"{before['miou']:.4f} -> {after['miou']:.4f})")
     log(f"done in {report['seconds']:.0f} s: {out / 'report.md'}")
     return report
 
