@@ -2,6 +2,7 @@
 fail (or a missing matplotlib) are noted instead of failing the run; `segprune report` over several runs."""
 
 import base64
+import copy
 import json
 import re
 import shutil
@@ -10,10 +11,13 @@ import sys
 
 import numpy as np
 import pytest
+import torch
+from torch import nn
 
-from segprune import checkpoint
+from segprune import checkpoint, pipeline
 from segprune.cli import main
-from segprune.pipeline import recipe_from, run
+from segprune.pipeline import layer_widths, recipe_from, run
+from segprune.prune import channel_groups
 from segprune.report import html, plots
 from segprune.report.writer import combined_report, write_report
 
@@ -71,13 +75,28 @@ def test_a_failing_plot_is_noted_and_the_run_finishes(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("widths plot exploded")
 
+    def no_predictions(*args, **kwargs):
+        raise RuntimeError("predictions exploded")
+
     monkeypatch.setattr(plots, "widths", boom)
-    report = tiny_run(tmp_path / "run", report_samples=1)
-    note = "plot channel widths before and after skipped: RuntimeError: widths plot exploded"
+    monkeypatch.setattr(pipeline, "sample_predictions", no_predictions)
+    report = tiny_run(tmp_path / "run")
+    notes = ["plot channel widths before and after skipped: RuntimeError: widths plot exploded",
+             "plot validation predictions skipped: RuntimeError: predictions exploded"]
     for name in ("report.html", "report.md", "report.json"):
-        assert note in (tmp_path / "run" / name).read_text()
+        assert all(note in (tmp_path / "run" / name).read_text() for note in notes)
     assert report["after"]["macs"] < report["before"]["macs"]
-    assert len(image_sources((tmp_path / "run" / "report.html").read_text())) == 2 + 1  # the others still drawn
+    assert len(image_sources((tmp_path / "run" / "report.html").read_text())) == 2  # the others still drawn
+
+
+def test_widths_of_a_bypassed_layer_are_zero():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    groups = channel_groups(model, torch.zeros(1, 3, 8, 8))
+    after = copy.deepcopy(model)
+    after[0] = nn.Conv2d(3, 5, 3, padding=1)
+    assert layer_widths(model, after, groups) == {"0": [8, 5]}  # "3" produces the output: not prunable
+    after[0] = nn.Identity()
+    assert layer_widths(model, after, groups) == {"0": [8, 0]}
 
 
 def test_a_failing_page_section_still_writes_all_three_files(tmp_path, monkeypatch):

@@ -308,7 +308,8 @@ def run(r: Recipe, out: str | Path, *, force: bool = False, progress: bool = Tru
               "pruning": {"removed_channels": removed, "prunable_channels": prunable,
                           "removed_fraction": removed / max(prunable, 1), "groups": len(groups)},
               "gamma_histograms": histograms, "notes": _notes(r), "widths": layer_widths(model, pruned, groups)}
-    write_report(out, report, samples=sample_predictions(model, deployed, val_loader, r.report_samples, num_classes))
+    write_report(out, report,  # the overlays are drawn, or their failure noted, inside write_report
+                 samples=lambda: sample_predictions(model, deployed, val_loader, r.report_samples, num_classes))
     log(table(before, after))
     if "fg_iou" in after:
         log(f"foreground IoU {before['fg_iou']:.4f} -> {after['fg_iou']:.4f} (mIoU over the two classes "
@@ -319,11 +320,12 @@ def run(r: Recipe, out: str | Path, *, force: bool = False, progress: bool = Tru
 
 # --- report material (report.html) -----------------------------------------------------------------------------
 def layer_widths(before: nn.Module, after: nn.Module, groups) -> dict[str, list[int]]:
-    """{layer: [output channels before, after]} of every conv with prunable output channels, in model order."""
+    """{layer: [output channels before, after]} of every conv with prunable output channels, in model order
+    (0 after: the layer is gone or bypassed)."""
     prunable = {name for g in groups if not g.frozen for name in g.modules("out")}
     pruned = dict(after.named_modules())
-    return {name: [m.out_channels, pruned[name].out_channels] for name, m in before.named_modules()
-            if name in prunable and name in pruned and hasattr(m, "out_channels")}
+    return {name: [m.out_channels, getattr(pruned.get(name), "out_channels", 0)] for name, m in before.named_modules()
+            if name in prunable and hasattr(m, "out_channels")}
 
 
 @torch.no_grad()

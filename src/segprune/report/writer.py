@@ -35,14 +35,16 @@ def table(before: dict, after: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(folder: str | Path, report: dict, *, samples: dict | None = None) -> list[str]:
+def write_report(folder: str | Path, report: dict, *, samples: dict | Callable[[], dict | None] | None = None
+                 ) -> list[str]:
     """Write report.json, report.md and report.html atomically into `folder`.
 
     Args:
         folder: The run folder.
         report: What `segprune.pipeline.run` measured: `title`, `before`, `after` (rows of ROWS and `latency`),
             optionally `widths` ({layer: [before, after]}), `recipe`, `pruning` and `notes`.
-        samples: Validation predictions for the overlays (see `prediction_figures`), or None.
+        samples: Validation predictions for the overlays (see `_prediction_plots`), or a function returning them
+            (called here, so that its failure too is only a note), or None.
 
     Returns:
         The notes on plots that were skipped (also added to the notes of all three files).
@@ -112,7 +114,7 @@ def _run_sections(report: dict, samples: dict | None) -> tuple[list[str], list[s
     points = [{**report[side], "label": side, "run": report["title"]} for side in ("before", "after")]
     cost = _figures(_pareto_plots(points, report["title"]), skipped)
     width_figures = _figures(_width_plots(report.get("widths")), skipped)
-    overlays = _figures(_prediction_plots(samples), skipped)
+    overlays = _figures(_prediction_plots(samples, skipped), skipped)
     sections = [
         html.section("Before and after", html.table(["", "before", "after", "after / before"], rows),
                      html.paragraph(f"Latency: {_setup(lat)}, median of {lat.get('rounds', '?')} interleaved rounds.")),
@@ -147,9 +149,15 @@ def _width_plots(widths: dict | None) -> list[tuple[str, Callable[[], bytes]]]:
     return [("channel widths before and after", draw)]
 
 
-def _prediction_plots(samples: dict | None) -> list[tuple[str, Callable[[], bytes]]]:
+def _prediction_plots(samples, skipped: list[str]) -> list[tuple[str, Callable[[], bytes]]]:
     """One panel per validation image of `samples`: {"images" (N, 3, H, W), "targets", "before", "after"
-    (N, H, W) labels, "num_classes", optional "ignore_index" and "class_names"}."""
+    (N, H, W) labels, "num_classes", optional "ignore_index" and "class_names"}, or a function returning that."""
+    if callable(samples):
+        try:
+            samples = samples()
+        except Exception as err:  # noqa: BLE001 - see _attempt
+            skipped.append(f"plot validation predictions skipped: {type(err).__name__}: {err}")
+            return []
     if not samples:
         return []
     kw = dict(num_classes=samples["num_classes"], ignore_index=samples.get("ignore_index", 255),
