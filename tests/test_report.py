@@ -160,7 +160,7 @@ def test_report_command_combines_runs(run_dir, tmp_path, capsys):
     out = tmp_path / "combined"
     assert main(["report", str(run_dir), str(other), "--out", str(out)]) == 0
     page = (out / "report.html").read_text()
-    assert len(image_sources(page)) == 2 and "other &amp; more" in page
+    assert len(image_sources(page)) == 2 + 2 and "other &amp; more" in page  # Pareto plots, widths of each run
     assert page.count("<tr>") == 1 + 2 + 1 + 2  # header + a row per run, in both tables
     combined = json.loads((out / "report.json").read_text())
     assert [r["name"] for r in combined["runs"]] == ["run", other.name]

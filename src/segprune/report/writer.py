@@ -141,12 +141,12 @@ def _pareto_plots(points: list[dict], title: str) -> list[tuple[str, Callable[[]
                                                                   xlabel="latency (median, ms)", title=title))]
 
 
-def _width_plots(widths: dict | None) -> list[tuple[str, Callable[[], bytes]]]:
+def _width_plots(widths: dict | None, run: str = "") -> list[tuple[str, Callable[[], bytes]]]:
     def draw():
         if not widths:
             raise ValueError("the report records no channel widths")
-        return plots.widths(widths)
-    return [("channel widths before and after", draw)]
+        return plots.widths(widths, **({"title": f"channel widths: {run}"} if run else {}))
+    return [("channel widths before and after" + (f" ({run})" if run else ""), draw)]
 
 
 def _prediction_plots(samples, skipped: list[str]) -> list[tuple[str, Callable[[], bytes]]]:
@@ -256,6 +256,8 @@ def _combined_sections(combined: dict) -> tuple[list[str], list[str]]:
                      html.paragraph("Ratios are after / before within each run. Latencies of different runs are "
                                     "comparable only when measured on the same machine with the same setup.")),
         html.section("Accuracy vs cost (all runs)", *cost),
+        html.section("Channel widths", *[figure for run in runs for figure in
+                                         _figures(_width_plots(run["report"].get("widths"), run["name"]), skipped)]),
         html.section("Run folders", html.table(["run", "folder", "title"],
                                                [(r["name"], r["folder"], r["report"]["title"]) for r in runs])),
     ]
