@@ -208,6 +208,8 @@ def test_loss_of_a_batch_without_instances():
     loss, parts = criterion(model(images[1:]), targets[1:], model.anchors(64, 64))
     assert torch.isfinite(loss) and parts["box"] == parts["mask"] == parts["conf"] == 0.0 and parts["seg"] > 0
     loss.backward()  # the semantic head still learns the background
+    _, parts = YolactLoss(K, min_negatives=8)(model(images[1:]), targets[1:], model.anchors(64, 64))
+    assert parts["conf"] > 0  # ... and with a floor of mined negatives, the classifier too
 
 
 def test_loss_rejects_targets_that_do_not_fit():

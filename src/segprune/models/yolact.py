@@ -17,9 +17,9 @@ Deviations from the released implementation: anchors have the paper's aspect rat
 square, "for backward compatibility with a bug"); anchor scales are fractions of the input size (scale / 550), so any
 input size works (on a non-square input an anchor's w is a fraction of the width, its h of the height, as in the
 reference's normalised coordinates after its square resize); the backbone's BN is trainable (network slimming needs
-γ to move; freeze it in the trainer to follow the reference); all convolutions start from He-normal init;
-``forward(x, assemble=True)`` returns the masks of every anchor before NMS, ``sigmoid(einsum(proto, coef))``, in
-place of ``proto`` and ``coef`` (see Pruning).
+γ to move; freeze it in the trainer to follow the reference); ``forward(x, assemble=True)`` returns the masks of
+every anchor before NMS, ``sigmoid(einsum(proto, coef))``, in place of ``proto`` and ``coef`` (see Pruning). As the
+reference: Xavier-uniform init and zero biases after the backbone (He-normal in the backbone, or loaded weights).
 
 Size (80 COCO classes, k = 32; ``tests/test_yolact.py`` checks these on the meta device): yolact_resnet50 has
 31,164,943 parameters: backbone 23,508,032 (ResNet-50 without its classifier), FPN 3,868,672, protonet 2,368,544,
@@ -143,7 +143,11 @@ class Yolact(nn.Module):
         self.seg_head = nn.Conv2d(channels, num_classes, 1) if aux_head else None
         self.anchor_scales = tuple(s / REFERENCE_SIZE for s in anchor_scales)
         self._anchors: dict[tuple[int, int], Tensor] = {}
-        init_weights(self)
+        init_weights(self.backbone)
+        for m in nn.ModuleList([self.fpn, self.protonet, self.head, self.seg_head]).modules():
+            if isinstance(m, nn.Conv2d):  # the reference's init after the backbone
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
 
     @property
     def use_aux(self) -> bool:

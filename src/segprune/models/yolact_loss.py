@@ -102,16 +102,18 @@ class YolactLoss(torch.nn.Module):
         conf_weight, box_weight, mask_weight, seg_weight: the paper's 1, 1.5, 6.125, 1.
         neg_pos_ratio: hard negatives per positive.
         masks_to_train: at most this many positives per image in the mask loss.
+        min_negatives: hard negatives mined per image at least, so that images without instances teach the
+            background too (0, the reference: such an image adds nothing to the confidence loss).
     """
 
     def __init__(self, num_classes: int, *, conf_weight: float = 1.0, box_weight: float = 1.5,
                  mask_weight: float = 6.125, seg_weight: float = 1.0, neg_pos_ratio: int = 3,
-                 masks_to_train: int = 100, pos_iou: float = 0.5, neg_iou: float = 0.4):
+                 masks_to_train: int = 100, pos_iou: float = 0.5, neg_iou: float = 0.4, min_negatives: int = 0):
         super().__init__()
         self.num_classes = num_classes
         self.weights = {"conf": conf_weight, "box": box_weight, "mask": mask_weight, "seg": seg_weight}
         self.neg_pos_ratio, self.masks_to_train = neg_pos_ratio, masks_to_train
-        self.pos_iou, self.neg_iou = pos_iou, neg_iou
+        self.pos_iou, self.neg_iou, self.min_negatives = pos_iou, neg_iou, min_negatives
 
     def forward(self, outputs: dict[str, Tensor], targets: list[dict[str, Tensor]], anchors: Tensor):
         cls = outputs["cls"]
@@ -149,7 +151,8 @@ class YolactLoss(torch.nn.Module):
         background = torch.logsumexp(cls, dim=-1) - cls[..., 0]
         background = background.detach().masked_fill(conf_t != 0, 0.0)
         rank = background.argsort(dim=1, descending=True).argsort(dim=1)
-        num_neg = (self.neg_pos_ratio * (conf_t > 0).sum(1, keepdim=True)).clamp(max=cls.shape[1] - 1)
+        num_neg = (self.neg_pos_ratio * (conf_t > 0).sum(1, keepdim=True)).clamp(min=self.min_negatives)
+        num_neg = num_neg.clamp(max=cls.shape[1] - 1)
         chosen = (conf_t > 0) | ((rank < num_neg) & (conf_t == 0))
         if not chosen.any():
             return cls.sum() * 0
