@@ -364,11 +364,11 @@ def test_short_training_lowers_the_yolact_loss():
     from segprune.train.instance import InstanceLoss
     from segprune.train.loop import fit
 
-    dataset = SyntheticInstances(num_samples=8, size=(48, 64), train=True)
+    dataset = SyntheticInstances(num_samples=4, size=(48, 64))
     loader = make_instance_loader(dataset, batch_size=4, shuffle=True, seed=0, drop_last=True)
     loss_fn = InstanceLoss(model, YolactLoss(4))
-    losses = fit(model, loader, epochs=4, lr=0.003, optimizer="adamw", progress=False, loss_fn=loss_fn)
-    assert all(np.isfinite(losses)) and losses[-1] < 0.7 * losses[0]
+    losses = fit(model, loader, epochs=8, lr=0.01, optimizer="adamw", progress=False, loss_fn=loss_fn)
+    assert all(np.isfinite(losses)) and losses[-1] < 0.75 * losses[0]  # 0.63 when written
     assert set(loss_fn.parts) == {"box", "conf", "mask", "seg"}
 
 
@@ -442,7 +442,7 @@ def test_cli_trains_and_evaluates_an_instance_model(tmp_path, coco_tree, capsys)
 
     out = tmp_path / "run"
     common = ["--model", "test_yolact", "--out", str(out), "--quiet", "--set", "width=0.0625",
-              "--set", "size=[32,40]", "--set", "batch_size=2", "--set", "threads=1"]
+              "--set", "size=[32,40]", "--set", "batch_size=2", "--set", "threads=1", "--set", "method=l1"]
     data = f"coco:{coco_tree / 'images'}:{coco_tree / 'ann.json'}"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tree's bad annotations are reported, and skipped
@@ -452,5 +452,25 @@ def test_cli_trains_and_evaluates_an_instance_model(tmp_path, coco_tree, capsys)
         assert main(["eval", str(out / "model"), "--data", data]) == 0
     printed = capsys.readouterr().out
     assert "mask AP" in printed and "box  AP" in printed
+    pruned, tuned = tmp_path / "pruned", tmp_path / "tuned"
+    assert main(["prune", str(out / "model"), "--ratio", "0.3", "--size", "32", "40", "--out", str(pruned)]) == 0
+    assert "removed" in capsys.readouterr().out
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["finetune", str(pruned), "--out", str(tuned), "--quiet", "--set", "finetune_epochs=1"]) == 0
+        assert main(["eval", str(tuned), "--data", data]) == 0
+    assert "mask AP" in capsys.readouterr().out
     assert main(["train", "--task", "instance", "--data", "synthetic", *common]) == 2  # the folder is in use
     assert "already holds a run" in capsys.readouterr().err
+
+
+def test_slimming_penalises_the_prunable_bn_scales_and_cap_is_refused():
+    model = _yolact()
+    from segprune.train.instance import _regularizer
+
+    regularizer = _regularizer(_tiny_recipe(method="slimming"), model, "cpu")
+    names = [name for name, _ in regularizer.norms]
+    assert names and all(name.startswith("backbone.") for name in names)  # only the backbone has BN
+    assert _regularizer(_tiny_recipe(method="l1"), model, "cpu") is None
+    with pytest.raises(ValueError, match="cap"):
+        _regularizer(_tiny_recipe(method="cap"), model, "cpu")

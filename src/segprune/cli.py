@@ -58,9 +58,10 @@ def cmd_prune(args) -> None:
     model, plan, config = checkpoint.load(args.checkpoint), checkpoint.load_plan(args.checkpoint), \
         checkpoint.load_config(args.checkpoint)
     x = torch.zeros(1, 3, *args.size)
+    example = model.prune_inputs(x) if hasattr(model, "prune_inputs") else x  # YOLACT: prototypes <-> coefficients
     crit = "bn_scale" if args.method in ("slimming", "cap") else args.method
     target = dict(target_macs=args.target_macs) if args.target_macs else dict(ratio=args.ratio)
-    result = segprune.prune(model, x, criterion=crit, round_to=args.round_to, min_keep=args.min_keep, **target)
+    result = segprune.prune(model, example, criterion=crit, round_to=args.round_to, min_keep=args.min_keep, **target)
     checkpoint.save(out, result.model, config=config, plan=plan.then(result.plan))
     print(f"removed {result.channels_removed} of {result.channels_prunable} prunable channels -> {out}")
 
@@ -70,11 +71,17 @@ def cmd_finetune(args) -> None:
     from segprune.pipeline import loaders, recipe_from
     from segprune.train.loop import fit
 
-    recipe = recipe_from(args.recipe, _overrides(args.set))
-    model = checkpoint.load(args.checkpoint)
-    train_loader, _, _ = loaders(recipe)
-    fit(model, train_loader, epochs=recipe.finetune_epochs, lr=recipe.finetune_lr, optimizer=recipe.optimizer,
-        device=recipe.device, progress=not args.quiet, desc="fine-tune")
+    model, config = checkpoint.load(args.checkpoint), checkpoint.load_config(args.checkpoint)
+    if config.get("task") == "instance":
+        from segprune.train.instance import finetune_instances, instance_recipe
+
+        recipe = instance_recipe(config, args.recipe, _overrides(args.set))
+        finetune_instances(model, recipe, progress=not args.quiet)
+    else:
+        recipe = recipe_from(args.recipe, _overrides(args.set))
+        train_loader, _, _ = loaders(recipe)
+        fit(model, train_loader, epochs=recipe.finetune_epochs, lr=recipe.finetune_lr, optimizer=recipe.optimizer,
+            device=recipe.device, progress=not args.quiet, desc="fine-tune")
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.force:
         raise FileExistsError(f"{out} already holds a checkpoint; pass --force to overwrite")

@@ -49,8 +49,10 @@ class InstanceLoss:
         height, width = targets[0]["masks"].shape[-2:]
         device = output["cls"].device
         anchors = unwrap(self.model).anchors(int(height), int(width)).to(device)
+        # only the tensors: the loss need not know image ids and original sizes (and may move every value)
+        tensors = [{k: v for k, v in t.items() if isinstance(v, torch.Tensor)} for t in targets]
         with torch.autocast(device.type, enabled=False):
-            total, self.parts = self.loss({k: v.float() for k, v in output.items()}, targets, anchors)
+            total, self.parts = self.loss({k: v.float() for k, v in output.items()}, tensors, anchors)
         return total
 
 
@@ -226,3 +228,27 @@ def run_instance_training(recipe, out: Path, device, *, resume: bool, force: boo
         say(f"box AP {metrics['bbox']['AP']:.4f}, mask AP {metrics['segm']['AP']:.4f}; model in {out / 'model'}")
     distributed.barrier()
     return metrics
+
+
+def instance_recipe(config: dict, path: str | Path | None, overrides: dict):
+    """The recipe of a step after training (fine-tuning): the checkpoint's own, or the file at ``path``, with
+    ``overrides``."""
+    from segprune.pipeline import recipe_from
+
+    base = {k: v for k, v in config.get("recipe", {}).items() if k != "task"} if path is None else {}
+    return recipe_from(path, {**base, **overrides})
+
+
+def finetune_instances(model: nn.Module, recipe, *, progress: bool = True) -> list[float]:
+    """Fine-tune an instance model ``finetune_epochs`` at ``finetune_lr`` on the recipe's training data."""
+    from segprune.models.yolact import YolactLoss
+    from segprune.train.loop import fit
+
+    train, _, num_classes = instance_datasets(recipe)
+    if num_classes != model.num_classes:
+        raise ValueError(f"the model predicts {model.num_classes} classes, the {recipe.data} data has {num_classes}")
+    loader = make_instance_loader(train, batch_size=recipe.batch_size, shuffle=True, seed=recipe.seed,
+                                  drop_last=True, num_workers=recipe.num_workers)
+    return fit(model, loader, epochs=recipe.finetune_epochs, lr=recipe.finetune_lr, optimizer=recipe.optimizer,
+               device=recipe.device, progress=progress, desc="fine-tune",
+               loss_fn=InstanceLoss(model, YolactLoss(num_classes)))
