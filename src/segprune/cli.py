@@ -24,6 +24,8 @@ def _overrides(pairs: list[str]) -> dict:
 def _summary(report: dict, out: str) -> None:
     print(f"mIoU {report['before']['miou']:.4f} -> {report['after']['miou']:.4f}, MACs x"
           f"{report['after']['macs'] / report['before']['macs']:.3f}; report in {out}/report.md")
+    if "fg_iou" in report["after"]:  # a binary (person / background) dataset
+        print(f"foreground IoU {report['before']['fg_iou']:.4f} -> {report['after']['fg_iou']:.4f}")
 
 
 def cmd_demo(args) -> None:
@@ -37,7 +39,12 @@ def cmd_demo(args) -> None:
 def cmd_run(args) -> None:
     from segprune.pipeline import recipe_from, run
 
-    recipe = recipe_from(args.recipe, _overrides(args.set))
+    overrides = _overrides(args.set)
+    if args.data:  # KIND[:PATH], e.g. human:folder (as for `segprune train`)
+        overrides["data"], root = _data_spec(args.data)
+        if root:
+            overrides["data_root"] = root
+    recipe = recipe_from(args.recipe, overrides)
     out = args.out or f"runs/{recipe.name}"
     report = run(recipe, out, force=args.force, progress=not args.quiet)
     if args.quiet:
@@ -297,6 +304,7 @@ def parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
     run = sub.add_parser("run", help="run a recipe (flat YAML) end to end")
     run.add_argument("recipe", help="e.g. recipes/slimming_camvid_cpu.yaml")
+    run.add_argument("--data", default=None, metavar="KIND[:PATH]", help="the recipe's data, e.g. human:PATH")
     _run_options(run)
     run.set_defaults(func=cmd_run)
     pr = sub.add_parser("prune", help="prune a checkpoint folder")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from torch.utils.data import Dataset
 
 from segprune.data.camvid import CamVid
@@ -17,7 +19,8 @@ DATASETS = {
     "voc": VOC,
     "coco": COCOSemantic,
     "folder": MaskFolder,
-    "human": HumanFolder,
+    "human": functools.partial(HumanFolder, strict=True),  # binary masks, 0 and 255 only
+    "human_matte": HumanFolder,  # person where the mask's grey level is above 127
     "synthetic": SyntheticScenes,
 }
 

@@ -107,10 +107,19 @@ class HumanFolder(SegmentationDataset):
     """Binary person segmentation: ``root/images/*`` and ``root/masks/*`` paired by stem.
 
     Masks may be grey, RGB or palette images (a JPEG matte is fine): a pixel whose grey level is above 127
-    is person (1), the rest background (0). Nothing is ignored.
+    is person (1), the rest background (0). Nothing is ignored. With ``strict`` (the ``human`` dataset of
+    ``build_dataset``; ``human_matte`` is the lenient one) every mask must hold only 0 and 255: all masks are
+    read at construction and the offending files are named.
+
+    Splits: ``root/<split>/images`` and ``root/<split>/masks`` when that folder exists; otherwise one flat
+    folder is split by sorted stem, every ``val_every``-th sample to ``val`` and the rest to ``train``
+    (``all`` is every sample).
 
     Args:
-        root: Folder holding ``images/`` and ``masks/``.
+        root: Folder holding ``images/`` and ``masks/`` (or one such folder per split).
+        split: ``all``, ``train``, ``val``, or the name of a split folder under ``root``.
+        strict: Refuse masks with values other than 0 and 255.
+        val_every: Flat folder: every this-many-th sample (by sorted stem) is validation.
         transform: Joint transform, see :class:`~segprune.data.base.SegmentationDataset`.
         check_sizes: See :class:`~segprune.data.base.SegmentationDataset`.
     """
@@ -118,12 +127,48 @@ class HumanFolder(SegmentationDataset):
     num_classes = 2
     class_names = ("background", "person")
 
-    def __init__(self, root, *, transform: Transform | None = None, check_sizes: bool = True):
+    def __init__(self, root, split: str = "all", *, strict: bool = False, val_every: int = 5,
+                 transform: Transform | None = None, check_sizes: bool = True):
         super().__init__(transform=transform, check_sizes=check_sizes)
-        self.root = require_dir(Path(root), "HumanFolder root")
-        self.samples = pair_by_stem(self.root, "HumanFolder")
+        self.root, self.split, self.strict = require_dir(Path(root), "HumanFolder root"), split, strict
+        folder = self.root / split if (self.root / split / "images").is_dir() else self.root
+        pairs = pair_by_stem(folder, "HumanFolder")
+        if strict:
+            check_binary_masks([mask for _, mask in pairs])
+        self.samples = pairs if folder != self.root or split == "all" else _flat_split(pairs, split, val_every, folder)
         self._validate()
 
     def load_mask(self, index: int) -> np.ndarray:
-        with Image.open(self.samples[index][1]) as mask:
-            return (np.asarray(mask.convert("L")) > 127).astype(np.int64)
+        path = self.samples[index][1]
+        with Image.open(path) as mask:
+            grey = np.asarray(mask.convert("L"))
+        if self.strict and not np.isin(grey, (0, 255)).all():
+            raise ValueError(f"{path}: mask values {_odd_values(grey)} are not 0 or 255")
+        return (grey > 127).astype(np.int64)
+
+
+def _flat_split(pairs: list, split: str, every: int, folder: Path) -> list:
+    if split not in ("train", "val"):
+        raise ValueError(f"HumanFolder {folder}: no {split!r} split; a flat folder (images/, masks/) has 'train', "
+                         f"'val' (every {every}th sample) and 'all'; put a split in {folder / split}/images and masks")
+    return [pair for i, pair in enumerate(pairs) if (i % every == every - 1) == (split == "val")]
+
+
+def check_binary_masks(paths: list[Path]) -> None:
+    """Raise ValueError naming every mask (the first 20, and a count) with a value other than 0 and 255."""
+    bad = []
+    for path in paths:
+        with Image.open(path) as mask:
+            grey = np.asarray(mask.convert("L"))
+        if not np.isin(grey, (0, 255)).all():
+            bad.append(f"{path.name} (values {_odd_values(grey)})")
+    if bad:
+        more = f" and {len(bad) - _LISTED} more" if len(bad) > _LISTED else ""
+        raise ValueError(f"{len(bad)} of {len(paths)} binary masks in {paths[0].parent} hold values other than 0 and "
+                         f"255 (0 = background, 255 = person): {', '.join(bad[:_LISTED])}{more}; soft mattes can be "
+                         "read with human_matte:PATH (person where the grey level is above 127)")
+
+
+def _odd_values(grey: np.ndarray, shown: int = 5) -> str:
+    odd = np.setdiff1d(np.unique(grey), (0, 255))
+    return ", ".join(str(v) for v in odd[:shown]) + (", ..." if len(odd) > shown else "")
