@@ -119,7 +119,7 @@ class YolactLoss(torch.nn.Module):
         cls = outputs["cls"]
         _check(cls, targets, anchors, self.num_classes)
         anchors = anchors.to(outputs["box"])
-        targets = [{key: value.to(cls.device) for key, value in t.items()} for t in targets]
+        targets = [{key: t[key].to(cls.device) for key in ("boxes", "labels", "masks")} for t in targets]
         size = tuple(targets[0]["masks"].shape[-2:])  # the input's (H, W): masks come at input resolution
         matched = [self._match(t, anchors, size) for t in targets]
         conf_t = torch.stack([m[0] for m in matched])
