@@ -173,5 +173,5 @@ def _figure(width: float, height: float, ncols: int = 1):
 
 def _png(fig) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
+    fig.savefig(buf, format="png", metadata={"Software": None})  # no version string or URL inside the image
     return buf.getvalue()
