@@ -7,9 +7,10 @@ from segprune.prune.cost import CostModel
 from segprune.prune.criteria import Taylor
 from segprune.prune.graph import ChannelGroup, ChannelGroups, Member, channel_groups
 from segprune.prune.plan import Plan
+from segprune.prune.postprune import PruningPath, pruning_path
 from segprune.prune.regularizer import BNSparsity, CAPSparsity
 from segprune.prune.surgery import register_surgery
 
 __all__ = ["BNSparsity", "Block", "CAPSparsity", "ChannelGroup", "ChannelGroups", "CostModel", "Member", "Plan",
-           "PruneResult", "Taylor", "bypass_blocks", "channel_groups", "prune", "prune_blocks", "register_surgery",
-           "residual_blocks", "score_blocks", "slim_layers"]
+           "PruneResult", "PruningPath", "Taylor", "bypass_blocks", "channel_groups", "prune", "prune_blocks",
+           "pruning_path", "register_surgery", "residual_blocks", "score_blocks", "slim_layers"]
