@@ -113,7 +113,8 @@ def test_a_failing_page_section_still_writes_all_three_files(tmp_path, monkeypat
 
 
 def test_without_matplotlib_the_report_is_written_with_notes(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib...` now raises ImportError
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")] + ["matplotlib"]:
+        monkeypatch.setitem(sys.modules, name, None)  # `import matplotlib...` now raises ImportError
     skipped = write_report(tmp_path, fake_report())
     assert skipped == [f"plot {name} skipped: matplotlib not installed (pip install segprune[report])"
                        for name in ("accuracy vs MACs", "accuracy vs measured latency",
