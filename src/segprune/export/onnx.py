@@ -1,0 +1,341 @@
+"""ONNX export with an onnxruntime parity check, and TorchScript / ``torch.export`` for PyTorch runtimes.
+
+Only the ``"out"`` logits are exported, with the model in eval mode: auxiliary heads and dropout run in
+training mode only, so they never reach the graph (the wrapper :class:`Logits` returns nothing else).
+
+Two exporters, tried in this order by ``exporter="auto"``:
+
+- TorchScript (``torch.onnx.export(dynamo=False)``): fast (well under a second for a tiny model), exact, and
+  handles dynamic axes well; deprecated by PyTorch but present in 2.13. It cannot export ``max_unpool2d``
+  (SegNet) nor adaptive pooling whose output size does not divide the input.
+- dynamo (``dynamo=True``, needs onnxscript): exports those too, at 3-15 s per tiny model, and at opset 18 or
+  later (it raises a request for 17 to 18).
+
+Dynamic axes: batch, H and W are dynamic where the model allows. Adaptive pooling to a size other than 1
+bakes the input size into the graph (the TorchScript exporter refuses it; the dynamo exporter produces a graph
+that is wrong at any other size), so a model with such a layer gets static H and W, and a note says which layer.
+With ``check=True`` the file is run by onnxruntime on the example input and, when some axis is dynamic, on a
+second input of another batch and size; a dynamic export that fails the second check is redone with fewer
+dynamic axes (noted), and a mismatch on the example input itself is an error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from segprune.eval.profile import eval_mode
+
+EXPORTERS = ("auto", "torchscript", "dynamo")
+_AXES = {0: "batch", 2: "height", 3: "width"}
+
+
+class ExportError(ValueError):
+    """The model could not be exported, or the exported file does not compute what the model computes."""
+
+
+class Logits(nn.Module):
+    """``model(x)["out"]`` (or the output itself when the model returns a tensor): the one thing exported."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        if isinstance(out, dict):
+            return out["out"]
+        if isinstance(out, (tuple, list)):
+            return out[0]
+        return out
+
+
+def _tmp_path(path: Path) -> Path:
+    """Where ``path`` is written before the rename; keeps the suffix, which ``torch.export.load`` insists on."""
+    return path.with_name(f"{path.stem}.tmp{path.suffix}")
+
+
+def _require(module: str):
+    try:
+        return __import__(module)
+    except ImportError as err:
+        raise ImportError(f"ONNX export needs {module}: pip install 'segprune[onnx]'") from err
+
+
+# --- which axes may be dynamic ------------------------------------------------------------------------------------
+def fixed_size_layers(model: nn.Module) -> list[str]:
+    """Adaptive pooling layers whose output size is not 1: they tie the graph to the input size."""
+    pools = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+    pools += (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+    out = []
+    for name, module in model.named_modules():
+        size = getattr(module, "output_size", None)
+        sizes = size if isinstance(size, (tuple, list)) else (size,)
+        if isinstance(module, pools) and any(s not in (1, None) for s in sizes):
+            out.append(f"{name} ({type(module).__name__} to {size})")
+    return out
+
+
+def _axis_candidates(model: nn.Module, example_input: torch.Tensor, dynamic: bool, notes: list[str]) -> list[dict]:
+    """Dynamic-axis sets to try, most dynamic first; the last is always static."""
+    if not dynamic:
+        return [{}]
+    fixed = fixed_size_layers(model)
+    if fixed:
+        more = f" (and {len(fixed) - 1} more)" if len(fixed) > 1 else ""
+        notes.append(f"static H and W: {fixed[0]}{more} fixes the input size in ONNX")
+        return [{0: "batch"}, {}]
+    return [dict(_AXES), {0: "batch"}, {}]
+
+
+# --- the two exporters --------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _quiet():
+    """Silence the exporters for the block: deprecation warnings, progress logs, and the TorchScript exporter's
+    dump of its whole graph to stdout when it fails (the failure itself is re-raised as an ExportError)."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "onnx_ir")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _export_torchscript(wrapper: nn.Module, x: torch.Tensor, path: Path, opset: int, axes: dict) -> None:
+    dynamic_axes = {"input": axes, "out": axes} if axes else None
+    torch.onnx.export(wrapper, (x,), str(path), dynamo=False, opset_version=opset, input_names=["input"],
+                      output_names=["out"], dynamic_axes=dynamic_axes, do_constant_folding=True)
+
+
+def _export_dynamo(wrapper: nn.Module, x: torch.Tensor, path: Path, opset: int, axes: dict) -> None:
+    _require("onnxscript")
+    shapes = ({a: torch.export.Dim.DYNAMIC for a in axes},) if axes else None
+    torch.onnx.export(wrapper, (x,), str(path), dynamo=True, opset_version=max(opset, 18), input_names=["input"],
+                      output_names=["out"], dynamic_shapes=shapes, external_data=False, verbose=False, report=False)
+
+
+_EXPORT = {"torchscript": _export_torchscript, "dynamo": _export_dynamo}
+_OP_PATTERNS = [r"operator '([\w:.]+)'", r"unrecognized namespace ([\w:.]+)", r"ONNX export of operator ([\w:.]+)",
+                r"OpOverload\(op='([\w.]+)'", r"target=torch\.ops\.([\w.]+)"]
+
+
+def unsupported_ops(err: BaseException) -> list[str]:
+    """Op names an exporter's error message (or its causes) names as impossible to export."""
+    found, seen = [], set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        for pattern in _OP_PATTERNS:
+            found += [m for m in re.findall(pattern, str(err)) if m not in found]
+        err = err.__cause__ or err.__context__
+    return found
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:300] if text else ''}"
+
+
+def _export_any(wrapper: nn.Module, x: torch.Tensor, path: Path, opset: int, axes: dict, exporter: str) -> str:
+    """Export with the first exporter that succeeds; returns its name, or raises ExportError naming the ops."""
+    names = ["torchscript", "dynamo"] if exporter == "auto" else [exporter]
+    failures = {}
+    for name in names:
+        try:
+            with _quiet(), torch.no_grad():
+                _EXPORT[name](wrapper, x, path, opset, axes)
+            return name
+        except ImportError:
+            raise
+        except Exception as err:  # noqa: BLE001  (every exporter failure is reported together below)
+            failures[name] = err
+    ops = [op for err in failures.values() for op in unsupported_ops(err)]
+    what = f"op {', '.join(dict.fromkeys(ops))} has no ONNX equivalent" if ops else "export failed"
+    detail = "; ".join(f"{n} exporter: {_first_line(e)}" for n, e in failures.items())
+    raise ExportError(f"cannot export {type(wrapper.model).__name__} to ONNX: {what} ({detail})")
+
+
+# --- parity ---------------------------------------------------------------------------------------------------------
+def ort_session(path: str | Path, threads: int | None = None):
+    """An onnxruntime CPU session with ``threads`` intra-op threads (torch's setting when None), run sequentially."""
+    ort = _require("onnxruntime")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def max_abs_diff(session, wrapper: nn.Module, x: torch.Tensor) -> tuple[float, float]:
+    """(largest |onnxruntime - eager| on ``x``, largest |eager output|: the scale the difference is judged against)."""
+    with torch.no_grad():
+        expected = wrapper(x).detach().float().cpu().numpy().astype(np.float64)
+    got = session.run(None, {session.get_inputs()[0].name: x.detach().cpu().numpy()})[0]
+    if got.shape != expected.shape:
+        return float("inf"), 0.0
+    if not expected.size:
+        return 0.0, 0.0
+    return float(np.max(np.abs(got - expected))), float(np.max(np.abs(expected)))
+
+
+def _second_input(model: nn.Module, x: torch.Tensor, axes: dict) -> torch.Tensor | None:
+    """An input differing from ``x`` on every dynamic axis (H and W grown by multiples of the model's divisor)."""
+    if not axes:
+        return None
+    shape = list(x.shape)
+    step = max(int(getattr(model, "needs_divisible_input", 1)), 8)
+    for axis in axes:
+        shape[axis] += 1 if axis == 0 else step * (1 if axis == 2 else 2)
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(x)
+
+
+def _check(path: Path, wrapper: nn.Module, x: torch.Tensor, axes: dict, atol: float, rtol: float) -> list[dict]:
+    """Parity rows ``{shape, max_abs_diff, tolerance, ok}`` on ``x`` and, for a dynamic export, a second input; a
+    second input that the model or onnxruntime refuses gives a row with ``error`` instead."""
+    session, rows = ort_session(path), []
+    for i, inp in enumerate([x, _second_input(wrapper.model, x, axes)]):
+        if inp is None:
+            break
+        try:
+            diff, scale = max_abs_diff(session, wrapper, inp)
+        except Exception as err:  # noqa: BLE001  (only the second input may fail: the model ran on x already)
+            if i == 0:
+                raise
+            rows.append(dict(shape=list(inp.shape), error=_first_line(err), ok=False))
+            continue
+        tolerance = atol + rtol * scale
+        rows.append(dict(shape=list(inp.shape), max_abs_diff=diff, tolerance=tolerance, ok=diff <= tolerance))
+    return rows
+
+
+# --- the public functions -----------------------------------------------------------------------------------------
+def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path, *, opset: int = 17,
+                dynamic: bool = True, check: bool = True, atol: float = 1e-4, rtol: float = 0.0,
+                exporter: str = "auto") -> dict:
+    """Export ``model``'s eval-mode ``"out"`` logits to ONNX, then check the file against the model.
+
+    Args:
+        model: The model (its training/eval modes are restored afterwards).
+        example_input: Input batch (N, C, H, W) on the model's device; also the first parity input.
+        path: Where the ``.onnx`` file goes; written to a temporary name and renamed into place.
+        opset: ONNX opset (17 or later; the dynamo exporter uses at least 18).
+        dynamic: Make batch, H and W dynamic where the model allows (see the module docstring).
+        check: Run onnxruntime on ``example_input`` (and on a second size when an axis is dynamic).
+        atol: Largest absolute difference accepted (plus ``rtol`` times the largest absolute logit).
+        rtol: Relative part of the tolerance: float32 rounding grows with the logits' scale, so an untrained model
+            with logits in the hundreds needs it; 0 makes the check purely absolute.
+        exporter: ``"auto"`` (TorchScript, then dynamo), ``"torchscript"`` or ``"dynamo"``.
+
+    Returns:
+        ``path``, ``opset`` (of the file), ``exporter``, ``dynamic_axes`` ({axis: name}), ``max_abs_diff``
+        (over the checked inputs; None when ``check`` is False), ``checked_shapes``, ``file_bytes``, ``nodes``
+        and ``notes``.
+
+    Raises:
+        ExportError: an op cannot be exported (named), or onnxruntime disagrees with the model on the example input.
+    """
+    if exporter not in EXPORTERS:
+        raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
+    if opset < 17:
+        raise ValueError(f"opset must be 17 or later, got {opset}")
+    onnx = _require("onnx")
+    path, notes = Path(path), []
+    tmp = _tmp_path(path)
+    wrapper = Logits(model)
+    with eval_mode(wrapper):  # the wrapper too: the TorchScript exporter restores the wrapper's mode recursively
+        try:
+            result = _export_checked(wrapper, example_input, tmp, opset=opset, check=check, atol=atol, rtol=rtol,
+                                     exporter=exporter, candidates=_axis_candidates(model, example_input, dynamic,
+                                                                                     notes), notes=notes)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    graph = onnx.load(str(tmp), load_external_data=False)
+    os.replace(tmp, path)
+    opset_used = next((o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), opset)
+    return dict(path=str(path), opset=opset_used, file_bytes=path.stat().st_size, nodes=len(graph.graph.node),
+                notes=notes, **result)
+
+
+def _export_checked(wrapper, x, tmp: Path, *, opset, check, atol, rtol, exporter, candidates, notes) -> dict:
+    """Export with the first axis set in ``candidates`` whose file passes the parity checks (the last is static)."""
+    for axes in candidates:
+        used = _export_any(wrapper, x, tmp, opset, axes, exporter)
+        result = dict(exporter=used, dynamic_axes=axes, max_abs_diff=None, checked_shapes=[])
+        if not check:
+            return result
+        rows = _check(tmp, wrapper, x, axes, atol, rtol)
+        if not axes and not rows[0]["ok"]:  # static: the example input decides
+            raise ExportError(f"onnxruntime disagrees with {type(wrapper.model).__name__} on the example input "
+                              f"{tuple(x.shape)}: max abs diff {rows[0]['max_abs_diff']:.3g} > tolerance "
+                              f"{rows[0]['tolerance']:.3g} ({used} exporter)")
+        if all(row["ok"] for row in rows):
+            return {**result, "max_abs_diff": max(row["max_abs_diff"] for row in rows),
+                    "checked_shapes": [row["shape"] for row in rows]}
+        bad = next(row for row in rows if not row["ok"])
+        why = bad.get("error") or f"max abs diff {bad['max_abs_diff']:.3g}"
+        notes.append(f"dynamic {'/'.join(axes.values())} dropped: the {used} export fails at input {bad['shape']} "
+                     f"({why})")
+    raise AssertionError("unreachable: the last candidate is static, which returns or raises")
+
+
+def export_torchscript(model: nn.Module, example_input: torch.Tensor, path: str | Path, *,
+                       atol: float = 1e-5) -> dict:
+    """Trace ``model``'s eval-mode logits with ``torch.jit.trace`` and save them; the saved file is reloaded and
+    compared with the model on ``example_input``. Returns ``path``, ``max_abs_diff`` and ``file_bytes``."""
+    return _save_checked(model, example_input, Path(path), atol, _trace_save, _jit_load)
+
+
+def export_program(model: nn.Module, example_input: torch.Tensor, path: str | Path, *,
+                   atol: float = 1e-5) -> dict:
+    """``torch.export`` the eval-mode logits and save the ExportedProgram (``.pt2``); reloaded and compared with the
+    model on ``example_input``. Returns ``path``, ``max_abs_diff`` and ``file_bytes``."""
+    return _save_checked(model, example_input, Path(path), atol, _program_save,
+                         lambda p: torch.export.load(p).module())
+
+
+def _trace_save(wrapper: nn.Module, x: torch.Tensor, path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.trace(wrapper, (x,), check_trace=False), str(path))
+
+
+def _jit_load(path: str) -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.load is deprecated in favour of torch.export, but still works
+        return torch.jit.load(path)
+
+
+def _program_save(wrapper: nn.Module, x: torch.Tensor, path: Path) -> None:
+    torch.export.save(torch.export.export(wrapper, (x,)), str(path))
+
+
+def _save_checked(model: nn.Module, x: torch.Tensor, path: Path, atol: float, save, load) -> dict:
+    tmp = _tmp_path(path)
+    wrapper = Logits(model)
+    with eval_mode(wrapper), torch.no_grad():
+        try:
+            save(wrapper, x, tmp)
+            diff = (load(str(tmp))(x) - wrapper(x)).abs().max().item()
+        except Exception as err:
+            tmp.unlink(missing_ok=True)
+            raise ExportError(f"cannot export {type(model).__name__} to {path.name}: {_first_line(err)}") from err
+    if not diff <= atol:
+        tmp.unlink(missing_ok=True)
+        raise ExportError(f"{path.name} disagrees with {type(model).__name__}: max abs diff {diff:.3g} > {atol:g}")
+    os.replace(tmp, path)
+    return dict(path=str(path), max_abs_diff=diff, file_bytes=path.stat().st_size)
