@@ -98,3 +98,36 @@ def test_schedules_reject_bad_targets():
             quiet(schedule, model, x, target_macs=0.0, finetune=lambda m, e: None)
     with pytest.raises(ValueError, match="out of reach"):
         quiet(layer_by_layer, model, x, target_macs=0.01, finetune=lambda m, e: None, min_keep=0.5)
+
+
+def test_recipe_schedule_and_aux_settings():
+    from segprune.pipeline import recipe_from
+
+    r = recipe_from(None, {"schedule": "two_stage", "aux_layers": "backbone.layer2,backbone.layer3",
+                           "aux_weights": "[0.4, 0.2]", "stage_a": "0.25"})
+    assert r.aux_layers == ("backbone.layer2", "backbone.layer3") and r.aux_weights == (0.4, 0.2) and r.stage_a == 0.25
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        recipe_from(None, {"schedule": "three_stage"})
+    with pytest.raises(ValueError, match="one weight per aux layer"):
+        recipe_from(None, {"aux_layers": "backbone.layer2", "aux_weights": "0.4,0.4"})
+
+
+def test_pipeline_two_stage_with_aux_heads():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from segprune.pipeline import recipe_from, schedule_and_finetune
+
+    r = recipe_from(None, {"method": "l1", "target_macs": "0.7", "schedule": "two_stage", "finetune_epochs": "1",
+                           "aux_layers": "backbone.layer3", "aux_weights": "0.4", "optimizer": "sgd"})
+    torch.manual_seed(0)
+    model = models.create_model("test_pspnet", num_classes=3)
+    g = torch.Generator().manual_seed(4)
+    loader = DataLoader(TensorDataset(torch.randn(2, 3, 32, 32, generator=g), torch.randint(0, 3, (2, 32, 32),
+                                                                                           generator=g)), batch_size=2)
+    lines = []
+    pruned, plan, removed = quiet(schedule_and_finetune, r, model, torch.zeros(1, 3, 32, 32), loader, lines.append,
+                                  False)
+    x = torch.zeros(1, 3, 32, 32)
+    assert macs(pruned, x) <= 0.7 * macs(model, x) and removed > 0
+    assert not any(k.startswith("segprune_aux") for k in pruned.state_dict()), "aux heads left in the model"
+    assert "two_stage: 2 cuts" in lines[-1] and "retraining" in lines[-1]

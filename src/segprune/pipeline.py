@@ -35,6 +35,8 @@ from segprune.train.distill import distillation
 from segprune.train.loop import fit
 
 METHODS = ("slimming", "cap", "bn_scale", "l1", "l2", "fpgm", "taylor", "random", "postprune")
+SCHEDULES = ("iterative", "two_stage", "layer_by_layer")
+_TUPLE_ITEMS = {"aux_layers": str, "aux_weights": float}  # tuples of other settings hold ints
 
 
 @dataclass
@@ -94,6 +96,13 @@ class Recipe:
     path_recover_steps: int = 0  # fine-tuning batches between path steps (0 = none)
     path_rule: str = "delta"  # "delta": smallest within path_delta of the best validation mIoU; "1se"
     path_delta: float = 0.01  # mIoU as a fraction (0.01 = one point)
+    # Miao et al. (segprune.prune.schedules; segprune.train.aux):
+    schedule: str = "iterative"  # "iterative" (`iterations` passes), "two_stage" (global) or "layer_by_layer"
+    stage_a: float = 0.5  # two_stage: the fraction of the MAC reduction removed in stage A (stage B: the rest)
+    stage_a_epochs: int = 1  # two_stage: fine-tuning epochs after stage A (after stage B: finetune_epochs)
+    layer_epochs: int = 1  # layer_by_layer: fine-tuning epochs after each channel group
+    aux_layers: tuple[str, ...] = ()  # auxiliary heads on these layers while training and fine-tuning (not deployed)
+    aux_weights: tuple[float, ...] = ()  # one loss weight per aux layer
 
     def check(self) -> Recipe:
         if self.method not in METHODS:
@@ -106,6 +115,11 @@ class Recipe:
             raise ValueError("accumulate must be >= 1, checkpoint_every >= 0 and num_workers >= 0")
         if self.path_delta < 0 or self.path_step <= 0 or self.path_batches < 1:
             raise ValueError("path_delta must be >= 0, path_step > 0 and path_batches >= 1")
+        if self.schedule not in SCHEDULES or not 0 < self.stage_a <= 1:
+            raise ValueError(f"schedule must be one of {SCHEDULES} and stage_a in (0, 1], got {self.schedule!r}, "
+                             f"{self.stage_a}")
+        if len(self.aux_weights) != len(self.aux_layers):
+            raise ValueError(f"aux_weights needs one weight per aux layer: {self.aux_weights} for {self.aux_layers}")
         if self.path_rule not in ("delta", "1se"):
             raise ValueError(f"path_rule must be 'delta' or '1se', got {self.path_rule!r}")
         return self
@@ -132,13 +146,22 @@ def recipe_from(path: str | Path | None = None, overrides: dict | None = None) -
 def _typed(key, value, default):
     try:
         if isinstance(default, tuple):
-            value = json.loads(value) if isinstance(value, str) else value
-            return tuple(int(v) for v in value)
+            value = _json_or_list(value) if isinstance(value, str) else value
+            value = [value] if isinstance(value, (str, int, float)) else value
+            return tuple(_TUPLE_ITEMS.get(key, int)(v) for v in value)
         if isinstance(default, bool):
             return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
         return type(default)(value)
     except (TypeError, ValueError, json.JSONDecodeError) as err:
         raise ValueError(f"setting {key}={value!r} is not a {type(default).__name__}") from err
+
+
+def _json_or_list(text: str):
+    """A JSON list, or a comma-separated one (`--set aux_layers=backbone.layer2,backbone.layer3`)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return [part.strip() for part in text.split(",") if part.strip()]
 
 
 # --- stages --------------------------------------------------------------------------------------------------
@@ -220,9 +243,9 @@ def prune_and_finetune(r, model, example, groups, train_loader, log, progress):
         plan = result.plan if plan is None else plan.then(result.plan)
         log(f"    pass {it + 1}/{r.iterations}: removed {result.channels_removed} channels")
         extra = distillation(teacher, alpha=r.kd_alpha, temperature=r.kd_temperature) if teacher else None
-        fit(result.model, train_loader, epochs=math.ceil(r.finetune_epochs / r.iterations), lr=r.finetune_lr,
-            optimizer=r.optimizer, extra_loss=extra, device=r.device, progress=progress, desc="fine-tune",
-            criterion=loss_fn(r, train_loader))
+        fit_aux(r, example, result.model, train_loader, epochs=math.ceil(r.finetune_epochs / r.iterations),
+                lr=r.finetune_lr, optimizer=r.optimizer, extra_loss=extra, device=r.device, progress=progress,
+                desc="fine-tune", criterion=loss_fn(r, train_loader))
         current = result.model
     return current, plan, removed
 
@@ -253,6 +276,41 @@ def postprune_and_finetune(r, model, example, train_loader, val_loader, num_clas
     return pruned, step.plan, step.removed
 
 
+def fit_aux(r: Recipe, example, model, loader, *, criterion, extra_loss=None, **kwargs):
+    """`fit`, with the recipe's auxiliary heads (`aux_layers`) attached for its duration and removed after."""
+    if not r.aux_layers:
+        return fit(model, loader, criterion=criterion, extra_loss=extra_loss, **kwargs)
+    from segprune.train.aux import AuxLoss, add_losses
+
+    with AuxLoss(model, r.aux_layers, r.aux_weights, example_inputs=example) as aux:
+        return fit(model, loader, criterion=aux.criterion(criterion), extra_loss=add_losses(extra_loss, aux.extra_loss),
+                   **kwargs)
+
+
+def schedule_and_finetune(r, model, example, train_loader, log, progress):
+    """Miao et al.'s schedules to `target_macs`: two-stage global (prune part, fine-tune `stage_a_epochs`, re-score,
+    prune the rest, fine-tune `finetune_epochs`) or layer by layer (`layer_epochs` after each group)."""
+    from segprune.prune.schedules import layer_by_layer, two_stage_global
+
+    name = "bn_scale" if r.method in ("slimming", "cap") else r.method
+    if not r.target_macs or name not in CRITERIA:
+        raise ValueError(f"schedule {r.schedule} needs target_macs > 0 and a weight criterion (method one of "
+                         f"{sorted(CRITERIA)}, slimming or cap), got target_macs={r.target_macs}, method {r.method}")
+    extra = distillation(model, alpha=r.kd_alpha, temperature=r.kd_temperature) if r.kd_alpha > 0 else None
+    finetune = lambda m, epochs: fit_aux(r, example, m, train_loader, epochs=epochs, lr=r.finetune_lr,  # noqa: E731
+                                         optimizer=r.optimizer, extra_loss=extra, device=r.device, progress=progress,
+                                         desc="fine-tune", criterion=loss_fn(r, train_loader))
+    common = dict(target_macs=r.target_macs, finetune=finetune, criterion=name, min_keep=r.min_keep)
+    if r.schedule == "two_stage":
+        result = two_stage_global(model, example, stage_a=r.stage_a, epochs=(r.stage_a_epochs, r.finetune_epochs),
+                                  round_to=r.round_to or None, **common)
+    else:
+        result = layer_by_layer(model, example, epochs_per_layer=r.layer_epochs, **common)
+    log(f"    {r.schedule}: {len(result.stages)} cuts to MACs {result.stages[-1]['macs']:.3f}; retraining "
+        f"{result.retrain_seconds:.1f} s")
+    return result.model, result.plan, sum(s["removed"] for s in result.stages)
+
+
 def measure(model, val_loader, example, num_classes) -> dict:
     metrics = evaluate(model, val_loader, num_classes=num_classes)
     binary = {"fg_iou": metrics["fg_iou"]} if "fg_iou" in metrics else {}  # two-class (person) data
@@ -278,9 +336,9 @@ def run(r: Recipe, out: str | Path, *, force: bool = False, progress: bool = Tru
     reg, histograms = sparsity(r, model, groups), []
 
     log(f"1/4 training {r.model} (width {r.width}) for {r.epochs} epochs; method {r.method}")
-    fit(model, train_loader, epochs=r.epochs, lr=r.lr, optimizer=r.optimizer, regularizer=reg, device=r.device,
-        progress=progress, desc="train", on_epoch=lambda e, loss: histograms.append(gamma_histogram(model)),
-        criterion=loss_fn(r, train_loader))
+    fit_aux(r, example, model, train_loader, epochs=r.epochs, lr=r.lr, optimizer=r.optimizer, regularizer=reg,
+            device=r.device, progress=progress, desc="train", criterion=loss_fn(r, train_loader),
+            on_epoch=lambda e, loss: histograms.append(gamma_histogram(model)))
     if isinstance(reg, CAPSparsity):
         reg.remove()  # nothing of CAP stays in the model
     log(f"    |gamma| histogram after training: {histograms[-1] if histograms else []}")
@@ -291,6 +349,8 @@ def run(r: Recipe, out: str | Path, *, force: bool = False, progress: bool = Tru
     if r.method == "postprune":
         pruned, plan, removed = postprune_and_finetune(r, model, example, train_loader, val_loader, num_classes, out,
                                                        log, progress)
+    elif r.schedule != "iterative":
+        pruned, plan, removed = schedule_and_finetune(r, model, example, train_loader, log, progress)
     else:
         pruned, plan, removed = prune_and_finetune(r, model, example, groups, train_loader, log, progress)
     checkpoint.save(out / "pruned", pruned, plan=plan, config={"model": r.model, "model_kwargs": model_kwargs})

@@ -39,17 +39,19 @@ class AuxLoss:
         model: the model to train; the heads are attached to it until `remove()`.
         layers: qualified names of modules returning a feature map (N, C, H, W).
         weights: one loss weight per layer (>= 0).
-        num_classes: classes of the heads' logits.
-        example_inputs: one input batch, run once in eval mode to learn each layer's channels.
+        example_inputs: one input batch, run once in eval mode to learn each layer's channels (and the classes).
+        num_classes: classes of the heads' logits (default: the channels of the model's logits, `"out"`).
         mid_channels: width of the heads' 3x3 conv (default: a quarter of the layer's channels, at least 8).
         criterion: loss of (logits, target) of the heads; by default the one `criterion()` wraps.
     """
 
-    def __init__(self, model: nn.Module, layers: Sequence[str], weights: Sequence[float], *, num_classes: int,
-                 example_inputs: torch.Tensor, mid_channels: int | None = None, criterion: Callable | None = None):
+    def __init__(self, model: nn.Module, layers: Sequence[str], weights: Sequence[float], *,
+                 example_inputs: torch.Tensor, num_classes: int | None = None, mid_channels: int | None = None,
+                 criterion: Callable | None = None):
         self.model, self.layers, self.weights = model, list(layers), [float(w) for w in weights]
         _check(model, self.layers, self.weights)
-        channels = _channels(model, self.layers, example_inputs)
+        channels, classes = _channels(model, self.layers, example_inputs)
+        num_classes = num_classes or classes
         device = example_inputs.device
         heads = nn.ModuleDict({_key(n): aux_head(channels[n], num_classes, mid_channels) for n in self.layers})
         setattr(model, ATTRIBUTE, heads.to(device=device, dtype=example_inputs.dtype))
@@ -137,8 +139,8 @@ def _check(model: nn.Module, layers: list[str], weights: list[float]) -> None:
         raise ValueError(f"the model already has auxiliary heads ({ATTRIBUTE}); remove() them first")
 
 
-def _channels(model: nn.Module, layers: list[str], example_inputs: torch.Tensor) -> dict[str, int]:
-    """Each layer's output channels, from one eval-mode forward pass."""
+def _channels(model: nn.Module, layers: list[str], example_inputs: torch.Tensor) -> tuple[dict[str, int], int]:
+    """Each layer's output channels and the number of classes, from one eval-mode forward pass."""
     seen, modules = {}, dict(model.named_modules())
 
     def hook(name):
@@ -149,7 +151,7 @@ def _channels(model: nn.Module, layers: list[str], example_inputs: torch.Tensor)
     try:
         model.eval()
         with torch.no_grad():
-            model(example_inputs)
+            out = model(example_inputs)
     finally:
         model.train(training)
         for h in handles:
@@ -159,4 +161,5 @@ def _channels(model: nn.Module, layers: list[str], example_inputs: torch.Tensor)
         if not isinstance(out, torch.Tensor) or out.dim() != 4:
             what = "did not run" if name not in seen else f"returns {type(out).__name__}"
             raise ValueError(f"aux_layers: {name} {what}; name a module that returns a feature map (N, C, H, W)")
-    return {name: seen[name].shape[1] for name in layers}
+    logits = out["out"] if isinstance(out, dict) else out
+    return {name: seen[name].shape[1] for name in layers}, logits.shape[1]
