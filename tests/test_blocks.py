@@ -222,3 +222,27 @@ def test_slim_layers_bad_names_and_frozen_groups():
         slim_layers(model, x, {"head.2": 2})
     with pytest.raises(ValueError, match="must be in \\[1, 16\\]"):
         slim_layers(model, x, {"head.0": 0})
+
+
+def test_recipe_structure_step_removes_blocks_and_slims_heads():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from segprune.pipeline import optimise_structure, recipe_from
+
+    r = recipe_from(None, {"layer_pruning": "true", "layer_max": "1", "slim_widths": "ppm.branches=2, head.0=8"})
+    torch.manual_seed(0)
+    model = models.create_model("test_pspnet", num_classes=3).eval()
+    g = torch.Generator().manual_seed(4)
+    loader = DataLoader(TensorDataset(torch.randn(2, 3, 32, 32, generator=g),
+                                      torch.randint(0, 3, (2, 32, 32), generator=g)), batch_size=2)
+    lines = []
+    x = torch.zeros(1, 3, 32, 32)
+    structured, plan, fraction = optimise_structure(r, model, x, loader, lines.append)
+    assert len(plan.bypass) == 1 and structured.head[0].conv.out_channels == 8 and fraction < 1
+    fresh = models.create_model("test_pspnet", num_classes=3)
+    Plan.from_json(plan.to_json()).apply(fresh).load_state_dict(structured.state_dict())
+    assert relative_error(outputs(structured, x), outputs(fresh, x)) == 0
+    with pytest.raises(ValueError, match="slim_widths: 'head.0' is not name=width"):
+        recipe_from(None, {"slim_widths": "head.0"})
+    with pytest.raises(ValueError, match="layer_tolerance"):
+        recipe_from(None, {"layer_tolerance": "-0.1"})

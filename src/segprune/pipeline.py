@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +103,11 @@ class Recipe:
     layer_epochs: int = 1  # layer_by_layer: fine-tuning epochs after each channel group
     aux_layers: tuple[str, ...] = ()  # auxiliary heads on these layers while training and fine-tuning (not deployed)
     aux_weights: tuple[float, ...] = ()  # one loss weight per aux layer
+    layer_pruning: bool = False  # first remove residual blocks (segprune.prune.blocks), least loss increase first
+    layer_tolerance: float = 0.05  # ... while the loss on layer_batches training batches rises at most this much
+    layer_max: int = 0  # ... and at most this many blocks (0 = no limit)
+    layer_batches: int = 4
+    slim_widths: str = ""  # then set layers' output widths, "name=width,..." (e.g. "ppm.branches=128,head.0=128")
 
     def check(self) -> Recipe:
         if self.method not in METHODS:
@@ -118,6 +123,9 @@ class Recipe:
         if self.schedule not in SCHEDULES or not 0 < self.stage_a <= 1:
             raise ValueError(f"schedule must be one of {SCHEDULES} and stage_a in (0, 1], got {self.schedule!r}, "
                              f"{self.stage_a}")
+        if self.layer_tolerance < 0 or self.layer_max < 0 or self.layer_batches < 1:
+            raise ValueError("layer_tolerance and layer_max must be >= 0, layer_batches >= 1")
+        slim_widths(self.slim_widths)
         if len(self.aux_weights) != len(self.aux_layers):
             raise ValueError(f"aux_weights needs one weight per aux layer: {self.aux_weights} for {self.aux_layers}")
         if self.path_rule not in ("delta", "1se"):
@@ -306,9 +314,45 @@ def schedule_and_finetune(r, model, example, train_loader, log, progress):
                                   round_to=r.round_to or None, **common)
     else:
         result = layer_by_layer(model, example, epochs_per_layer=r.layer_epochs, **common)
-    log(f"    {r.schedule}: {len(result.stages)} cuts to MACs {result.stages[-1]['macs']:.3f}; retraining "
-        f"{result.retrain_seconds:.1f} s")
+    reached = f" to MACs {result.stages[-1]['macs']:.3f} of the model given" if result.stages else ""
+    log(f"    {r.schedule}: {len(result.stages)} cuts{reached}; retraining {result.retrain_seconds:.1f} s")
     return result.model, result.plan, sum(s["removed"] for s in result.stages)
+
+
+def slim_widths(text: str) -> dict[str, int]:
+    """`"ppm.branches=128,head.0=128"` -> {layer: width}; a malformed entry is a clear error."""
+    widths = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, width = part.partition("=")
+        if not name or not width.strip().isdigit():
+            raise ValueError(f"slim_widths: {part!r} is not name=width (e.g. ppm.branches=128)")
+        widths[name.strip()] = int(width)
+    return widths
+
+
+def optimise_structure(r, model, example, train_loader, log):
+    """Miao et al.'s structure step, before channel pruning: remove residual blocks (`layer_pruning`), then set named
+    layers' widths (`slim_widths`). Returns (model, plan or None, its MACs as a fraction of the original)."""
+    if not r.layer_pruning and not r.slim_widths:
+        return model, None, 1.0
+    from segprune.prune.blocks import prune_blocks, slim_layers
+    from segprune.prune.plan import Plan
+    from segprune.prune.trace import trace
+
+    current, plan = model, Plan()
+    if r.layer_pruning:
+        batches = [(x.to(r.device), y.to(r.device)) for _, (x, y) in zip(range(r.layer_batches), train_loader)]
+        result = prune_blocks(current, example, batches, tolerance=r.layer_tolerance, max_blocks=r.layer_max or None,
+                              loss_fn=loss_fn(r, train_loader))
+        log(f"    layer pruning: removed {len(result.removed)} blocks {[b.name for b in result.removed]}")
+        current, plan = result.model, plan.then(result.plan)
+    if r.slim_widths:
+        crit = "bn_scale" if r.method in ("slimming", "cap") else "l1"
+        result = slim_layers(current, example, slim_widths(r.slim_widths), criterion=crit)
+        log(f"    slimmed {r.slim_widths}: removed {result.channels_removed} channels")
+        current, plan = result.model, plan.then(result.plan)
+    macs = lambda m: sum(trace(m, example, modes=("eval",)).macs.values())  # noqa: E731
+    return current, plan, macs(current) / max(macs(model), 1)
 
 
 def measure(model, val_loader, example, num_classes) -> dict:
@@ -343,16 +387,22 @@ def run(r: Recipe, out: str | Path, *, force: bool = False, progress: bool = Tru
         reg.remove()  # nothing of CAP stays in the model
     log(f"    |gamma| histogram after training: {histograms[-1] if histograms else []}")
     before = measure(model, val_loader, example, num_classes)
+    structured, structure_plan, fraction = optimise_structure(r, model, example, train_loader, log)
+    # the channel stage's target stays a fraction of the original model's MACs
+    rc = r if structure_plan is None else replace(r, target_macs=min(1.0, r.target_macs / fraction) if r.target_macs
+                                                  else 0.0)
 
     what = f"to {r.target_macs:.0%} of the MACs" if r.target_macs else f"{r.ratio:.0%} of prunable channels"
     log(f"2/4 pruning {what} ({r.method}), 3/4 fine-tuning {r.finetune_epochs} epochs")
     if r.method == "postprune":
-        pruned, plan, removed = postprune_and_finetune(r, model, example, train_loader, val_loader, num_classes, out,
-                                                       log, progress)
+        pruned, plan, removed = postprune_and_finetune(rc, structured, example, train_loader, val_loader, num_classes,
+                                                       out, log, progress)
     elif r.schedule != "iterative":
-        pruned, plan, removed = schedule_and_finetune(r, model, example, train_loader, log, progress)
+        pruned, plan, removed = schedule_and_finetune(rc, structured, example, train_loader, log, progress)
     else:
-        pruned, plan, removed = prune_and_finetune(r, model, example, groups, train_loader, log, progress)
+        pruned, plan, removed = prune_and_finetune(rc, structured, example, groups if structure_plan is None else None,
+                                                   train_loader, log, progress)
+    plan = plan if structure_plan is None else structure_plan.then(plan)
     checkpoint.save(out / "pruned", pruned, plan=plan, config={"model": r.model, "model_kwargs": model_kwargs})
 
     log("4/4 fusing Conv+BN and measuring (latency interleaved before/after)")
