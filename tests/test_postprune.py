@@ -317,8 +317,14 @@ def test_postprune_recipe_runs_end_to_end(tmp_path):
     assert chosen["miou"] >= max(s["miou"] for s in path["steps"]) - 0.02
 
 
-def test_postprune_recipe_rejects_a_negative_delta():
+def test_postprune_recipe_loads_and_rejects_a_negative_delta():
+    from pathlib import Path
+
     from segprune.pipeline import recipe_from
 
+    recipe = recipe_from(Path(__file__).resolve().parents[1] / "recipes" / "postprune_segnet_camvid_cpu.yaml")
+    assert (recipe.method, recipe.path_delta, recipe.path_rule) == ("postprune", 0.01, "delta")
     with pytest.raises(ValueError, match="path_delta"):
         recipe_from(None, {"method": "postprune", "path_delta": "-0.1"})
+    with pytest.raises(ValueError, match="path_rule"):
+        recipe_from(None, {"method": "postprune", "path_rule": "2se"})
