@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from segprune.eval.profile import eval_mode
+from segprune.eval.profile import eval_mode, ort_session
 
 EXPORTERS = ("auto", "torchscript", "dynamo")
 _AXES = {0: "batch", 2: "height", 3: "width"}
@@ -169,17 +169,6 @@ def _export_any(wrapper: nn.Module, x: torch.Tensor, path: Path, opset: int, axe
 
 
 # --- parity ---------------------------------------------------------------------------------------------------------
-def ort_session(path: str | Path, threads: int | None = None):
-    """An onnxruntime CPU session with ``threads`` intra-op threads (torch's setting when None), run sequentially."""
-    ort = _require("onnxruntime")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or torch.get_num_threads()
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def max_abs_diff(session, wrapper: nn.Module, x: torch.Tensor) -> tuple[float, float]:
     """(largest |onnxruntime - eager| on ``x``, largest |eager output|: the scale the difference is judged against)."""
     with torch.no_grad():
