@@ -64,9 +64,37 @@ class Hand(nn.Module):
         return {"out": self.cls(self.mix(torch.relu(s)) + s)}
 
 
+class InPlaceBlock(nn.Module):
+    """torchvision's BasicBlock style: `out += identity` and an in-place ReLU (a tensor changes value in place)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        identity = x
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        out += identity
+        return self.relu(out)
+
+
+class InPlaceNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True))
+        self.layer = nn.Sequential(InPlaceBlock(8), InPlaceBlock(8))
+        self.cls = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        return self.cls(self.layer(self.stem(x)))
+
+
 def build(name):
     torch.manual_seed(0)
-    model = Hand() if name == "hand" else models.create_model(name, num_classes=3)
+    hand = {"hand": Hand, "inplace": InPlaceNet}
+    model = hand[name]() if name in hand else models.create_model(name, num_classes=3)
     return randomize_norms(model).double().eval()
 
 
@@ -85,7 +113,8 @@ def test_hand_model_blocks_and_their_bypass():
     assert blocks["b1"].branch == "b1.f" and blocks["b1"].params == sum(p.numel() for p in Hand().b1.parameters())
 
 
-@pytest.mark.parametrize("name, expected", [("hand", 4), ("test_pspnet", 2), ("test_deeplabv3plus", 11)])
+@pytest.mark.parametrize("name, expected",
+                         [("hand", 4), ("inplace", 2), ("test_pspnet", 2), ("test_deeplabv3plus", 11)])
 def test_bypass_equals_zeroed_branch(name, expected):
     model, x = build(name), example()
     blocks = residual_blocks(model, x)
