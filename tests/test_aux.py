@@ -87,3 +87,17 @@ def test_add_losses_sums_extra_losses():
     assert add_losses(None) is None
     total = add_losses(lambda i, o: torch.tensor(1.0), None, lambda i, o: torch.tensor(2.0))
     assert float(total(None, None)) == 3.0
+
+
+def test_segprune_train_with_aux_heads_saves_a_model_without_them(tmp_path):
+    from segprune import checkpoint
+    from segprune.pipeline import recipe_from
+    from segprune.train.run import run_training
+
+    recipe = recipe_from(None, {"model": "test_pspnet", "width": "0.03125", "train_samples": "4", "val_samples": "2",
+                                "epochs": "1", "size": "[32,32]", "batch_size": "2", "threads": "1",
+                                "aux_layers": "backbone.layer2,backbone.layer3", "aux_weights": "0.4,0.2"})
+    run_training(recipe, tmp_path / "run", "cpu", resume=False, force=False, quiet=True)
+    model = checkpoint.load(tmp_path / "run" / "model")
+    plain = models.create_model("test_pspnet", num_classes=recipe.num_classes, width=0.03125)
+    assert list(model.state_dict()) == list(plain.state_dict())

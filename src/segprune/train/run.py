@@ -49,6 +49,17 @@ def _train_loaders(r):
     return train, val, num_classes
 
 
+def _aux_heads(recipe, model):
+    """The recipe's auxiliary heads (`aux_layers`, `aux_weights`) attached to `model`, or None."""
+    if not recipe.aux_layers:
+        return None
+    import torch
+
+    from segprune.train.aux import AuxLoss
+
+    return AuxLoss(model, recipe.aux_layers, recipe.aux_weights, example_inputs=torch.zeros(1, 3, *recipe.size))
+
+
 def run_training(recipe, out: Path, device, *, resume: bool, force: bool, quiet: bool) -> None:
     """Train `recipe` into run folder `out` (one process, or one rank of a torchrun job; rank 0 writes)."""
     import random
@@ -85,7 +96,8 @@ def run_training(recipe, out: Path, device, *, resume: bool, force: bool, quiet:
     train_loader, val_loader, num_classes = _train_loaders(recipe)
     model_kwargs = {"num_classes": num_classes, "width": recipe.width}
     config = {"model": recipe.model, "model_kwargs": model_kwargs, "recipe": plain}
-    net = distributed.wrap(create_model(recipe.model, **model_kwargs), device, sync_bn=recipe.sync_bn)
+    aux = _aux_heads(recipe, built := create_model(recipe.model, **model_kwargs))  # before DDP wraps the model
+    net = distributed.wrap(built, device, sync_bn=recipe.sync_bn)
     model = distributed.unwrap(net)
     groups = None
     if recipe.method in ("slimming", "cap"):  # the method's sparsity trains along
@@ -100,11 +112,14 @@ def run_training(recipe, out: Path, device, *, resume: bool, force: bool, quiet:
         f"({distributed.get_world_size()} process(es), device {device})")
     fit(net, train_loader, epochs=recipe.epochs, lr=recipe.lr, optimizer=recipe.optimizer, regularizer=reg,
         device=device, progress=not quiet and main_rank, accumulate=recipe.accumulate, amp=recipe.amp,
-        amp_dtype=recipe.amp_dtype or None, resume=resume, log_dir=out, criterion=loss_fn(recipe, train_loader),
+        amp_dtype=recipe.amp_dtype or None, resume=resume, log_dir=out, extra_loss=aux and aux.extra_loss,
+        criterion=aux.criterion(loss_fn(recipe, train_loader)) if aux else loss_fn(recipe, train_loader),
         checkpoints=Checkpoints(out / "checkpoints", every=recipe.checkpoint_every, config=config),
         on_epoch=lambda epoch, loss: say(f"epoch {epoch + 1}/{recipe.epochs}: loss {loss:.4f}"))
     if hasattr(reg, "remove"):
         reg.remove()  # nothing of CAP stays in the model
+    if aux is not None:
+        aux.remove()  # nor of the auxiliary heads
     metrics = evaluate(model, val_loader, num_classes=num_classes, device=device, all_reduce=True)
     if main_rank:
         checkpoint.save(out / "model", model, config=config)
