@@ -431,7 +431,8 @@ def prune_blocks(model: nn.Module, example_inputs, batches, *, tolerance: float 
     current = model if inplace else copy.deepcopy(model)
     blocks = require_blocks(residual_blocks(current, example_inputs), model)
     total, base = blocks.total_macs, metric(current, batches)
-    order = None if rescore else sorted(blocks, key=lambda b: score_blocks(current, [b], batches, metric)[b.name])
+    once = None if rescore else score_blocks(current, blocks, batches, metric)
+    order = None if rescore else sorted(blocks, key=lambda b: once[b.name])
     plan, removed, history, macs = Plan(), [], [], blocks.total_macs
     while not _done(macs / max(total, 1), target_macs, len(removed), max_blocks):
         candidates = _candidates(current, example_inputs, order, removed)
