@@ -286,6 +286,79 @@ def _eval_instances(args, config: dict) -> None:
               f"APs {m['APs']:.4f}  APm {m['APm']:.4f}  APl {m['APl']:.4f}")
 
 
+def cmd_bench(args) -> None:
+    from segprune.eval.bench import bench, table, write_json
+
+    result = bench(args.checkpoints, input_size=tuple(args.input_size), batch=args.batch, rounds=args.rounds,
+                   runs=args.runs, warmup=args.warmup, threads=args.threads, fuse=args.fuse, onnx=args.onnx)
+    print(table(result))
+    if args.json:
+        write_json(result, args.json)
+        print(f"JSON in {args.json}")
+
+
+def cmd_export(args) -> None:
+    from segprune import checkpoint
+    from segprune.eval.bench import check_takes, example_input
+    from segprune.export import export_onnx, export_torchscript, fuse_conv_bn
+
+    outs = [p for p in (args.onnx, args.torchscript) if p]
+    if not outs:
+        raise ValueError("export needs --onnx OUT.onnx and/or --torchscript OUT.pt")
+    for out in outs:
+        if Path(out).exists() and not args.force:
+            raise FileExistsError(f"{out} already exists; pass --force to overwrite")
+    model = checkpoint.load(args.checkpoint)
+    x = example_input(args.checkpoint, tuple(args.input_size), args.batch)
+    check_takes(args.checkpoint, model, x)
+    if args.fuse:
+        model = fuse_conv_bn(model, x)
+    try:
+        if args.onnx:
+            r = export_onnx(model, x, args.onnx, opset=args.opset, dynamic=args.dynamic, atol=args.atol, rtol=args.rtol)
+            axes = ", ".join(r["dynamic_axes"].values()) or "none"
+            print(f"{r['path']}: {r['file_bytes'] / 1024:,.1f} KiB, opset {r['opset']} ({r['exporter']} exporter), "
+                  f"dynamic axes: {axes}; onnxruntime max abs diff {r['max_abs_diff']:.2e} on {r['checked_shapes']}")
+            for note in r["notes"]:
+                print(f"  note: {note}")
+        if args.torchscript:
+            r = export_torchscript(model, x, args.torchscript)
+            print(f"{r['path']}: {r['file_bytes'] / 1024:,.1f} KiB, max abs diff {r['max_abs_diff']:.2e}")
+    except ImportError as err:
+        raise ValueError(str(err)) from err
+
+
+def _deploy_parsers(sub) -> None:
+    """`segprune bench` and `segprune export`."""
+    b = sub.add_parser("bench", help="compare checkpoint folders: params, MACs, sizes, interleaved latency")
+    b.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="checkpoint folders; ratios are vs the first")
+    b.add_argument("--input-size", type=int, nargs=2, required=True, metavar=("H", "W"))
+    b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--threads", type=int, default=1, help="intra-op CPU threads (PyTorch and onnxruntime)")
+    b.add_argument("--rounds", type=int, default=7, help="interleaved rounds (A B A B ...)")
+    b.add_argument("--runs", type=int, default=10, help="timed runs per checkpoint per round")
+    b.add_argument("--warmup", type=int, default=3)
+    b.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True, help="fold Conv+BN first")
+    b.add_argument("--onnx", action="store_true", help="also export each and time it in onnxruntime (CPU)")
+    b.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    b.set_defaults(func=cmd_bench)
+    e = sub.add_parser("export", help="export a checkpoint folder to ONNX (checked with onnxruntime) / TorchScript")
+    e.add_argument("checkpoint")
+    e.add_argument("--onnx", default=None, metavar="OUT.onnx")
+    e.add_argument("--torchscript", default=None, metavar="OUT.pt")
+    e.add_argument("--fuse", action="store_true", help="fold Conv+BN into the convs first")
+    e.add_argument("--input-size", type=int, nargs=2, default=(512, 512), metavar=("H", "W"),
+                   help="example input for the export and the parity check")
+    e.add_argument("--batch", type=int, default=1)
+    e.add_argument("--opset", type=int, default=17)
+    e.add_argument("--dynamic", action=argparse.BooleanOptionalAction, default=True,
+                   help="dynamic batch, H and W where the model allows")
+    e.add_argument("--atol", type=float, default=1e-4, help="largest max abs difference onnxruntime vs PyTorch")
+    e.add_argument("--rtol", type=float, default=0.0, help="plus this times the largest absolute logit")
+    e.add_argument("--force", action="store_true", help="overwrite existing output files")
+    e.set_defaults(func=cmd_export)
+
+
 def _run_options(p, default_out=None):
     p.add_argument("--out", default=default_out, help="run folder")
     p.add_argument("--force", action="store_true", help="overwrite a run already in --out")
@@ -363,6 +436,7 @@ def parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", default="segprune-report", help="folder for report.html, report.md, report.json")
     rep.add_argument("--force", action="store_true", help="overwrite a report already in --out")
     rep.set_defaults(func=cmd_report)
+    _deploy_parsers(sub)
     return p
 
 

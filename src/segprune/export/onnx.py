@@ -26,6 +26,7 @@ import io
 import logging
 import os
 import re
+import sys
 import warnings
 from pathlib import Path
 
@@ -100,19 +101,42 @@ def _axis_candidates(model: nn.Module, example_input: torch.Tensor, dynamic: boo
 # --- the two exporters --------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def _quiet():
-    """Silence the exporters for the block: deprecation warnings, progress logs, and the TorchScript exporter's
-    dump of its whole graph to stdout when it fails (the failure itself is re-raised as an ExportError)."""
+    """Silence the exporters for the block: deprecation warnings and progress logs; and, at the file-descriptor
+    level, the TorchScript exporter's C++ dump of its whole graph to stdout when it fails (torch 2.13's
+    ``setup_onnx_logging`` tests the function ``_jit_is_onnx_log_enabled`` instead of calling it, so that log is
+    always on). The failure itself is re-raised as an ExportError."""
     loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "onnx_ir")]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        with _stdout_fd_silenced(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def _stdout_fd_silenced():
+    """File descriptor 1 goes to /dev/null for the block (what C++ code prints), then comes back."""
+    fd = 1  # C++ writes to the process's descriptor 1, whatever sys.stdout is
+    try:
+        saved = os.dup(fd)
+    except OSError:  # no descriptor 1: nothing to silence
+        yield
+        return
+    for stream in (sys.stdout, sys.__stdout__):
+        if stream is not None:
+            stream.flush()
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), fd)
+            yield
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)
 
 
 def _export_torchscript(wrapper: nn.Module, x: torch.Tensor, path: Path, opset: int, axes: dict) -> None:
