@@ -275,3 +275,22 @@ def test_recipe_structure_step_removes_blocks_and_slims_heads():
         recipe_from(None, {"slim_widths": "head.0"})
     with pytest.raises(ValueError, match="layer_tolerance"):
         recipe_from(None, {"layer_tolerance": "-0.1"})
+
+
+def test_a_block_ending_in_dropout_or_an_unknown_op():
+    class Drop(nn.Module):
+        def __init__(self, scale):
+            super().__init__()
+            self.f, self.drop, self.scale = cbr(4, 4), nn.Dropout2d(0.2), scale
+
+        def forward(self, x):
+            y = x + self.f(x)
+            return y * 0.5 if self.scale else self.drop(y)
+
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    model = nn.Sequential(Drop(False), Drop(True)).double().eval()
+    blocks = residual_blocks(model, x)
+    # y * 0.5 after the add cannot be rebuilt: the branch module returns zeros instead
+    assert [(b.name, b.bypass) for b in blocks] == [("0", {"with": "identity"}), ("1.f", {"with": "zero"})]
+    bypassed, _ = bypass_blocks(model, blocks)
+    assert relative_error(outputs(zeroed_branches(model, blocks), x), outputs(bypassed, x)) < 1e-12

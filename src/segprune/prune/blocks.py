@@ -220,11 +220,11 @@ def _post_op(g: _Graph, out: int, y: int) -> _Op | None | bool:
     return False
 
 
-def _find(g: _Graph, op_index: int) -> tuple[_Call, int, int, _Op | None, str] | None:
-    """For an add, the block around it: (call, x, f, post op, kind), or None."""
-    add = g.ops[op_index]
+def _find(g: _Graph, op_index: int) -> list[tuple[_Call, int, int, _Op | None, str]]:
+    """For an add, the candidate blocks around it, preferred first: (call, x, f, post op, kind)."""
+    add, found = g.ops[op_index], []
     if len(add.inputs) != 2 or len(add.outputs) != 1:
-        return None
+        return found
     y = add.outputs[0]
     for xv, fv in (add.inputs, add.inputs[::-1]):
         x = _base(g, xv)
@@ -240,15 +240,17 @@ def _find(g: _Graph, op_index: int) -> tuple[_Call, int, int, _Op | None, str] |
             inside = ops | {op_index} | ({g.producer[call.output]} if post else set())
             ops_in_call = range(call.start, call.end)
             if post is not False and all(i in inside or g.ops[i].name in _ALIAS_OPS for i in ops_in_call):
-                return call, x, fv, post, "block"
-        for call in (c for c in mine if c.output == fv and c.end > max(ops)):
-            return call, x, fv, None, "zero"
-    return None
+                found.append((call, x, fv, post, "block"))
+                break
+        found += [(call, x, fv, None, "zero") for call in mine if call.output == fv and call.end > max(ops)][:1]
+    return found
 
 
 def _activation(g: _Graph, post: _Op, x: int, call: _Call, model: nn.Module) -> tuple[dict, str] | None:
     """The bypass of a block ending with activation `post`: identity when it is idempotent and `x` already came
     out of it; else the activation as a module; None when it cannot be rebuilt."""
+    if post.name in _ALIAS_OPS:
+        return {"with": "identity"}, f"{post.name} after the add is the identity in eval mode"
     source = g.producer[_base(g, x, _RANGE_OPS)]
     if post.name in _IDEMPOTENT and source is not None and g.ops[source].name == post.name:
         return {"with": "identity"}, (f"{post.name}(x) = x: the block input already came out of {post.name} "
@@ -290,22 +292,24 @@ def residual_blocks(model: nn.Module, example_inputs) -> Blocks:
     macs = trace(model, example_inputs, modes=("eval",)).macs
     blocks, taken = [], set()
     for i, op in enumerate(g.ops):
-        found = _find(g, i) if op.name == "add" else None
-        if found is None or found[0].name in taken or not found[0].name:
-            continue
-        call, x, f, post, kind = found
-        decided = ({"with": "zero"}, "no module holds the add: the branch module returns zeros") if kind == "zero" \
-            else ({"with": "identity"}, "x + 0 = x") if post is None else _activation(g, post, x, call, model)
-        if decided is None:
-            continue
-        module = model.get_submodule(call.name)
-        if not any(True for _ in module.parameters()):  # nothing to save (a branch already replaced by zeros)
-            continue
-        taken.add(call.name)
-        blocks.append(Block(call.name, type(module).__name__, decided[0], _macs_under(macs, call.name),
-                            sum(p.numel() for p in module.parameters()),
-                            call.name if kind == "zero" else _branch_module(g, f, call), decided[1]))
+        for call, x, f, post, kind in _find(g, i) if op.name == "add" else ():
+            module = model.get_submodule(call.name) if call.name else None
+            decided = _decide(g, call, x, post, kind, model)
+            # a module without parameters saves nothing (a branch already replaced by zeros)
+            if decided is None or module is None or call.name in taken or not any(True for _ in module.parameters()):
+                continue
+            taken.add(call.name)
+            blocks.append(Block(call.name, type(module).__name__, decided[0], _macs_under(macs, call.name),
+                                sum(p.numel() for p in module.parameters()),
+                                call.name if kind == "zero" else _branch_module(g, f, call), decided[1]))
+            break
     return Blocks(blocks, total_macs=sum(macs.values()))
+
+
+def _decide(g, call, x, post, kind, model) -> tuple[dict, str] | None:
+    if kind == "zero":
+        return {"with": "zero"}, "no module holds the add and what follows it: the branch module returns zeros"
+    return ({"with": "identity"}, "x + 0 = x") if post is None else _activation(g, post, x, call, model)
 
 
 def _macs_under(macs: dict[str, int], name: str) -> int:
