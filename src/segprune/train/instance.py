@@ -125,17 +125,23 @@ def _coco_paths(spec: str) -> tuple[str, str]:
     return images, annotations
 
 
-def _regularizer(r, model: nn.Module, device):
+def _groups(model: nn.Module, size, device):
+    """The channel groups of ``model``, traced through ``prune_inputs`` (prototypes coupled to coefficients)."""
+    from segprune.prune import channel_groups
+
+    x = torch.zeros(1, 3, *size, device=device)
+    return channel_groups(model, model.prune_inputs(x) if hasattr(model, "prune_inputs") else x)
+
+
+def _regularizer(r, model: nn.Module, device, groups=None):
     """The BN-scale L1 penalty of ``slimming`` on the prunable groups, or None."""
     if r.method == "cap":
         raise ValueError("method cap is defined on semantic logits; train YOLACT with slimming (or none)")
     if r.method != "slimming":
         return None
-    from segprune.prune import channel_groups
     from segprune.prune.regularizer import BNSparsity
 
-    x = torch.zeros(1, 3, *r.size, device=device)
-    groups = channel_groups(model, model.prune_inputs(x) if hasattr(model, "prune_inputs") else x)
+    groups = groups if groups is not None else _groups(model, r.size, device)
     return BNSparsity(model, lam=r.lam, groups=groups, warmup=r.warmup)
 
 
