@@ -84,7 +84,7 @@ def test_layer_by_layer_prunes_each_group_in_turn_to_the_target():
     assert all(err < 1e-6 and removed > 0 for _, err, removed in rec.errors)
     assert len(rec.calls) == len(result.stages) and all(changed for _, changed in rec.calls)
     final = macs(result.model, x) / macs(model, x)
-    assert final == pytest.approx(result.stages[-1]["macs"]) and 0.5 < final <= 0.61
+    assert final == pytest.approx(result.stages[-1]["macs"]) and 0.5 < final <= 0.6
     assert result.retrain_seconds > 0
     fresh = build()
     result.plan.apply(fresh).load_state_dict(result.model.state_dict())

@@ -82,6 +82,11 @@ def layer_by_layer(model: nn.Module, example_inputs, *, target_macs: float, fine
     channels (the smallest fraction that brings the whole model to `target_macs`, found by bisection on the
     original), re-scoring the group on the current model, and retrain `epochs_per_layer` after each.
 
+    A uniform ratio moves in coarse steps (each group rounds its count), so the result can end a few percent
+    below `target_macs`; and where a group spans layers of different widths (a concat), re-scoring may pick other
+    channels than the prediction did, so its MACs can differ slightly from the predicted ones (`stages[-1]["macs"]`
+    is exact for what was cut).
+
     Args: as `two_stage_global`; `on_stage` gets the producer layer of each group as the stage name.
     """
     if not 0 < target_macs <= 1:
