@@ -416,7 +416,8 @@ def prune_blocks(model: nn.Module, example_inputs, batches, *, tolerance: float 
 
     Each round bypasses the block whose removal costs least (`score_blocks`) and stops before a removal that would
     raise the metric more than `tolerance` above the original model's, or once MACs are at most `target_macs` of
-    the original, or after `max_blocks` removals (whichever comes first; at least one must be given). With
+    the original, or after `max_blocks` removals (whichever comes first; at least one must be given), or when no
+    block is left (a MAC target that blocks alone cannot reach: check `history[-1]["macs"]`). With
     `rescore` (the default) the remaining blocks are found and scored again on the current model after every
     removal (the greedy choice then accounts for blocks already gone, at the price of one evaluation per block per
     round); without it they are scored once on the original model and removed in that order.
