@@ -18,7 +18,7 @@ from pycocotools import mask as mask_api  # noqa: E402
 
 from segprune.data.instances import CocoInstances, instance_collate, make_instance_loader, mask_boxes  # noqa: E402
 from segprune.data.synthetic import SyntheticInstances, SyntheticScenes  # noqa: E402
-from segprune.eval.coco_metrics import evaluate_instances  # noqa: E402
+from segprune.eval.coco_metrics import CocoEvaluator, evaluate_instances  # noqa: E402
 
 H, W = 16, 20
 
@@ -241,6 +241,10 @@ def test_perfect_predictions_score_one_and_worse_ones_less():
     targets = [dataset[i][1] for i in range(len(dataset))]
     perfect = evaluate_instances([_perfect(t) for t in targets], dataset)
     assert perfect["bbox"]["AP"] == 1.0 and perfect["segm"]["AP"] == 1.0
+    streamed = CocoEvaluator(dataset)  # image by image, as evaluate_model feeds it
+    for target in targets:
+        streamed.add(target["image_id"], _perfect(target))
+    assert streamed.compute() == perfect
     assert perfect["bbox"]["AP50"] == 1.0 and perfect["segm"]["AP75"] == 1.0
     shifted = [dict(_perfect(t), boxes=t["boxes"] + 2, masks=t["masks"].bool().roll(2, -1)) for t in targets]
     worse = evaluate_instances(shifted, dataset)

@@ -86,31 +86,59 @@ def _to_original(prediction: dict, orig_size: tuple[int, int]) -> tuple[np.ndarr
     return boxes.cpu().numpy(), masks.cpu().numpy()
 
 
-def detections(predictions, dataset_or_coco, coco_gt) -> tuple[list[dict], list[dict], list[int]]:
-    """COCO result lists for boxes and masks, and the evaluated image ids."""
+def image_results(image_id: int, prediction: dict, coco_gt, category_ids: Sequence[int]) -> tuple[list, list]:
+    """COCO result entries (boxes, RLE masks) of one image's prediction, in its original frame and category ids."""
     _, _, mask_api = _pycocotools()
-    category_ids = sorted(coco_gt.getCatIds())
+    if image_id not in coco_gt.imgs:
+        raise ValueError(f"prediction for image id {image_id}, which the ground truth does not list")
+    info = coco_gt.imgs[image_id]
+    boxes, masks = _to_original(prediction, (int(info["height"]), int(info["width"])))
+    scores = torch.as_tensor(prediction["scores"]).reshape(-1).tolist()
+    labels = torch.as_tensor(prediction["labels"]).reshape(-1).tolist()
+    if not len(boxes) == len(masks) == len(scores) == len(labels):
+        raise ValueError(f"image {image_id}: boxes, masks, scores and labels differ in length")
     boxes_out, masks_out = [], []
-    by_image = _by_image(predictions, dataset_or_coco)
-    for image_id, prediction in by_image.items():
-        if image_id not in coco_gt.imgs:
-            raise ValueError(f"prediction for image id {image_id}, which the ground truth does not list")
-        info = coco_gt.imgs[image_id]
-        boxes, masks = _to_original(prediction, (int(info["height"]), int(info["width"])))
-        scores = torch.as_tensor(prediction["scores"]).reshape(-1).tolist()
-        labels = torch.as_tensor(prediction["labels"]).reshape(-1).tolist()
-        if not len(boxes) == len(masks) == len(scores) == len(labels):
-            raise ValueError(f"image {image_id}: boxes, masks, scores and labels differ in length")
-        for box, mask, score, label in zip(boxes, masks, scores, labels):
-            if not 0 <= label < len(category_ids):
-                raise ValueError(f"image {image_id}: label {label} outside 0..{len(category_ids) - 1}")
-            common = {"image_id": image_id, "category_id": category_ids[label], "score": float(score), "iscrowd": 0}
-            x0, y0, x1, y1 = map(float, box)
-            boxes_out.append({**common, "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0)})
-            rle = mask_api.encode(np.asfortranarray(mask.astype(np.uint8)))
-            masks_out.append({**common, "segmentation": rle, "area": float(mask_api.area(rle)),
-                              "bbox": mask_api.toBbox(rle).tolist()})
-    return boxes_out, masks_out, sorted(by_image)
+    for box, mask, score, label in zip(boxes, masks, scores, labels):
+        if not 0 <= label < len(category_ids):
+            raise ValueError(f"image {image_id}: label {label} outside 0..{len(category_ids) - 1}")
+        common = {"image_id": image_id, "category_id": category_ids[label], "score": float(score), "iscrowd": 0}
+        x0, y0, x1, y1 = map(float, box)
+        boxes_out.append({**common, "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0)})
+        rle = mask_api.encode(np.asfortranarray(mask.astype(np.uint8)))
+        masks_out.append({**common, "segmentation": rle, "area": float(mask_api.area(rle)),
+                          "bbox": mask_api.toBbox(rle).tolist()})
+    return boxes_out, masks_out
+
+
+class CocoEvaluator:
+    """Collects detections image by image, RLE-encoded at once (no dense masks pile up), then runs COCOeval.
+
+    Args:
+        dataset_or_coco_gt: See :func:`evaluate_instances`.
+        iou_types: Which of ``"bbox"`` and ``"segm"`` to score.
+    """
+
+    def __init__(self, dataset_or_coco_gt, *, iou_types: Sequence[str] = ("bbox", "segm")):
+        unknown = set(iou_types) - {"bbox", "segm"}
+        if unknown:
+            raise ValueError(f"iou_types must be 'bbox' and/or 'segm', got {sorted(unknown)}")
+        self.iou_types = tuple(iou_types)
+        self.coco_gt = ground_truth(dataset_or_coco_gt)
+        self.category_ids = sorted(self.coco_gt.getCatIds())
+        self.found: dict[str, list[dict]] = {"bbox": [], "segm": []}
+        self.image_ids: set[int] = set()
+
+    def add(self, image_id: int, prediction: dict) -> None:
+        """Add one image's prediction (an image with none still counts: its objects are missed)."""
+        boxes, masks = image_results(int(image_id), prediction, self.coco_gt, self.category_ids)
+        self.found["bbox"] += boxes
+        self.found["segm"] += masks
+        self.image_ids.add(int(image_id))
+
+    def compute(self) -> dict[str, dict[str, float]]:
+        """COCOeval's statistics per IoU type over the images added (see :func:`evaluate_instances`)."""
+        ids = sorted(self.image_ids)
+        return {kind: _summarise(self.coco_gt, self.found[kind], kind, ids) for kind in self.iou_types}
 
 
 def _results(coco_gt, anns: list[dict]):
@@ -148,10 +176,7 @@ def evaluate_instances(
         ``{"bbox": {...}, "segm": {...}}`` with AP (IoU .50:.95), AP50, AP75, APs/APm/APl and the ARs, each in
         [0, 1] (-1 where COCOeval leaves it undefined).
     """
-    unknown = set(iou_types) - {"bbox", "segm"}
-    if unknown:
-        raise ValueError(f"iou_types must be 'bbox' and/or 'segm', got {sorted(unknown)}")
-    coco_gt = ground_truth(dataset_or_coco_gt)
-    boxes, masks, image_ids = detections(predictions, dataset_or_coco_gt, coco_gt)
-    found = {"bbox": boxes, "segm": masks}
-    return {kind: _summarise(coco_gt, found[kind], kind, image_ids) for kind in iou_types}
+    evaluator = CocoEvaluator(dataset_or_coco_gt, iou_types=iou_types)
+    for image_id, prediction in _by_image(predictions, dataset_or_coco_gt).items():
+        evaluator.add(image_id, prediction)
+    return evaluator.compute()

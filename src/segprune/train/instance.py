@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from segprune.data.instances import CocoInstances, make_instance_loader
-from segprune.eval.coco_metrics import evaluate_instances
+from segprune.eval.coco_metrics import CocoEvaluator
 from segprune.train.distributed import unwrap
 
 
@@ -57,36 +57,43 @@ class InstanceLoss:
 
 
 @torch.inference_mode()
-def predict_instances(model: nn.Module, loader, *, device="cpu", **postprocess_kwargs) -> dict[int, dict]:
-    """Postprocessed predictions of every image in ``loader``, keyed by image id, on the CPU.
+def iterate_predictions(model: nn.Module, loader, *, device="cpu", **postprocess_kwargs):
+    """Yield ``(image_id, prediction)`` for every image of ``loader``, predictions on the CPU.
 
     ``postprocess_kwargs`` go to :func:`segprune.models.yolact.postprocess` (score threshold, NMS IoU, top k).
-    The model's train/eval mode is restored afterwards.
+    The model runs in eval mode; its train/eval mode is restored afterwards.
     """
     from segprune.models.yolact import postprocess
 
     was_training, model = model.training, unwrap(model)
     model.eval()
-    predictions = {}
     try:
         for images, targets in loader:
             size = tuple(images.shape[-2:])
             outputs = model(images.to(device))
-            found = postprocess(outputs, model.anchors(*size), size, **postprocess_kwargs)
-            for target, prediction in zip(targets, found):
-                predictions[target["image_id"]] = {k: v.cpu() for k, v in prediction.items()}
+            for target, found in zip(targets, postprocess(outputs, model.anchors(*size), size, **postprocess_kwargs)):
+                yield target["image_id"], {k: v.cpu() for k, v in found.items()}
     finally:
         model.train(was_training)
-    return predictions
+
+
+def predict_instances(model: nn.Module, loader, *, device="cpu", **postprocess_kwargs) -> dict[int, dict]:
+    """Postprocessed predictions of every image in ``loader``, keyed by image id (see :func:`iterate_predictions`;
+    dense masks of a large set do not fit in memory: :func:`evaluate_model` encodes them as it goes)."""
+    return dict(iterate_predictions(model, loader, device=device, **postprocess_kwargs))
 
 
 def evaluate_model(model: nn.Module, dataset: Dataset, *, batch_size: int = 4, device="cpu",
                    **postprocess_kwargs) -> dict[str, dict[str, float]]:
-    """COCO box and mask AP of ``model`` on ``dataset`` (an instance dataset, or a ``Subset`` of one)."""
+    """COCO box and mask AP of ``model`` on ``dataset`` (an instance dataset, or a ``Subset`` of one).
+
+    Masks are RLE-encoded batch by batch, so memory holds no more than one batch of dense masks.
+    """
     loader = make_instance_loader(dataset, batch_size=batch_size, shuffle=False, seed=0)
-    predictions = predict_instances(model, loader, device=device, **postprocess_kwargs)
-    base = dataset.dataset if isinstance(dataset, Subset) else dataset
-    return evaluate_instances(predictions, base)
+    evaluator = CocoEvaluator(dataset.dataset if isinstance(dataset, Subset) else dataset)
+    for image_id, prediction in iterate_predictions(model, loader, device=device, **postprocess_kwargs):
+        evaluator.add(image_id, prediction)
+    return evaluator.compute()
 
 
 # Recipes
