@@ -125,6 +125,31 @@ def test_unexportable_op_is_named(tmp_path):
     assert not path.exists() and list(tmp_path.iterdir()) == []
 
 
+class FunctionalPool(nn.Module):
+    """Adaptive pooling as a function, which the module scan cannot see: the dynamic-H/W export must fail over."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        y = nn.functional.adaptive_avg_pool2d(self.conv(x), 2)
+        return {"out": nn.functional.interpolate(y, size=x.shape[-2:], mode="nearest")}
+
+
+def test_export_failing_with_dynamic_size_falls_back_to_fewer_axes(tmp_path):
+    result = export_onnx(FunctionalPool(), torch.randn(1, 3, 8, 8), tmp_path / "m.onnx", exporter="torchscript")
+    assert result["dynamic_axes"] == {0: "batch"}
+    assert "dynamic batch/height/width dropped" in result["notes"][0] and "adaptive_avg_pool2d" in result["notes"][0]
+    assert result["checked_shapes"] == [[1, 3, 8, 8], [2, 3, 8, 8]]
+
+
+def test_unknown_op_is_not_retried_with_fewer_axes(tmp_path):
+    with pytest.raises(ExportError) as err:
+        export_onnx(Mystery(), torch.randn(1, 3, 8, 8), tmp_path / "m.onnx", exporter="torchscript")
+    assert err.value.ops == ["segprune_test::mystery"] and "dynamic" not in str(err.value)
+
+
 class Drifting(nn.Module):
     """Computes something new on every call: no exported graph can match it, so the parity check must fail."""
 

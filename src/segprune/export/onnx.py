@@ -41,7 +41,15 @@ _AXES = {0: "batch", 2: "height", 3: "width"}
 
 
 class ExportError(ValueError):
-    """The model could not be exported, or the exported file does not compute what the model computes."""
+    """The model could not be exported, or the exported file does not compute what the model computes.
+
+    ``ops`` lists the ops that no exporter has a translation for at all (empty when the failure was another one,
+    e.g. an op that cannot take dynamic shapes).
+    """
+
+    def __init__(self, message: str, ops: list[str] | None = None):
+        super().__init__(message)
+        self.ops = list(ops or [])
 
 
 class Logits(nn.Module):
@@ -157,13 +165,18 @@ _OP_PATTERNS = [r"operator '([\w:.]+)'", r"unrecognized namespace ([\w:.]+)", r"
                 r"OpOverload\(op='([\w.]+)'", r"target=torch\.ops\.([\w.]+)"]
 
 
-def unsupported_ops(err: BaseException) -> list[str]:
+# Messages saying an op has no translation at all (as opposed to none for these shapes or arguments).
+_MISSING_PATTERNS = [r"Exporting the operator '([\w:.]+)' to ONNX opset version \d+ is not supported",
+                     r"unrecognized namespace ([\w:.]+)", r"No ONNX function found for <OpOverload\(op='([\w.]+)'"]
+
+
+def unsupported_ops(err: BaseException, patterns: list[str] = _OP_PATTERNS) -> list[str]:
     """Op names an exporter's error message (or its causes) names as impossible to export."""
     found, seen = [], set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
-        for pattern in _OP_PATTERNS:
-            found += [m for m in re.findall(pattern, str(err)) if m not in found]
+        for pattern in patterns:
+            found += [m for m in (m.rstrip(".") for m in re.findall(pattern, str(err))) if m not in found]
         err = err.__cause__ or err.__context__
     return found
 
@@ -186,10 +199,11 @@ def _export_any(wrapper: nn.Module, x: torch.Tensor, path: Path, opset: int, axe
             raise
         except Exception as err:  # noqa: BLE001  (every exporter failure is reported together below)
             failures[name] = err
-    ops = [op for err in failures.values() for op in unsupported_ops(err)]
-    what = f"op {', '.join(dict.fromkeys(ops))} has no ONNX equivalent" if ops else "export failed"
+    ops = list(dict.fromkeys(op for err in failures.values() for op in unsupported_ops(err)))
+    what = f"op {', '.join(ops)} has no ONNX equivalent" if ops else "export failed"
     detail = "; ".join(f"{n} exporter: {_first_line(e)}" for n, e in failures.items())
-    raise ExportError(f"cannot export {type(wrapper.model).__name__} to ONNX: {what} ({detail})")
+    missing = [op for err in failures.values() for op in unsupported_ops(err, _MISSING_PATTERNS)]
+    raise ExportError(f"cannot export {type(wrapper.model).__name__} to ONNX: {what} ({detail})", missing)
 
 
 # --- parity ---------------------------------------------------------------------------------------------------------
@@ -287,7 +301,13 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path,
 def _export_checked(wrapper, x, tmp: Path, *, opset, check, atol, rtol, exporter, candidates, notes) -> dict:
     """Export with the first axis set in ``candidates`` whose file passes the parity checks (the last is static)."""
     for axes in candidates:
-        used = _export_any(wrapper, x, tmp, opset, axes, exporter)
+        try:
+            used = _export_any(wrapper, x, tmp, opset, axes, exporter)
+        except ExportError as err:
+            if not axes or err.ops:  # static failed too, or an op that no input shape will make exportable
+                raise
+            notes.append(f"dynamic {'/'.join(axes.values())} dropped: {err}")
+            continue
         result = dict(exporter=used, dynamic_axes=axes, max_abs_diff=None, checked_shapes=[])
         if not check:
             return result
