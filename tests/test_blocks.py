@@ -204,6 +204,19 @@ def test_scores_leave_the_model_unchanged_and_greedy_takes_the_cheapest():
     assert relative_error(before, outputs(model, x)) == 0, "not inplace: the original is untouched"
 
 
+def test_scores_by_miou_are_the_drop_in_miou():
+    from segprune.eval.metrics import evaluate
+    from segprune.prune.blocks import miou_metric
+
+    model, x, data = build("hand"), example(), batches()
+    blocks = residual_blocks(model, x)
+    scores = score_blocks(model, blocks, data, miou_metric(3))
+    base = evaluate(model, data, num_classes=3)["miou"]
+    bypassed, _ = bypass_blocks(model, blocks[:1])
+    assert scores[blocks[0].name] == pytest.approx(base - evaluate(bypassed, data, num_classes=3)["miou"])
+    assert any(v != 0 for v in scores.values())
+
+
 @pytest.mark.parametrize("rescore", [True, False])
 def test_prune_blocks_stops_at_the_tolerance_and_the_mac_target(rescore):
     model, x, data = build("hand"), example(), batches()
@@ -258,7 +271,8 @@ def test_recipe_structure_step_removes_blocks_and_slims_heads():
 
     from segprune.pipeline import optimise_structure, recipe_from
 
-    r = recipe_from(None, {"layer_pruning": "true", "layer_max": "1", "slim_widths": "ppm.branches=2, head.0=8"})
+    r = recipe_from(None, {"layer_pruning": "true", "layer_max": "1", "slim_widths": "ppm.branches=2, head.0=8",
+                           "layer_metric": "miou", "layer_tolerance": "1.0"})
     torch.manual_seed(0)
     model = models.create_model("test_pspnet", num_classes=3).eval()
     g = torch.Generator().manual_seed(4)
@@ -275,6 +289,8 @@ def test_recipe_structure_step_removes_blocks_and_slims_heads():
         recipe_from(None, {"slim_widths": "head.0"})
     with pytest.raises(ValueError, match="layer_tolerance"):
         recipe_from(None, {"layer_tolerance": "-0.1"})
+    with pytest.raises(ValueError, match="layer_metric"):
+        recipe_from(None, {"layer_metric": "iou"})
 
 
 def test_a_block_ending_in_dropout_or_an_unknown_op():

@@ -107,6 +107,7 @@ class Recipe:
     layer_tolerance: float = 0.05  # ... while the loss on layer_batches training batches rises at most this much
     layer_max: int = 0  # ... and at most this many blocks (0 = no limit)
     layer_batches: int = 4
+    layer_metric: str = "loss"  # or "miou": score blocks by the drop in mIoU (layer_tolerance then in mIoU, 0.01)
     slim_widths: str = ""  # then set layers' output widths, "name=width,..." (e.g. "ppm.branches=128,head.0=128")
 
     def check(self) -> Recipe:
@@ -125,6 +126,8 @@ class Recipe:
                              f"{self.stage_a}")
         if self.layer_tolerance < 0 or self.layer_max < 0 or self.layer_batches < 1:
             raise ValueError("layer_tolerance and layer_max must be >= 0, layer_batches >= 1")
+        if self.layer_metric not in ("loss", "miou"):
+            raise ValueError(f"layer_metric must be 'loss' or 'miou', got {self.layer_metric!r}")
         slim_widths(self.slim_widths)
         if len(self.aux_weights) != len(self.aux_layers):
             raise ValueError(f"aux_weights needs one weight per aux layer: {self.aux_weights} for {self.aux_layers}")
@@ -330,20 +333,29 @@ def slim_widths(text: str) -> dict[str, int]:
     return widths
 
 
+def _classes(model: nn.Module, example) -> int:
+    training = model.training
+    with torch.no_grad():
+        out = model.eval()(example)
+    model.train(training)
+    return (out["out"] if isinstance(out, dict) else out).shape[1]
+
+
 def optimise_structure(r, model, example, train_loader, log):
     """Miao et al.'s structure step, before channel pruning: remove residual blocks (`layer_pruning`), then set named
     layers' widths (`slim_widths`). Returns (model, plan or None, its MACs as a fraction of the original)."""
     if not r.layer_pruning and not r.slim_widths:
         return model, None, 1.0
-    from segprune.prune.blocks import prune_blocks, slim_layers
+    from segprune.prune.blocks import miou_metric, prune_blocks, slim_layers
     from segprune.prune.plan import Plan
     from segprune.prune.trace import trace
 
     current, plan = model, Plan()
     if r.layer_pruning:
         batches = [(x.to(r.device), y.to(r.device)) for _, (x, y) in zip(range(r.layer_batches), train_loader)]
+        metric = miou_metric(_classes(model, example)) if r.layer_metric == "miou" else None
         result = prune_blocks(current, example, batches, tolerance=r.layer_tolerance, max_blocks=r.layer_max or None,
-                              loss_fn=loss_fn(r, train_loader))
+                              loss_fn=loss_fn(r, train_loader), metric_fn=metric)
         log(f"    layer pruning: removed {len(result.removed)} blocks {[b.name for b in result.removed]}")
         current, plan = result.model, plan.then(result.plan)
     if r.slim_widths:

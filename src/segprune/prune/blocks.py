@@ -370,7 +370,11 @@ def miou_metric(num_classes: int) -> Callable[[nn.Module, Sequence], float]:
     """`metric(model, batches)` = -mIoU (lower is better, like a loss), so a block's score is the IoU it costs."""
     from segprune.eval.metrics import evaluate
 
-    return lambda model, batches: -evaluate(model, list(batches), num_classes=num_classes)["miou"]
+    def metric(model: nn.Module, batches) -> float:
+        device = next(model.parameters()).device
+        return -evaluate(model, list(batches), num_classes=num_classes, device=device)["miou"]
+
+    return metric
 
 
 def score_blocks(model: nn.Module, blocks: Sequence[Block], batches, metric_fn: Callable | None = None
