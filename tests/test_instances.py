@@ -478,3 +478,28 @@ def test_slimming_penalises_the_prunable_bn_scales_and_cap_is_refused():
     assert _regularizer(_tiny_recipe(method="l1"), model, "cpu") is None
     with pytest.raises(ValueError, match="cap"):
         _regularizer(_tiny_recipe(method="cap"), model, "cpu")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+                    reason="torch.distributed with the gloo backend is not available in this build")
+def test_instance_training_under_torchrun(tmp_path):
+    """Two gloo processes: the shards train together, rank 0 alone evaluates (COCOeval) and writes, none hangs."""
+    import os
+    import subprocess
+
+    _yolact()
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
+               "-m", "segprune.cli", "train", "--task", "instance", "--model", "test_yolact", "--data", "synthetic",
+               "--out", str(out), "--quiet", "--set", "width=0.0625", "--set", "size=[32,40]", "--set", "method=l1",
+               "--set", "batch_size=4", "--set", "epochs=1", "--set", "train_samples=8", "--set", "val_samples=2",
+               "--set", "threads=1"]
+    done = subprocess.run(command, env={**env, "OMP_NUM_THREADS": "1"}, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    log = (out / "log.txt").read_text()
+    assert "2 process(es)" in log and log.count("mask AP") == 1
+    assert set(json.loads((out / "metrics.json").read_text())) == {"bbox", "segm"}
+    assert (out / "checkpoints" / "latest").read_text() == "step-0000002"  # 8 images, global batch 4
