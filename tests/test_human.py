@@ -67,15 +67,16 @@ def test_values_other_than_0_and_255_name_the_files(tmp_path):
 
 def test_cli_runs_the_human_recipe_and_reports_foreground_iou(tmp_path, capsys):
     root, out = human_folder(tmp_path / "h"), tmp_path / "run"
-    tiny = ["model=test_pspnet", "width=1.0", "size=[32,32]", "eval_size=[32,32]", "epochs=1", "finetune_epochs=1",
-            "batch_size=4", "threads=1", "latency_rounds=1", "latency_runs=2", "report_samples=0"]
+    tiny = ["model=test_pspnet", "width=0.03125", "size=[32,32]", "eval_size=[32,32]", "epochs=1", "finetune_epochs=1",
+            "batch_size=4", "threads=1", "latency_rounds=1", "latency_runs=2", "report_samples=0", "stage_a_epochs=1",
+            "slim_widths=ppm.branches=8,head.0=8"]  # the recipe's widths are for pspnet_resnet18 x0.5
     args = ["run", RECIPE, "--data", f"human:{root}", "--out", str(out), "--quiet"]
     assert main(args + [a for kv in tiny for a in ("--set", kv)]) == 0
     report = json.loads((out / "report.json").read_text())
     for side in ("before", "after"):
         assert 0 <= report[side]["fg_iou"] <= 1 and len(report[side]["iou"]) == 2
         assert report[side]["miou"] == pytest.approx(np.nanmean(report[side]["iou"]))
-    assert report["recipe"]["data"] == "human" and report["recipe"]["iterations"] == 2
+    assert report["recipe"]["data"] == "human" and report["recipe"]["schedule"] == "two_stage"
     assert report["after"]["macs"] < report["before"]["macs"]
     assert "foreground IoU" in capsys.readouterr().out
 
