@@ -74,6 +74,10 @@ def test_bench_errors_are_named(tmp_path, checkpoints, capsys):
     assert main(["bench", str(dense), "--input-size", "33", "40", "--rounds", "1", "--runs", "1"]) == 2
     err = capsys.readouterr().err
     assert "dense: cannot take input size 33×40" in err and "divisible by 16" in err
+    other = segprune.save(tmp_path / "yolact", create_model("test_yolact", num_classes=3),
+                          config={"model": "test_yolact", "model_kwargs": {"num_classes": 3}})
+    assert main(["bench", str(other), *FAST]) == 2
+    assert "no \"out\" logits" in capsys.readouterr().err
 
 
 def test_export_fused_onnx_matches_the_checkpoint(tmp_path, checkpoints, capsys):

@@ -45,6 +45,9 @@ def check_takes(folder: str | Path, model: nn.Module, x: torch.Tensor) -> None:
     except (ValueError, RuntimeError) as err:
         raise ValueError(f"{folder}: cannot take input size {x.shape[-2]}×{x.shape[-1]}: "
                          f"{str(err).splitlines()[0]}") from err
+    if isinstance(out, dict) and "out" not in out:
+        raise ValueError(f"{folder}: the model returns {sorted(out)}, no \"out\" logits: bench and export take "
+                         "semantic segmentation models")
     logits = out["out"] if isinstance(out, dict) else out
     if not isinstance(logits, torch.Tensor) or tuple(logits.shape[-2:]) != tuple(x.shape[-2:]):
         raise ValueError(f"{folder}: output {getattr(logits, 'shape', None)} does not match the input size "
