@@ -18,6 +18,11 @@ ROWS = [("mIoU (%)", "miou", lambda v: f"{100 * v:.2f}"),
         ("MACs", "macs", lambda v: f"{v / 1e6:,.1f} M"),
         ("weights file", "size_bytes", lambda v: f"{v / 1024:,.1f} KiB"),
         ("latency (median)", "latency_ms", lambda v: f"{v:.2f} ms")]
+# An instance (YOLACT) report: COCO box and mask AP in place of mIoU, the same cost rows.
+INSTANCE_ROWS = [("box AP (%)", "box_ap", lambda v: f"{100 * v:.2f}"),
+                 ("mask AP (%)", "mask_ap", lambda v: f"{100 * v:.2f}"),
+                 ("mask AP50 (%)", "mask_ap50", lambda v: f"{100 * v:.2f}"),
+                 ("mask AP75 (%)", "mask_ap75", lambda v: f"{100 * v:.2f}"), *ROWS[1:]]
 REQUIRED = [key for _, key, _ in ROWS]
 NO_MATPLOTLIB = "matplotlib not installed (pip install segprune[report])"
 FILES = ("report.json", "report.md", "report.html")
@@ -27,10 +32,15 @@ def _ratio(before: float, after: float) -> float:
     return after / before if before else float("nan")
 
 
-def table(before: dict, after: dict) -> str:
-    """A Markdown before/after table with the after/before ratio of every row."""
+def rows_of(report: dict) -> list:
+    """The table rows of a report: INSTANCE_ROWS for ``"task": "instance"``, else ROWS (mIoU)."""
+    return INSTANCE_ROWS if report.get("task") == "instance" else ROWS
+
+
+def table(before: dict, after: dict, *, rows=None) -> str:
+    """A Markdown before/after table with the after/before ratio of every row (`rows`: ROWS by default)."""
     lines = ["| | before | after | after / before |", "|---|---:|---:|---:|"]
-    for label, key, fmt in ROWS:
+    for label, key, fmt in rows or ROWS:
         lines.append(f"| {label} | {fmt(before[key])} | {fmt(after[key])} | {_ratio(before[key], after[key]):.3f} |")
     return "\n".join(lines)
 
@@ -65,7 +75,8 @@ def write_report(folder: str | Path, report: dict, *, samples: dict | Callable[[
 
 def _markdown(report: dict) -> str:
     lat = report["after"]["latency"]
-    return "\n".join([f"# segprune report: {report['title']}", "", table(report["before"], report["after"]), "",
+    return "\n".join([f"# segprune report: {report['title']}", "",
+                      table(report["before"], report["after"], rows=rows_of(report)), "",
                       f"Latency: {_setup(lat)}, median of {lat.get('rounds', '?')} interleaved rounds.", "",
                       *[f"- {note}" for note in report.get("notes", [])], ""])
 
@@ -110,9 +121,11 @@ def _run_sections(report: dict, samples: dict | None) -> tuple[list[str], list[s
     skipped: list[str] = []
     before, after, lat = report["before"], report["after"], report["after"]["latency"]
     rows = [(label, fmt(before[key]), fmt(after[key]), f"{_ratio(before[key], after[key]):.3f}")
-            for label, key, fmt in ROWS]
+            for label, key, fmt in rows_of(report)]
     points = [{**report[side], "label": side, "run": report["title"]} for side in ("before", "after")]
-    cost = _figures(_pareto_plots(points, report["title"]), skipped)
+    cost = [] if report.get("task") == "instance" else _figures(_pareto_plots(points, report["title"]), skipped)
+    if report.get("task") == "instance":  # the plots draw mIoU; the table has the APs
+        skipped.append("accuracy vs cost plots skipped: they plot mIoU, an instance run has box and mask AP")
     width_figures = _figures(_width_plots(report.get("widths")), skipped)
     overlays = _figures(_prediction_plots(samples, skipped), skipped)
     sections = [
