@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import math
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -113,14 +114,15 @@ class _Graph:
     shape: list[tuple] = field(default_factory=list)
     ops: list[_Op] = field(default_factory=list)
     calls: list[_Call] = field(default_factory=list)
-    current: dict[int, int] = field(default_factory=dict)  # id(tensor) -> its latest value
-    keep: list = field(default_factory=list)  # every tensor seen stays alive, so ids are never reused
+    current: dict[int, int] = field(default_factory=dict)  # id(live tensor) -> its latest value
 
     def new(self, t: torch.Tensor, op: int | None) -> int:
         self.producer.append(op)
         self.shape.append(tuple(t.shape))
+        # Python reuses the id of a freed tensor: forget it the moment it dies (memory stays that of a forward pass)
+        if id(t) not in self.current:
+            weakref.finalize(t, self.current.pop, id(t), None)
         self.current[id(t)] = len(self.producer) - 1
-        self.keep.append(t)
         return len(self.producer) - 1
 
     def value(self, t) -> int | None:
