@@ -222,6 +222,11 @@ def test_synthetic_instances_contract_and_determinism():
         assert target["image_id"] == i and target["orig_size"] == (40, 56)
     other = SyntheticInstances(num_samples=3, size=(40, 56), seed=3)
     assert not torch.equal(other[0][0], a[0][0])
+    cached = SyntheticInstances(num_samples=3, size=(40, 56), num_classes=4, seed=2, cache=True)
+    for _ in range(2):  # drawn, then from the cache
+        assert all(torch.equal(cached[i][0], a[i][0]) and torch.equal(cached[i][1]["masks"], a[i][1]["masks"])
+                   for i in range(3))
+    assert cached.coco_dict() == a.coco_dict()
 
 
 def test_synthetic_training_flips_are_seeded():

@@ -262,10 +262,12 @@ class SyntheticInstances(Dataset):
         split: One of ``"train"``, ``"val"``, ``"test"``.
         train: Mirror samples left-right with probability ``flip``.
         flip: Flip probability in training.
+        cache: Keep every generated scene in memory (about 7 bytes a pixel), so that later epochs skip drawing it;
+            flips are still drawn per epoch.
     """
 
     def __init__(self, *, num_samples=256, size=(96, 128), num_classes=4, seed=0, split="train", train=False,
-                 flip=0.5):
+                 flip=0.5, cache=False):
         from segprune.data.instances import InstanceTransform
 
         if num_classes < 1:
@@ -273,6 +275,7 @@ class SyntheticInstances(Dataset):
         self.scenes = SyntheticScenes(num_samples=num_samples, size=size, num_classes=num_classes + 2, seed=seed,
                                       split=split)
         self.size, self.train = tuple(size), train
+        self._cache: dict[int, dict] | None = {} if cache else None
         self.categories = [{"id": k + 1, "name": name} for k, name in enumerate(self.scenes.class_names[2:])]
         self.transform = InstanceTransform(None, flip=flip if train else 0.0, mean=SyntheticScenes.MEAN,
                                            std=SyntheticScenes.STD, seed=seed)
@@ -295,9 +298,16 @@ class SyntheticInstances(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
         from segprune.data.instances import make_target
 
-        sample = self.scenes.sample(index)
+        sample = self._sample(index)
         image, masks = self.transform(sample["image"], _instance_masks(sample["instances"]))
         return image, make_target(masks, torch.from_numpy(sample["labels"] - 2), index, self.size)
+
+    def _sample(self, index: int) -> dict:
+        if self._cache is None:
+            return self.scenes.sample(index)
+        if index not in self._cache:
+            self._cache[index] = self.scenes.sample(index)
+        return self._cache[index]
 
     def coco_dict(self) -> dict:
         """Every sample's instances in COCO form (RLE masks, xywh boxes): the ground truth of evaluation."""
@@ -305,7 +315,7 @@ class SyntheticInstances(Dataset):
 
         encode, images, annotations = mask_api().encode, [], []
         for index in range(len(self)):
-            sample = self.scenes.sample(index)
+            sample = self._sample(index)
             images.append({"id": index, "file_name": f"{self.scenes.split}_{index}.png", "height": self.size[0],
                            "width": self.size[1]})
             for mask, box, cls in zip(_instance_masks(sample["instances"]), sample["boxes"], sample["labels"]):

@@ -111,7 +111,9 @@ def instance_datasets(r) -> tuple[Dataset, Dataset, int]:
         if r.num_classes < 3:
             raise ValueError(f"num_classes {r.num_classes}: the instance scenes need at least 3 (ground, sky, one "
                              "object class)")
-        kw = dict(size=r.size, num_classes=r.num_classes - 2, seed=r.seed)
+        # small sets stay in memory (about 7 bytes a pixel), so epochs after the first skip drawing the scenes
+        cache = (r.train_samples + r.val_samples) * r.size[0] * r.size[1] * 7 <= 2**30
+        kw = dict(size=r.size, num_classes=r.num_classes - 2, seed=r.seed, cache=cache)
         train = SyntheticInstances(num_samples=r.train_samples, split="train", train=True, **kw)
         return train, SyntheticInstances(num_samples=r.val_samples, split="val", **kw), train.num_classes
     if r.data != "coco":
