@@ -63,7 +63,8 @@ def unet_path():
 
 def test_path_is_nested_and_macs_decrease(unet_path):
     model, x, path = unet_path
-    assert len(path) >= 4 and path.steps[-1].macs <= 0.4 * path.steps[0].macs
+    total = path.steps[0].macs
+    assert len(path) >= 4 and path.steps[-1].macs <= (0.4 + 0.15 / 2) * total < path.steps[-2].macs  # the stop rule
     macs = [s.macs for s in path.steps]
     assert all(a > b for a, b in zip(macs, macs[1:]))
     assert all(a.params > b.params for a, b in zip(path.steps, path.steps[1:]))
@@ -120,7 +121,7 @@ def test_ablation_path_runs_on_a_small_model():
     model, (x, y) = randomize_norms(Tiny()).eval(), data()
     path = pruning_path(model, x[:1], [(x, y)], val_miou([(x, y)], 3), criterion="ablation", step=0.2,
                         min_macs=0.5)
-    assert path.criterion == "ablation" and path.steps[-1].macs <= 0.5 * path.steps[0].macs
+    assert path.criterion == "ablation" and len(path) >= 3 and path.steps[-1].macs <= 0.6 * path.steps[0].macs
 
 
 def test_channel_macs_matches_the_cost_model(unet_path):

@@ -405,6 +405,8 @@ def run(r: Recipe, out: str | Path, *, force: bool = False, progress: bool = Tru
                                                   else 0.0)
 
     what = f"to {r.target_macs:.0%} of the MACs" if r.target_macs else f"{r.ratio:.0%} of prunable channels"
+    if r.method == "postprune":
+        what = f"along a path of {r.path_step:g} MACs a step down to {r.path_min_macs:.0%}, then selecting"
     log(f"2/4 pruning {what} ({r.method}), 3/4 fine-tuning {r.finetune_epochs} epochs")
     if r.method == "postprune":
         pruned, plan, removed = postprune_and_finetune(rc, structured, example, train_loader, val_loader, num_classes,

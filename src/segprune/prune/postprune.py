@@ -153,7 +153,8 @@ def pruning_path(model: nn.Module, example_inputs, prune_batches, val_fn: Callab
         selector: "rank" (remove the weakest by g) or "lasso" (the ranking sets how many each group loses,
             He et al.'s LASSO chooses which, and the consuming conv is refitted).
         recover: called on the pruned model after every step (brief fine-tuning), or None.
-        min_macs: stop once the MACs are at most this fraction of the original.
+        min_macs: stop once the MACs are at most this fraction of the original (with a float `step`: at most
+            half a step above it).
         min_keep: per-layer floor, as in `prune`.
         ignore: modules whose output channels are kept.
         loss_fn: `loss_fn(output, target) -> loss` for Taylor and ablation.
@@ -171,7 +172,9 @@ def pruning_path(model: nn.Module, example_inputs, prune_batches, val_fn: Callab
     plan, removed = Plan(), 0
     steps = [_record(current, groups, val_fn, alpha=0.0, plan=plan, removed=0)]
     weights = [_state(current)] if keep_weights else None
-    while len(steps) <= max_steps and steps[-1].macs > min_macs * total:
+    # a float step stops within half a step of min_macs rather than adding slivers of a few channels
+    floor = min_macs * total + (0 if isinstance(step, int) else step * total / 2)
+    while len(steps) <= max_steps and steps[-1].macs > floor:
         budget = step if isinstance(step, int) else min(step * total, steps[-1].macs - min_macs * total)
         batch, alpha = _weakest_batch(current, groups, batches, criterion, loss_fn, budget, min_keep)
         if not batch:
