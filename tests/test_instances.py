@@ -116,6 +116,13 @@ def test_bad_input_counted_reported_and_warned_once(coco_tree):
     assert [a["id"] for a in dataset.annotations[1]] == [1, 2, 3]
 
 
+def test_unreadable_image_is_dropped_at_construction(coco_tree):
+    (coco_tree / "images" / "b.png").write_bytes(b"not a png")
+    dataset = _load(coco_tree, size=None)
+    assert dataset.image_ids == [1] and "image 2" in dataset.problems.entries["unreadable_image"][0]
+    assert _load(coco_tree, size=None, check_images=False).image_ids == [1, 2]  # then it fails when read
+
+
 def test_clean_file_gives_no_warning(coco_tree):
     data = json.loads((coco_tree / "ann.json").read_text())
     data["images"], data["annotations"] = data["images"][:1], data["annotations"][:3]
@@ -343,7 +350,7 @@ def test_cli_check_reports_every_problem(coco_tree, capsys):
     (coco_tree / "clean.json").write_text(json.dumps(data))
     spec = f"coco:{coco_tree / 'images'}:{coco_tree / 'clean.json'}"
     assert main(["check", "--task", "instance", "--data", spec]) == 2
-    assert "image 2 (b.png): cannot identify image file" in capsys.readouterr().out
+    assert "unreadable_image: image 2: " in capsys.readouterr().out  # found from its header, at construction
     _write_image(coco_tree / "images" / "b.png", H, W)
     assert main(["check", "--task", "instance", "--data", spec]) == 0
 
