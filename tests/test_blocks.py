@@ -114,7 +114,8 @@ def test_hand_model_blocks_and_their_bypass():
 
 
 @pytest.mark.parametrize("name, expected",
-                         [("hand", 4), ("inplace", 2), ("test_pspnet", 2), ("test_deeplabv3plus", 11)])
+                         [("hand", 4), ("inplace", 2), ("test_pspnet", 2), ("test_deeplabv3plus", 11),
+                          ("test_icnet", 2), ("test_yolact", 2)])
 def test_bypass_equals_zeroed_branch(name, expected):
     model, x = build(name), example()
     blocks = residual_blocks(model, x)
@@ -233,6 +234,12 @@ def test_prune_blocks_stops_at_the_tolerance_and_the_mac_target(rescore):
     macs = sum(trace(target.model, x, modes=("eval",)).macs.values()) / total
     assert macs <= 0.9 and macs == pytest.approx(target.history[-1]["macs"])
     assert target.history[-2]["macs"] > 0.9 if len(target.history) > 1 else True
+
+
+@pytest.mark.parametrize("name", ["test_segnet", "test_unet"])
+def test_models_without_residual_blocks_are_told_so(name):
+    with pytest.raises(ValueError, match="no bypassable residual block.*channel pruning"):
+        prune_blocks(build(name), example(), batches(1), max_blocks=1)
 
 
 def test_bad_input_is_a_clear_error():
