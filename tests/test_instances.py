@@ -452,6 +452,19 @@ def test_evaluate_model_scores_postprocessed_predictions():
     assert 0.0 <= metrics["segm"]["AP"] < 0.5 and 0.0 <= metrics["bbox"]["AP"] < 0.5  # untrained
 
 
+def test_predictions_in_the_original_frame(coco_tree):
+    model = _yolact(num_classes=2)
+    from segprune.train.instance import predict_instances
+
+    loader = make_instance_loader(_load(coco_tree, size=(32, 40)), batch_size=2, shuffle=False, seed=0)
+    resized = predict_instances(model, loader, score_thresh=0.0)
+    original = predict_instances(model, loader, score_thresh=0.0, original_size=True)
+    assert sorted(original) == [1, 2]
+    for image_id, prediction in original.items():
+        assert prediction["masks"].shape[1:] == (H, W) and resized[image_id]["masks"].shape[1:] == (32, 40)
+        torch.testing.assert_close(prediction["boxes"], resized[image_id]["boxes"] / 2)  # the same detections
+
+
 def test_cli_trains_and_evaluates_an_instance_model(tmp_path, coco_tree, capsys):
     _yolact()
     from segprune.cli import main
