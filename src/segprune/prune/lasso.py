@@ -60,8 +60,11 @@ def sample_layer(model: nn.Module, name: str, batches, *, samples: int = 2000, s
     """Run `model` (eval mode, no grad) on `batches` ((input, target) pairs) and sample the input patches and
     bias-free output of conv `name` at `samples` random positions spread over the batches."""
     conv = model.get_submodule(name)
-    grabbed: list[torch.Tensor] = []
-    handle = conv.register_forward_hook(lambda m, args, out: grabbed.append(args[0].detach()))
+    batches = list(batches)
+    g = torch.Generator().manual_seed(seed)
+    per_call = math.ceil(samples / max(len(batches), 1))
+    grabbed: list[torch.Tensor] = []  # patches only: whole activations of every batch would not fit at full size
+    handle = conv.register_forward_hook(lambda m, args, out: grabbed.append(_patches(m, args[0].double(), per_call, g)))
     was_training = model.training
     model.eval()
     try:
@@ -74,9 +77,7 @@ def sample_layer(model: nn.Module, name: str, batches, *, samples: int = 2000, s
         model.train(was_training)
     if not grabbed:
         raise ValueError(f"{name} was not called on the sampling batches")
-    g = torch.Generator().manual_seed(seed)
-    per_batch = math.ceil(samples / len(grabbed))
-    patches = torch.cat([_patches(conv, x.double(), per_batch, g) for x in grabbed])
+    patches = torch.cat(grabbed)
     weight = conv.weight.detach().double().flatten(1)
     return LayerSamples(patches, patches.flatten(1) @ weight.T)
 
@@ -119,9 +120,10 @@ def lasso_path_select(G: torch.Tensor, b: torch.Tensor, *, keep: int, removable:
     Gn, bn = G / scale[:, None] / scale[None], b / scale
     lo, hi = 0.0, float(bn[free].abs().max()) * 2 + 1e-30
     beta, best = torch.zeros_like(bn), None
+    step = 1.0 / float(torch.linalg.eigvalsh(Gn)[-1].clamp_min(1e-30))
     for _ in range(rounds):
         lam = math.sqrt(max(lo, hi * 1e-8) * hi)  # geometric bisection
-        beta = _fista(Gn, bn, lam * free.double(), beta, iters)
+        beta = _fista(Gn, bn, lam * free.double(), beta, iters, step)
         alive = int((beta[free].abs() > 1e-12).sum())
         if alive >= keep:
             lo, best = lam, beta.clone()
@@ -130,15 +132,16 @@ def lasso_path_select(G: torch.Tensor, b: torch.Tensor, *, keep: int, removable:
         if alive == keep:
             break
     if best is None:  # even a vanishing penalty zeroes too many gates: rank by the unpenalised fit
-        best = _fista(Gn, bn, torch.zeros_like(bn), beta, iters)
+        best = _fista(Gn, bn, torch.zeros_like(bn), beta, iters, step)
     score = best.abs().masked_fill(~free, -1.0)
     chosen = torch.topk(score, keep).indices.numpy() if keep else np.array([], dtype=np.int64)
     return np.sort(np.concatenate([np.flatnonzero(~removable), chosen]))
 
 
-def _fista(G: torch.Tensor, b: torch.Tensor, lam: torch.Tensor, beta: torch.Tensor, iters: int) -> torch.Tensor:
-    """min 1/2 beta^T G beta - b^T beta + sum lam_c |beta_c| by FISTA (warm-started)."""
-    step = 1.0 / float(torch.linalg.eigvalsh(G)[-1].clamp_min(1e-30))
+def _fista(G: torch.Tensor, b: torch.Tensor, lam: torch.Tensor, beta: torch.Tensor, iters: int,
+           step: float) -> torch.Tensor:
+    """min 1/2 beta^T G beta - b^T beta + sum lam_c |beta_c| by FISTA (warm-started; step = 1 / largest
+    eigenvalue of G)."""
     x, y, t = beta.clone(), beta.clone(), 1.0
     for _ in range(iters):
         z = y - step * (G @ y - b)
@@ -176,6 +179,8 @@ def select_channels(model: nn.Module, group: ChannelGroup, consumer: str, batche
     data = sample_layer(model, consumer, batches, samples=samples, seed=seed)
     G, b = gram(data, conv.weight)
     removable = group.prunable[index]  # per input position
+    if not 0 <= drop <= removable.sum():
+        raise ValueError(f"{consumer}: cannot drop {drop} of its {int(removable.sum())} removable input channels")
     kept_positions = lasso_path_select(G, b, keep=int(removable.sum()) - drop, removable=removable)
     weight = least_squares(data, kept_positions).reshape(conv.out_channels, len(kept_positions), *conv.kernel_size)
     dropped = np.setdiff1d(np.arange(len(index)), kept_positions)

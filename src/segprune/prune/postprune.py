@@ -113,7 +113,7 @@ class PruningPath:
                 raise ValueError(f"{file}: not a segprune path (expected format {FORMAT!r})")
             steps = [PathStep(s["alpha"], s["macs"], s["params"], s["miou"], s["miou_se"], s["removed"],
                               Plan.from_json(json.dumps(s["plan"])))  for s in data["steps"]]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
             raise ValueError(f"{file}: corrupt path ({err})") from err
         return cls(steps, data.get("criterion", "taylor"), data.get("selector", "rank"))
 
