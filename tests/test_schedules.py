@@ -96,6 +96,11 @@ def test_schedules_reject_bad_targets():
     for schedule in (two_stage_global, layer_by_layer):
         with pytest.raises(ValueError, match="target_macs"):
             quiet(schedule, model, x, target_macs=0.0, finetune=lambda m, e: None)
+    from segprune.prune.criteria import Taylor
+
+    with pytest.raises(ValueError, match="Taylor criterion"):
+        quiet(two_stage_global, model, x, target_macs=0.5, finetune=lambda m, e: None,
+              criterion=Taylor(model, [], None))
     with pytest.raises(ValueError, match="out of reach"):
         quiet(layer_by_layer, model, x, target_macs=0.01, finetune=lambda m, e: None, min_keep=0.5)
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from segprune.prune.api import PruneResult, _criterion, prune
 from segprune.prune.cost import CostModel
+from segprune.prune.criteria import Taylor
 from segprune.prune.graph import channel_groups
 from segprune.prune.methods import removal_order, round_removal, select_uniform
 from segprune.prune.plan import Plan
@@ -51,7 +52,8 @@ def two_stage_global(model: nn.Module, example_inputs, *, target_macs: float, fi
         example_inputs: input of one forward pass, for the trace.
         target_macs: MACs after both stages, as a fraction of the original, in (0, 1].
         finetune: `finetune(model, epochs)` retrains in place; its time is `retrain_seconds`.
-        criterion: one global ranking by this criterion ("l1": mean |w| of each filter; "bn_scale": |gamma|).
+        criterion: one global ranking by this criterion ("l1": mean |w| of each filter; "bn_scale": |gamma|), or
+            `fn(group, model) -> scores` called on the model as it is at each cut (not a `Taylor`, bound to one).
         stage_a: the fraction of the MAC reduction stage A removes, in (0, 1]; stage B removes the rest.
         epochs: fine-tuning epochs after stage A and after stage B.
         min_keep: per-layer floor (fraction of each layer's channels kept).
@@ -61,6 +63,7 @@ def two_stage_global(model: nn.Module, example_inputs, *, target_macs: float, fi
     """
     if not 0 < target_macs <= 1 or not 0 < stage_a <= 1:
         raise ValueError(f"target_macs and stage_a must be in (0, 1], got {target_macs}, {stage_a}")
+    _check_criterion(criterion)
     groups = channel_groups(model, example_inputs, ignore=ignore)
     total, current, plan, result = groups.total_macs, model, Plan(), ScheduleResult(model, Plan())
     for name, goal, n_epochs in (("A", 1 - stage_a * (1 - target_macs), epochs[0]), ("B", target_macs, epochs[1])):
@@ -91,6 +94,7 @@ def layer_by_layer(model: nn.Module, example_inputs, *, target_macs: float, fine
     """
     if not 0 < target_macs <= 1:
         raise ValueError(f"target_macs must be in (0, 1], got {target_macs}")
+    _check_criterion(criterion)
     groups = channel_groups(model, example_inputs, ignore=ignore)
     score = _criterion(criterion, 0)
     counts = _uniform_counts(model, groups, score, target_macs, min_keep)
@@ -121,6 +125,13 @@ def _stage(result: ScheduleResult, name: str, before: nn.Module, cut: PruneResul
     seconds = time.perf_counter() - start
     result.retrain_seconds += seconds
     result.stages.append({"name": name, "macs": macs, "removed": cut.channels_removed, "seconds": seconds})
+
+
+def _check_criterion(criterion) -> None:
+    """Schedules score every cut on the model as it is then: a criterion bound to one model cannot."""
+    if isinstance(criterion, Taylor):
+        raise ValueError("a Taylor criterion holds the scores of the model it was built on; schedules re-score "
+                         "fine-tuned models: use 'l1' or 'bn_scale', or a function fn(group, model) -> scores")
 
 
 def _key(group) -> frozenset:
