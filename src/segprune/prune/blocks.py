@@ -11,9 +11,13 @@ returns the add (or that activation). Bypassing replaces that module by what it 
 - an activation `a` after the add: `a(x)`. That is `x` itself when `a` is idempotent (relu, relu6) and the
   trace shows that `x` already came out of the same activation, through ops that keep its range (pooling,
   dropout, identity): in a ResNet, `x` is the previous block's relu output, so `relu(x) = x`. This is checked on
-  the trace, not assumed; otherwise the block is replaced by the activation alone.
-- when no module holds the add but one module computes exactly `f(x)` from `x`, that module is replaced by
-  zeros like its input (the add stays, with nothing behind it).
+  the trace, not assumed; otherwise the block is replaced by the activation alone. A dropout after the add is
+  the identity (eval mode);
+- when no module holds the add (or the op after it cannot be rebuilt, e.g. `y * 0.5`) but one module computes
+  exactly `f(x)` from `x`, that module is replaced by zeros like its input (the add stays, with nothing behind it).
+
+A module without parameters is never listed (removing it saves nothing). Blocks are found on one eval-mode pass
+with the example input: a forward that branches on values or on the input size may hold other blocks elsewhere.
 
 The replaced modules and their parameters are gone from the model, and the plan records the bypass (a
 `bypass` step of `Plan`), so checkpoints replay it and channel pruning composes with it (`Plan.then`).
