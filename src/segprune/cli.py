@@ -1,4 +1,5 @@
-"""`segprune demo|run|prune|finetune|groups|train|eval|report`: a thin layer over the library (never imported by it).
+"""`segprune demo|run|prune|finetune|groups|train|eval|report|export|bench`: a thin layer over the library
+(never imported by it).
 
 `segprune train` also runs under `torchrun --nproc_per_node=N -m segprune.cli train ...` (DDP; rank 0 writes).
 """
