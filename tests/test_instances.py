@@ -123,6 +123,28 @@ def test_unreadable_image_is_dropped_at_construction(coco_tree):
     assert _load(coco_tree, size=None, check_images=False).image_ids == [1, 2]  # then it fails when read
 
 
+def test_malformed_entries_are_reported_not_raised(coco_tree):
+    data = json.loads((coco_tree / "ann.json").read_text())
+    good = data["annotations"][0]
+    data["annotations"] = [good, "not an annotation", {**good, "id": 21, "bbox": ["a", 2, 8, 8]},
+                           {**good, "id": 22, "segmentation": [[2, None, 10, 2, 10, 10, 2, 10]]},
+                           {**good, "id": 23, "bbox": [2, 2, float("nan"), 8]}, {**good, "id": 24, "image_id": [1]}]
+    (coco_tree / "odd.json").write_text(json.dumps(data))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dataset = CocoInstances(coco_tree / "images", coco_tree / "odd.json", size=None)
+    assert [a["id"] for a in dataset.annotations[1]] == [1]
+    malformed = dataset.problems.entries["malformed_annotation"]
+    assert len(malformed) == 3 and "entry 'not an annotation'" in malformed[0]
+    assert "annotation 21" in malformed[1] and "annotation 24" in malformed[2]
+    assert dataset.problems.entries["degenerate_polygon"] == ["annotation 22 (image 1)"]  # a NaN vertex: no area
+    assert dataset.problems.entries["degenerate_box"] == ["annotation 23 (image 1)"]
+    data["images"][0] = {"id": 1, "file_name": "a.png"}
+    (coco_tree / "odd.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="odd.json: image entry .* needs an integer id, height and width"):
+        CocoInstances(coco_tree / "images", coco_tree / "odd.json")
+
+
 def test_clean_file_gives_no_warning(coco_tree):
     data = json.loads((coco_tree / "ann.json").read_text())
     data["images"], data["annotations"] = data["images"][:1], data["annotations"][:3]

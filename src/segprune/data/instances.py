@@ -24,7 +24,8 @@ annotation id) and one summary warning is issued:
   segmentation; ``degenerate_box``), whose polygons are all degenerate (fewer than 3 points or zero area;
   ``degenerate_polygon``; a polygon part with fewer than 3 points is dropped from an otherwise good annotation),
   or whose segmentation is missing, malformed or an RLE of another size than its image (``bad_segmentation``)
-  is skipped;
+  is skipped, and so is an entry that is not an annotation at all (not a mapping, ids that are no numbers,
+  a non-numeric box or polygon: ``malformed_annotation``);
 - an image left without instances is kept as a negative (``empty_image``), the usual COCO practice.
 
 Crowd regions (``iscrowd: 1``) are not targets: they outline many objects at once, so they are neither an
@@ -64,6 +65,7 @@ PROBLEM_ACTIONS = {
     "degenerate_box": "annotation skipped",
     "degenerate_polygon": "annotation skipped",
     "bad_segmentation": "annotation skipped",
+    "malformed_annotation": "annotation skipped",
     "empty_image": "image kept as a negative",
     "crowd": "not a target; kept for evaluation",
 }
@@ -169,7 +171,8 @@ def _annotation_box(ann: dict, segmentation) -> tuple[float, float]:
     """(width, height) of an annotation's box: its ``bbox`` entry, else the extent of its segmentation."""
     bbox = ann.get("bbox")
     if isinstance(bbox, (list, tuple)) and len(bbox) == 4:
-        return float(bbox[2]), float(bbox[3])
+        _, _, w, h = (float(v) for v in bbox)  # a ValueError or TypeError on a non-number: malformed
+        return w, h
     if isinstance(segmentation, list):
         xy = np.concatenate([np.asarray(p).reshape(-1, 2) for p in segmentation])
         return float(np.ptp(xy[:, 0])), float(np.ptp(xy[:, 1]))
@@ -340,8 +343,7 @@ class CocoInstances(Dataset):
         """Kept images (sorted by id), their valid annotations and their crowd regions, reporting the rest."""
         images = {}
         for info in data["images"]:
-            image = {"id": int(info["id"]), "file_name": str(info["file_name"]),
-                     "height": int(info["height"]), "width": int(info["width"])}
+            image = self._image_entry(info)
             if not (self.root / image["file_name"]).is_file():
                 self.problems.add("missing_image_file", f"image {image['id']}: {self.root / image['file_name']}")
                 continue
@@ -349,17 +351,31 @@ class CocoInstances(Dataset):
                 self.problems.add("unreadable_image", f"image {image['id']}: {self.root / image['file_name']}")
                 continue
             images[image["id"]] = image
-        listed = {int(info["id"]) for info in data["images"]}
+        listed = {int(info["id"]) for info in data["images"]}  # every entry passed _image_entry
         annotations = {i: [] for i in images}
         crowds = {i: [] for i in images}
         for ann in data["annotations"]:
-            kept = self._check_annotation(ann, images, listed)
+            try:
+                kept = self._check_annotation(ann, images, listed)
+            except (TypeError, ValueError, KeyError, AttributeError) as error:
+                where = f"annotation {ann.get('id')}" if isinstance(ann, dict) else f"entry {str(ann)[:40]!r}"
+                self.problems.add("malformed_annotation", f"{where}: {type(error).__name__}: {error}")
+                continue
             if kept is not None:
                 (crowds if kept.get("iscrowd", 0) else annotations)[kept["image_id"]].append(kept)
         for i in sorted(images):
             if not annotations[i]:
                 self.problems.add("empty_image", f"image {i}: {images[i]['file_name']}")
         return [images[i] for i in sorted(images)], annotations, crowds
+
+    def _image_entry(self, info) -> dict:
+        """The fields of an image entry the dataset uses; a ValueError naming the entry when they are not there."""
+        try:
+            return {"id": int(info["id"]), "file_name": str(info["file_name"]), "height": int(info["height"]),
+                    "width": int(info["width"])}
+        except (TypeError, ValueError, KeyError) as error:
+            raise ValueError(f"{self.annotation_json}: image entry {str(info)[:80]} needs an integer id, height and "
+                             f"width and a file_name ({type(error).__name__}: {error})") from error
 
     def _check_annotation(self, ann: dict, images: dict, listed: set) -> dict | None:
         """The cleaned annotation, or None after reporting why it is skipped."""
@@ -379,7 +395,7 @@ class CocoInstances(Dataset):
             return None if kind else {**ann, "segmentation": segmentation}
         if kind is None:
             w, h = _annotation_box(ann, segmentation)
-            kind = "degenerate_box" if w <= 1 or h <= 1 else None
+            kind = None if w > 1 and h > 1 else "degenerate_box"  # NaN sides are degenerate too
         if kind is not None:
             self.problems.add(kind, f"annotation {ann_id} (image {image_id})")
             return None
