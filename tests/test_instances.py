@@ -375,6 +375,8 @@ def test_cli_check_reports_every_problem(coco_tree, capsys):
     assert "unreadable_image: image 2: " in capsys.readouterr().out  # found from its header, at construction
     _write_image(coco_tree / "images" / "b.png", H, W)
     assert main(["check", "--task", "instance", "--data", spec]) == 0
+    assert main(["check", "--task", "instance", "--data", "synthetic"]) == 0
+    assert "synthetic: 64 images, 0 unreadable, 0 annotation problem(s)" in capsys.readouterr().out
 
 
 # Training and evaluating YOLACT on the shared loop

@@ -449,7 +449,7 @@ def instance_dataset(spec: str, *, size=(550, 550), train: bool = False, seed: i
 
     Args:
         spec: The spec; the annotation file is what follows the last colon.
-        size: Input size (H, W) of the samples.
+        size: Input size (H, W) of the samples; None keeps COCO images at their size (synthetic: 96 x 128).
         train: Training samples (flips).
         seed: Seed of the flips and, for synthetic data, of the scenes.
         split: Synthetic data: the split.
@@ -460,8 +460,8 @@ def instance_dataset(spec: str, *, size=(550, 550), train: bool = False, seed: i
     if kind == "synthetic":
         from segprune.data.synthetic import SyntheticInstances
 
-        return SyntheticInstances(num_samples=num_samples, size=size, num_classes=num_classes, seed=seed,
-                                  split=split, train=train)
+        return SyntheticInstances(num_samples=num_samples, size=size or (96, 128), num_classes=num_classes,
+                                  seed=seed, split=split, train=train)
     images, sep, annotations = rest.rpartition(":")
     if kind != "coco" or not sep or not images or not annotations:
         raise ValueError(f"instance data is coco:IMAGES_DIR:ANNOTATIONS_JSON or synthetic, got {spec!r}")
