@@ -3,8 +3,9 @@
 The loop of :mod:`segprune.train.loop` stays the one loop: checkpoints, exact resume, AMP, gradient accumulation,
 DDP and the sparsity regulariser all apply. What changes is the loss, given to :func:`~segprune.train.loop.fit`
 as ``loss_fn(output, targets)``: YOLACT's loss at the anchors of the batch's input size, with targets a list of
-dicts (:mod:`segprune.data.instances`). The loss runs in float32 outside autocast: its binary cross-entropies
-are unsafe in float16, and it is small next to the network.
+dicts (:mod:`segprune.data.instances`). The loss runs in float32 outside autocast: its sums over anchors and
+pixels want full precision (and a plain BCE on probabilities refuses to run under autocast), and it is small
+next to the network.
 
 A recipe (:class:`segprune.pipeline.Recipe`) drives a run as for semantic models; its fields read as:
 
