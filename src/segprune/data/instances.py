@@ -258,7 +258,7 @@ class CocoInstances(Dataset):
         std: Normalisation std.
         transform: Replaces the default transform: ``transform(image, masks)`` as :class:`InstanceTransform`.
         check_images: Open every image's header at construction and drop those that are no image (a header read
-            each, about 25 s for COCO train2017), rather than fail when training reaches them.
+            each, no decoding), rather than fail when training reaches them.
 
     Attributes:
         categories: The category dicts (``id``, ``name``) in label order (category ids ascending).
