@@ -48,6 +48,8 @@ def test_split_folders_are_used_when_present(tmp_path):
     human_folder(tmp_path / "val", n=2, seed=1)
     assert len(build_dataset("human", root=tmp_path, split="train")) == 3
     assert len(build_dataset("human", root=tmp_path, split="val")) == 2
+    with pytest.raises(FileNotFoundError, match="no 'test' split"):
+        build_dataset("human", root=tmp_path, split="test")
 
 
 def test_values_other_than_0_and_255_name_the_files(tmp_path):

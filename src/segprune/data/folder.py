@@ -132,6 +132,9 @@ class HumanFolder(SegmentationDataset):
         super().__init__(transform=transform, check_sizes=check_sizes)
         self.root, self.split, self.strict = require_dir(Path(root), "HumanFolder root"), split, strict
         folder = self.root / split if (self.root / split / "images").is_dir() else self.root
+        if not (folder / "images").is_dir():
+            raise FileNotFoundError(f"HumanFolder {self.root}: no {split!r} split ({self.root / split}/images) and no "
+                                    f"flat folder ({self.root}/images)")
         pairs = pair_by_stem(folder, "HumanFolder")
         if strict:
             check_binary_masks([mask for _, mask in pairs])
