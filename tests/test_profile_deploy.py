@@ -135,3 +135,15 @@ def test_profile_extras_and_file_sizes(onnx_file, tmp_path):
     (tmp_path / "a").write_bytes(b"x" * 10)
     (tmp_path / "b").write_bytes(b"x" * 5)
     assert file_bytes(tmp_path) == 15
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_peak_memory_and_latency_rows():
+    model = Chain().cuda()
+    x = torch.randn(2, 3, 32, 32, device="cuda")
+    result = peak_memory(model, x)
+    assert result["method"] == "torch.cuda.max_memory_allocated" and result["peak_bytes"] >= 2 * x.numel() * 4
+    rows = latency_rows(nn.Conv2d(3, 4, 3), x.cpu(), threads=1, warmup=1, runs=2)
+    assert [(r["device"][:4], r["dtype"]) for r in rows] == [("cpu", "float32"), ("cuda", "float32"),
+                                                            ("cuda", "float16")]
