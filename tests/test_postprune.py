@@ -309,7 +309,9 @@ def test_postprune_recipe_runs_end_to_end(tmp_path):
     out = tmp_path / "run"
     assert main(["demo", "--out", str(out), *TINY, "--set", "method=postprune", "--set", "path_step=0.3",
                  "--set", "path_min_macs=0.5", "--set", "path_batches=1", "--set", "path_delta=0.02",
-                 "--set", "report_samples=0", "--set", "epochs=0", "--set", "val_samples=4"]) == 0
+                 "--set", "report_samples=0", "--set", "epochs=0", "--set", "val_samples=4",
+                 "--set", "path_recover_steps=1", "--set", "aux_layers=backbone.layer2",
+                 "--set", "aux_weights=0.4"]) == 0
     path = json.loads((out / "path.json").read_text())
     report = json.loads((out / "report.json").read_text())
     chosen = path["steps"][path["selected"]]

@@ -269,8 +269,9 @@ def postprune_and_finetune(r, model, example, train_loader, val_loader, num_clas
     crit = loss_fn(r, train_loader)
     batches = [(x.to(r.device), y.to(r.device)) for _, (x, y) in zip(range(r.path_batches), train_loader)]
     recover_batches = [b for _, b in zip(range(r.path_recover_steps), train_loader)]
-    recover = (lambda m: fit(m, recover_batches, epochs=1, lr=r.finetune_lr, optimizer=r.optimizer, device=r.device,
-                             progress=False, desc="recover", criterion=crit)) if recover_batches else None
+    recover = (lambda m: fit_aux(r, example, m, recover_batches, epochs=1, lr=r.finetune_lr, optimizer=r.optimizer,
+                                 device=r.device, progress=False, desc="recover", criterion=crit)
+               ) if recover_batches else None
     path = pruning_path(model, example, batches, val_miou(val_loader, num_classes, device=r.device),
                         step=int(r.path_step) if r.path_step >= 1 else r.path_step, criterion=r.path_criterion,
                         selector=r.path_selector, recover=recover, min_macs=r.path_min_macs, min_keep=r.min_keep,
@@ -282,8 +283,8 @@ def postprune_and_finetune(r, model, example, train_loader, val_loader, num_clas
     log(f"    selected step {chosen} of {len(path) - 1} ({r.path_rule}): MACs {step.macs / path.steps[0].macs:.3f}, "
         f"validation mIoU {step.miou:.4f} (best {max(s.miou for s in path.steps):.4f})")
     pruned = path.model_at(chosen, model)
-    fit(pruned, train_loader, epochs=r.finetune_epochs, lr=r.finetune_lr, optimizer=r.optimizer, device=r.device,
-        progress=progress, desc="retrain", criterion=crit)
+    fit_aux(r, example, pruned, train_loader, epochs=r.finetune_epochs, lr=r.finetune_lr, optimizer=r.optimizer,
+            device=r.device, progress=progress, desc="retrain", criterion=crit)  # with the recipe's aux heads
     return pruned, step.plan, step.removed
 
 
