@@ -175,19 +175,25 @@ _MISSING_PATTERNS = [r"Exporting the operator '([\w:.]+)' to ONNX opset version 
                      r"unrecognized namespace ([\w:.]+)", r"No ONNX function found for <OpOverload\(op='([\w.]+)'"]
 
 
+def _op_name(raw: str) -> str:
+    """One spelling for an op whichever exporter named it: ``namespace::name`` (``.default`` overload dropped)."""
+    name = re.sub(r"\.default$", "", raw.rstrip("."))
+    return name if "::" in name else name.replace(".", "::", 1)
+
+
 def unsupported_ops(err: BaseException, patterns: list[str] = _OP_PATTERNS) -> list[str]:
     """Op names an exporter's error message (or its causes) names as impossible to export."""
     found, seen = [], set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
         for pattern in patterns:
-            found += [m for m in (m.rstrip(".") for m in re.findall(pattern, str(err))) if m not in found]
+            found += [m for m in map(_op_name, re.findall(pattern, str(err))) if m not in found]
         err = err.__cause__ or err.__context__
     return found
 
 
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip().splitlines()  # without terminal colour codes
     return f"{type(err).__name__}: {text[0][:300] if text else ''}"
 
 
@@ -207,7 +213,7 @@ def _export_any(wrapper: nn.Module, x: torch.Tensor, path: Path, opset: int, axe
     ops = list(dict.fromkeys(op for err in failures.values() for op in unsupported_ops(err)))
     what = f"op {', '.join(ops)} has no ONNX equivalent" if ops else "export failed"
     detail = "; ".join(f"{n} exporter: {_first_line(e)}" for n, e in failures.items())
-    missing = [op for err in failures.values() for op in unsupported_ops(err, _MISSING_PATTERNS)]
+    missing = list(dict.fromkeys(op for err in failures.values() for op in unsupported_ops(err, _MISSING_PATTERNS)))
     raise ExportError(f"cannot export {type(wrapper.model).__name__} to ONNX: {what} ({detail})", missing)
 
 
