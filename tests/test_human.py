@@ -43,6 +43,19 @@ def test_binary_masks_map_to_two_classes_and_split(tmp_path):
         build_dataset("human", root=root, split="test")
 
 
+def test_class_weights_are_median_frequency(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    for stem, person in (("a", 4), ("b", 0)):  # 4 of 16 pixels person in a, none in b
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "images" / f"{stem}.png")
+        mask = np.zeros(16, np.uint8)
+        mask[:person] = 255
+        Image.fromarray(mask.reshape(4, 4)).save(tmp_path / "masks" / f"{stem}.png")
+    # freq(background) = 28 / 32, freq(person) = 4 / 16; the median of the two is their mean
+    median = (28 / 32 + 4 / 16) / 2
+    assert build_dataset("human", root=tmp_path).class_weights == pytest.approx((median / (28 / 32), median / 0.25))
+
+
 def test_split_folders_are_used_when_present(tmp_path):
     human_folder(tmp_path / "train", n=3)
     human_folder(tmp_path / "val", n=2, seed=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -140,6 +141,14 @@ class HumanFolder(SegmentationDataset):
             check_binary_masks([mask for _, mask in pairs])
         self.samples = pairs if folder != self.root or split == "all" else _flat_split(pairs, split, val_every, folder)
         self._validate()
+
+    @cached_property
+    def class_weights(self) -> tuple[float, float]:
+        """Median-frequency weights (background, person) of this split's masks (read once, on first use), for
+        `class_weights: true` in a recipe: people are often a few percent of the pixels."""
+        from segprune.data.weights import median_frequency_weights
+
+        return tuple(median_frequency_weights(self, self.num_classes).tolist())
 
     def load_mask(self, index: int) -> np.ndarray:
         path = self.samples[index][1]
