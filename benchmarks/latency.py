@@ -84,11 +84,13 @@ def rows(label_costs: dict, latency: dict, runtime: str) -> list[dict]:
     return out
 
 
-def measure(name, num_classes, h, w, kwargs, *, rounds: int, runs: int, threads: int) -> dict:
+def measure(name, num_classes, h, w, kwargs, *, rounds: int, runs: int, threads: int, onnx: bool = True) -> dict:
     x = torch.randn(1, 3, h, w)
     models = variants(name, num_classes, x, kwargs)
     costs = {label: {"params": count_params(m), "macs": count_macs(m, x)} for label, m in models.items()}
     results = rows(costs, compare_latency(models, x, rounds=rounds, runs=runs, warmup=1, threads=threads), "eager")
+    if not onnx:
+        return {"model": name, "num_classes": num_classes, "input": [1, 3, h, w], "rows": results}
     with tempfile.TemporaryDirectory() as tmp:
         runners, exports = onnx_runners(models, x, Path(tmp), threads)
         if runners is not None:
@@ -117,13 +119,16 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="quarter-size inputs, 2 rounds (a smoke run)")
+    parser.add_argument("--no-onnx", action="store_true", help="eager PyTorch only (exports take minutes each)")
     args = parser.parse_args()
     start = time.perf_counter()
     specs = [(n, k, h // 4, w // 4, kw) if args.quick else (n, k, h, w, kw) for n, k, h, w, kw in MODELS]
     rounds = 2 if args.quick else args.rounds
     data = {"benchmark": "latency", "machine": machine(), "threads": args.threads, "rounds": rounds,
             "runs": args.runs, "goal": f"speed-up >= {GOAL} x MAC ratio",
-            "models": [measure(*s, rounds=rounds, runs=args.runs, threads=args.threads) for s in specs]}
+            "onnx": not args.no_onnx,
+            "models": [measure(*s, rounds=rounds, runs=args.runs, threads=args.threads, onnx=not args.no_onnx)
+                       for s in specs]}
     data["seconds"] = round(time.perf_counter() - start, 1)
     name = "latency_quick" if args.quick else "latency"
     write_result(name, data)
