@@ -101,3 +101,14 @@ def test_segprune_train_with_aux_heads_saves_a_model_without_them(tmp_path):
     model = checkpoint.load(tmp_path / "run" / "model")
     plain = models.create_model("test_pspnet", num_classes=recipe.num_classes, width=0.03125)
     assert list(model.state_dict()) == list(plain.state_dict())
+
+
+def test_aux_heads_predict_the_models_classes_so_class_weights_fit():
+    """Regression: the class count was read from the last hooked feature map, not the model's logits."""
+    model = models.create_model("test_pspnet", num_classes=2).train()
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 2, (2, 32, 32))
+    ce = nn.CrossEntropyLoss(weight=torch.tensor([0.5, 2.0]), ignore_index=255)
+    with AuxLoss(model, ["backbone.layer2"], [0.4], example_inputs=x[:1]) as aux:
+        out = model(x)
+        aux.criterion(ce)(out["out"], y)
+        assert torch.isfinite(aux.extra_loss(x, out))

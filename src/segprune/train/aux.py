@@ -157,9 +157,9 @@ def _channels(model: nn.Module, layers: list[str], example_inputs: torch.Tensor)
         for h in handles:
             h.remove()
     for name in layers:
-        out = seen.get(name)
-        if not isinstance(out, torch.Tensor) or out.dim() != 4:
-            what = "did not run" if name not in seen else f"returns {type(out).__name__}"
+        feature = seen.get(name)
+        if not isinstance(feature, torch.Tensor) or feature.dim() != 4:
+            what = "did not run" if name not in seen else f"returns {type(feature).__name__}"
             raise ValueError(f"aux_layers: {name} {what}; name a module that returns a feature map (N, C, H, W)")
     logits = out["out"] if isinstance(out, dict) else out
     return {name: seen[name].shape[1] for name in layers}, logits.shape[1]
