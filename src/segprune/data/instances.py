@@ -243,7 +243,21 @@ class InstanceTransform:
 # The dataset
 
 
-class CocoInstances(Dataset):
+class CategoryList:
+    """`num_classes` and `class_names` of an instance dataset with a COCO-style `categories` list."""
+
+    categories: list[dict]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.categories)
+
+    @property
+    def class_names(self) -> list[str]:
+        return [c["name"] for c in self.categories]
+
+
+class CocoInstances(CategoryList, Dataset):
     """COCO-format instance annotations as ``(image, target)`` samples (see the module docstring).
 
     Args:
@@ -282,14 +296,6 @@ class CocoInstances(Dataset):
         self.images, self.annotations, self.crowds = self._index(data)
         if len(self.problems):
             warnings.warn(f"CocoInstances {self.problems.summary()}; details in dataset.problems", stacklevel=2)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.categories)
-
-    @property
-    def class_names(self) -> list[str]:
-        return [c["name"] for c in self.categories]
 
     @property
     def image_ids(self) -> list[int]:

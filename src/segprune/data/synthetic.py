@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from segprune.data.instances import CategoryList
+
 SPLITS = {"train": 0, "val": 1, "test": 2}
 SHAPES = ("ellipse", "rectangle", "triangle", "bar")
 TEXTURES = ("speckle", "checker", "stripes", "flat")
@@ -245,7 +247,7 @@ def _boxes(instances: np.ndarray) -> np.ndarray:
     return boxes
 
 
-class SyntheticInstances(Dataset):
+class SyntheticInstances(CategoryList, Dataset):
     """The procedural scenes as instance segmentation: every object left visible is an instance of its class.
 
     Samples follow the instance contract of :mod:`segprune.data.instances`: ``(image, target)`` with boxes, labels
@@ -279,14 +281,6 @@ class SyntheticInstances(Dataset):
         self.categories = [{"id": k + 1, "name": name} for k, name in enumerate(self.scenes.class_names[2:])]
         self.transform = InstanceTransform(None, flip=flip if train else 0.0, mean=SyntheticScenes.MEAN,
                                            std=SyntheticScenes.STD, seed=seed)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.categories)
-
-    @property
-    def class_names(self) -> list[str]:
-        return [c["name"] for c in self.categories]
 
     @property
     def image_ids(self) -> list[int]:
