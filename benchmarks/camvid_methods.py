@@ -110,7 +110,7 @@ def peer_equivalence(start, pruned, example) -> float:
 
 def row(name, model, val_loader, example, num_classes, seconds=None):
     metrics = evaluate(model, val_loader, num_classes=num_classes)
-    lat = measure_latency(model, example, warmup=3, runs=15, threads=2)
+    lat = measure_latency(model, example, warmup=3, runs=15, threads=torch.get_num_threads())
     return {"method": name, "miou": metrics["miou"], **profile(model, example), "latency_ms": lat["median_ms"],
             "latency": lat, "seconds": seconds}
 
@@ -126,11 +126,13 @@ def main() -> None:
     p.add_argument("--targets", type=float, nargs="+", default=(0.5, 0.3), help="MACs left, fraction of unpruned")
     p.add_argument("--methods", nargs="+", default=OURS + PEERS)
     p.add_argument("--out", default="camvid_methods", help="results/<out>.{json,md,png}")
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and random pruning")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads for training and latency")
     args = p.parse_args()
     recipe = Recipe(name="camvid_methods", model=args.model, width=args.width, data="camvid", data_root=args.data,
                     size=tuple(args.size), eval_size=tuple(args.size), val_split="test", train_samples=0,
-                    val_samples=0, epochs=args.epochs, lr=0.004, lam=5e-4, finetune_lr=0.001)
-    torch.set_num_threads(2)
+                    val_samples=0, epochs=args.epochs, lr=0.004, lam=5e-4, finetune_lr=0.001, seed=args.seed)
+    torch.set_num_threads(args.threads)
     train_loader, val_loader, k = loaders(recipe)
     example = torch.zeros(1, 3, *recipe.size)
     t0 = time.perf_counter()

@@ -64,6 +64,17 @@ def test_anchors_of_the_paper_at_550():
     assert model.anchors(550, 550) is anchors  # cached per size
 
 
+def test_anchors_keep_their_pixel_size_at_any_input_unless_scaled_like_the_reference():
+    with torch.device("meta"):
+        pixel = create_model("yolact_resnet50", num_classes=80)
+        scaled = create_model("yolact_resnet50", num_classes=80, scale_anchors_with_input=True)
+    torch.testing.assert_close(pixel.anchors(550, 550), scaled.anchors(550, 550))  # the same at the paper's size
+    small = pixel.anchors(96, 128)[:3]  # P3's first cell: 24 px squares (ratio 1) on a 96×128 input
+    torch.testing.assert_close(small[0, 2:] * torch.tensor([128.0, 96.0]), torch.tensor([24.0, 24.0]))
+    shrunk = scaled.anchors(96, 128)[0, 2:] * torch.tensor([128.0, 96.0])  # the reference: 24/550 of each side
+    torch.testing.assert_close(shrunk, torch.tensor([24 / 550 * 128, 24 / 550 * 96]))
+
+
 def test_parameter_counts_of_the_full_models_on_meta():
     with torch.device("meta"):
         r50 = create_model("yolact_resnet50", num_classes=80)
