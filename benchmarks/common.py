@@ -8,6 +8,7 @@ import platform
 import resource
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ def machine() -> dict:
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
     return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "python": platform.python_version(), "cuda": torch.cuda.get_device_name() if torch.cuda.is_available()
-            else None}
+            else None, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
 def rss_mb() -> float:

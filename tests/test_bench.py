@@ -76,8 +76,19 @@ def test_bench_errors_are_named(tmp_path, checkpoints, capsys):
     assert "dense: cannot take input size 33×40" in err and "divisible by 16" in err
     other = segprune.save(tmp_path / "yolact", create_model("test_yolact", num_classes=3),
                           config={"model": "test_yolact", "model_kwargs": {"num_classes": 3}})
-    assert main(["bench", str(other), *FAST]) == 2
-    assert "no \"out\" logits" in capsys.readouterr().err
+    assert main(["bench", str(other), *FAST]) == 0  # an instance model: its export_outputs are timed
+    assert "yolact" in capsys.readouterr().out
+
+
+def test_bench_refuses_a_model_without_the_outputs_it_exports():
+    from segprune.eval.bench import check_takes
+
+    class Named(torch.nn.Module):
+        def forward(self, x):
+            return {"logits": x}
+
+    with pytest.raises(ValueError, match=r"somewhere: the model returns \['logits'\], not \['out'\]"):
+        check_takes("somewhere", Named(), torch.zeros(1, 3, 8, 8))
 
 
 def test_export_fused_onnx_matches_the_checkpoint(tmp_path, checkpoints, capsys):

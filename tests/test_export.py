@@ -197,3 +197,36 @@ def test_pytorch_formats_round_trip(tmp_path, export):
     result = export(model, x, tmp_path / ("m.pt" if export is export_torchscript else "m.pt2"))
     assert result["max_abs_diff"] <= 1e-5 and result["file_bytes"] > 0
     assert model.training and list(tmp_path.iterdir()) == [tmp_path / result["path"].rsplit("/", 1)[-1]]
+
+
+def test_yolact_exports_its_raw_outputs_and_detections_match_eager(tmp_path):
+    from segprune.models.yolact import postprocess
+
+    model, path = _model("test_yolact", width=0.125), tmp_path / "y.onnx"
+    result = export_onnx(model, torch.randn(1, 3, 64, 64), path)
+    assert result["dynamic_axes"] == {0: "batch", 2: "height", 3: "width"} and result["max_abs_diff"] <= 1e-4
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["cls", "box", "coef", "proto"]  # no "seg": training only
+    x = torch.randn(2, 3, 80, 96)  # another batch and size: the anchor count follows the input
+    got = dict(zip(model.export_outputs, map(torch.from_numpy, session.run(None, {"input": x.numpy()}))))
+    with torch.no_grad():
+        want = model.eval()(x)
+    for key in model.export_outputs:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-4)
+    anchors = model.anchors(80, 96)
+    ours, theirs = postprocess(want, anchors, (80, 96)), postprocess(got, anchors, (80, 96))
+    assert len(ours[0]["scores"]) > 0
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a["scores"], b["scores"], rtol=1e-4, atol=1e-5)
+        assert torch.equal(a["labels"], b["labels"]) and (a["masks"] != b["masks"]).float().mean() < 1e-3
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
+def test_yolact_torchscript_round_trip(tmp_path):
+    model = _model("test_yolact", width=0.125)
+    result = export_torchscript(model, torch.randn(1, 3, 64, 64), tmp_path / "y.pt")
+    assert result["max_abs_diff"] <= 1e-5
+    loaded = torch.jit.load(str(tmp_path / "y.pt"))
+    with torch.no_grad():
+        cls, box, coef, proto = loaded(torch.zeros(1, 3, 64, 64))
+        assert torch.equal(proto, model.eval()(torch.zeros(1, 3, 64, 64))["proto"])

@@ -45,9 +45,12 @@ def check_takes(folder: str | Path, model: nn.Module, x: torch.Tensor) -> None:
     except (ValueError, RuntimeError) as err:
         raise ValueError(f"{folder}: cannot take input size {x.shape[-2]}×{x.shape[-1]}: "
                          f"{str(err).splitlines()[0]}") from err
-    if isinstance(out, dict) and "out" not in out:
-        raise ValueError(f"{folder}: the model returns {sorted(out)}, no \"out\" logits: bench and export take "
-                         "semantic segmentation models")
+    names = tuple(getattr(model, "export_outputs", ("out",)))
+    if isinstance(out, dict) and not set(names) <= set(out):
+        raise ValueError(f"{folder}: the model returns {sorted(out)}, not {list(names)}: bench and export take "
+                         "semantic segmentation models (\"out\" logits) and models naming their export_outputs")
+    if names != ("out",):  # an instance model: outputs per anchor, not per pixel
+        return
     logits = out["out"] if isinstance(out, dict) else out
     if not isinstance(logits, torch.Tensor) or tuple(logits.shape[-2:]) != tuple(x.shape[-2:]):
         raise ValueError(f"{folder}: output {getattr(logits, 'shape', None)} does not match the input size "

@@ -151,7 +151,8 @@ class Yolact(nn.Module):
     """YOLACT on a backbone publishing ``out_channels`` and returning [stem, C2, C3, C4, C5] at strides 2..32."""
 
     needs_divisible_input = 1  # any size: every stride-2 layer maps n to ceil(n / 2), and anchors follow
-    exportable = False  # not yet run through export/ (dict of detection tensors, not {"out": ...})
+    exportable = True  # the raw head outputs below; anchors, NMS and mask assembly stay in Python (postprocess)
+    export_outputs = ("cls", "box", "coef", "proto")
     task = "instance"
 
     def __init__(self, backbone: nn.Module, *, num_classes: int, width: float = 1.0, num_prototypes: int = 32,
