@@ -199,6 +199,31 @@ def test_report_command_names_bad_folders(tmp_path, capsys):
         combined_report([good], good, force=True)
 
 
+def instance_report(title, mask_ap=(0.30, 0.28)):
+    report = fake_report(title=title, task="instance")
+    for side, ap in zip(("before", "after"), mask_ap):
+        report[side].pop("miou")
+        report[side].update(box_ap=ap + 0.05, mask_ap=ap, mask_ap50=ap + 0.2, mask_ap75=ap - 0.05)
+    return report
+
+
+def test_instance_runs_combine_on_mask_ap_and_never_with_semantic_runs(run_dir, tmp_path, capsys):
+    folders = [tmp_path / "yolact_a", tmp_path / "yolact_b"]
+    for folder, ap in zip(folders, [(0.30, 0.28), (0.30, 0.21)]):
+        folder.mkdir()
+        write_report(folder, instance_report(folder.name, ap))
+    out = tmp_path / "combined"
+    assert main(["report", *map(str, folders), "--out", str(out)]) == 0
+    table = (out / "report.md").read_text()
+    assert "mask AP before (%) | mask AP after (%)" in table and "| yolact_b | ? | ? | 30.00 | 21.00 |" in table
+    assert json.loads((out / "report.json").read_text())["accuracy"] == "mask_ap"
+    assert len(image_sources((out / "report.html").read_text())) == 2 + 2
+    assert main(["report", str(run_dir), str(folders[0]), "--out", str(tmp_path / "mixed")]) == 2
+    err = capsys.readouterr().err
+    assert "different accuracies" in err and "yolact_a (mask AP)" in err and "(mIoU)" in err
+    assert not (tmp_path / "mixed").exists()
+
+
 CHECK_IMAGES = """<script>
 window.addEventListener("load", () => {
   const imgs = [...document.images];

@@ -64,9 +64,10 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return sorted((i for i in range(len(points)) if not beaten(i)), key=lambda i: points[i][0])
 
 
-def pareto(points: Sequence[dict], *, cost: str, xlabel: str, title: str, unit: float = 1.0) -> bytes:
-    """Accuracy (mIoU, %) against `cost` / `unit` for points {"label", "run", cost, "miou"}; the Pareto front
-    dashed.
+def pareto(points: Sequence[dict], *, cost: str, xlabel: str, title: str, unit: float = 1.0,
+           accuracy: str = "miou", ylabel: str = "mIoU (%)") -> bytes:
+    """Accuracy (`accuracy`, a fraction drawn as %) against `cost` / `unit` for points {"label", "run", cost,
+    accuracy}; the Pareto front dashed.
 
     Points of one run (`run`) share a colour and are joined by an arrow from the first (before) to the last
     (after).
@@ -76,18 +77,18 @@ def pareto(points: Sequence[dict], *, cost: str, xlabel: str, title: str, unit: 
     colours = _cycle(len(runs))
     for run, colour in zip(runs, colours):
         mine = [p for p in points if p["run"] == run]
-        xs, ys = [p[cost] / unit for p in mine], [100 * p["miou"] for p in mine]
+        xs, ys = [p[cost] / unit for p in mine], [100 * p[accuracy] for p in mine]
         ax.scatter(xs, ys, color=colour, zorder=3, label=_literal(run) if len(runs) > 1 else None)
         for x0, y0, x1, y1 in zip(xs, ys, xs[1:], ys[1:]):
             ax.annotate("", (x1, y1), (x0, y0), arrowprops=dict(arrowstyle="->", color=colour, alpha=0.6))
         for p, x, y in zip(mine, xs, ys):
             ax.annotate(p["label"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8,
                         parse_math=False)
-    front = pareto_front([(p[cost], 100 * p["miou"]) for p in points])
-    ax.plot([points[i][cost] / unit for i in front], [100 * points[i]["miou"] for i in front], "k--", lw=1,
+    front = pareto_front([(p[cost], 100 * p[accuracy]) for p in points])
+    ax.plot([points[i][cost] / unit for i in front], [100 * points[i][accuracy] for i in front], "k--", lw=1,
             alpha=0.5, label="Pareto front", zorder=2)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("mIoU (%)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title, parse_math=False)
     ax.grid(alpha=0.3)
     ax.margins(0.15)

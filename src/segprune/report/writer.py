@@ -23,7 +23,12 @@ INSTANCE_ROWS = [("box AP (%)", "box_ap", lambda v: f"{100 * v:.2f}"),
                  ("mask AP (%)", "mask_ap", lambda v: f"{100 * v:.2f}"),
                  ("mask AP50 (%)", "mask_ap50", lambda v: f"{100 * v:.2f}"),
                  ("mask AP75 (%)", "mask_ap75", lambda v: f"{100 * v:.2f}"), *ROWS[1:]]
-REQUIRED = [key for _, key, _ in ROWS]
+COST_KEYS = [key for _, key, _ in ROWS[1:]]
+
+
+def accuracy_of(report: dict) -> tuple[str, str]:
+    """The accuracy a report is judged by, as (key, label): mask AP for an instance run, else mIoU."""
+    return ("mask_ap", "mask AP (%)") if report.get("task") == "instance" else ("miou", "mIoU (%)")
 NO_MATPLOTLIB = "matplotlib not installed (pip install segprune[report])"
 FILES = ("report.json", "report.md", "report.html")
 
@@ -123,7 +128,7 @@ def _run_sections(report: dict, samples: dict | None) -> tuple[list[str], list[s
     rows = [(label, fmt(before[key]), fmt(after[key]), f"{_ratio(before[key], after[key]):.3f}")
             for label, key, fmt in rows_of(report)]
     points = [{**report[side], "label": side, "run": report["title"]} for side in ("before", "after")]
-    cost = [] if report.get("task") == "instance" else _figures(_pareto_plots(points, report["title"]), skipped)
+    cost = _figures(_pareto_plots(points, report["title"], *accuracy_of(report)), skipped)
     if report.get("task") == "instance":  # the plots draw mIoU; the table has the APs
         skipped.append("accuracy vs cost plots skipped: they plot mIoU, an instance run has box and mask AP")
     width_figures = _figures(_width_plots(report.get("widths")), skipped)
@@ -148,10 +153,12 @@ def _plain_rows(values: dict) -> list[tuple[str, str]]:
             for key, v in values.items()]
 
 
-def _pareto_plots(points: list[dict], title: str) -> list[tuple[str, Callable[[], bytes]]]:
-    return [("accuracy vs MACs", lambda: plots.pareto(points, cost="macs", xlabel="MACs (M)", title=title, unit=1e6)),
+def _pareto_plots(points: list[dict], title: str, accuracy: str = "miou", ylabel: str = "mIoU (%)"
+                  ) -> list[tuple[str, Callable[[], bytes]]]:
+    kw = dict(title=title, accuracy=accuracy, ylabel=ylabel)
+    return [("accuracy vs MACs", lambda: plots.pareto(points, cost="macs", xlabel="MACs (M)", unit=1e6, **kw)),
             ("accuracy vs measured latency", lambda: plots.pareto(points, cost="latency_ms",
-                                                                  xlabel="latency (median, ms)", title=title))]
+                                                                  xlabel="latency (median, ms)", **kw))]
 
 
 def _width_plots(widths: dict | None, run: str = "") -> list[tuple[str, Callable[[], bytes]]]:
@@ -199,23 +206,30 @@ def load_run(folder: str | Path) -> dict:
         raise ValueError(f"{path}: expected a JSON object")
     for side in ("before", "after"):
         row = report.get(side)
-        missing = [k for k in REQUIRED if not isinstance(row, dict) or not isinstance(row.get(k), int | float)]
+        required = [accuracy_of(report)[0], *COST_KEYS]
+        missing = [k for k in required if not isinstance(row, dict) or not isinstance(row.get(k), int | float)]
         if missing:
             raise ValueError(f"{path}: {side!r} lacks numeric {', '.join(missing)}")
     report.setdefault("title", Path(folder).name)
     return report
 
 
-COLUMNS = ["run", "model", "method", "mIoU before (%)", "mIoU after (%)", "params after", "params ratio",
-           "MACs after (M)", "MACs ratio", "weights file after (KiB)", "latency after (ms)", "latency ratio",
-           "latency setup"]
+def columns(accuracy_label: str = "mIoU (%)") -> list[str]:
+    """The combined table's columns, with the runs' accuracy (mIoU, or mask AP for instance runs)."""
+    what, unit = accuracy_label.rsplit(" ", 1)
+    return ["run", "model", "method", f"{what} before {unit}", f"{what} after {unit}", "params after",
+            "params ratio", "MACs after (M)", "MACs ratio", "weights file after (KiB)", "latency after (ms)",
+            "latency ratio", "latency setup"]
+
+
+COLUMNS = columns()
 
 
 def _row(name: str, report: dict) -> list[str]:
     b, a, recipe = report["before"], report["after"], report.get("recipe", {})
-    lat = a.get("latency")
-    return [name, str(recipe.get("model", "?")), str(recipe.get("method", "?")), f"{100 * b['miou']:.2f}",
-            f"{100 * a['miou']:.2f}", f"{a['params']:,}", f"{_ratio(b['params'], a['params']):.3f}",
+    lat, key = a.get("latency"), accuracy_of(report)[0]
+    return [name, str(recipe.get("model", "?")), str(recipe.get("method", "?")), f"{100 * b[key]:.2f}",
+            f"{100 * a[key]:.2f}", f"{a['params']:,}", f"{_ratio(b['params'], a['params']):.3f}",
             f"{a['macs'] / 1e6:,.1f}", f"{_ratio(b['macs'], a['macs']):.3f}", f"{a['size_bytes'] / 1024:,.1f}",
             f"{a['latency_ms']:.2f}", f"{_ratio(b['latency_ms'], a['latency_ms']):.3f}",
             _setup(lat) if isinstance(lat, dict) and "device" in lat else "?"]
@@ -239,6 +253,11 @@ def combined_report(folders: Sequence[str | Path], out: str | Path, *, force: bo
     if not folders:
         raise ValueError("segprune report: give at least one run folder")
     reports = [load_run(f) for f in folders]
+    kinds = {accuracy_of(r)[1] for r in reports}
+    if len(kinds) > 1:
+        by = ", ".join(f"{f} ({accuracy_of(r)[1].split(' (')[0]})" for f, r in zip(folders, reports))
+        raise ValueError(f"segprune report: these runs are judged by different accuracies ({by}): one plot cannot "
+                         "put mIoU and mask AP on one axis; report semantic and instance runs separately")
     if any(out.resolve() == f.resolve() for f in folders):
         raise ValueError(f"{out}: is one of the run folders; its own report would be replaced: choose another --out")
     existing = [name for name in FILES if (out / name).exists()]
@@ -246,8 +265,9 @@ def combined_report(folders: Sequence[str | Path], out: str | Path, *, force: bo
         raise FileExistsError(f"{out} already holds {', '.join(existing)}; choose another --out or pass --force")
     names = _names(folders)
     title = f"{len(reports)} runs" if len(reports) > 1 else reports[0]["title"]
-    combined = {"title": title, "runs": [{"folder": str(f), "name": n, "report": r}
-                                         for f, n, r in zip(folders, names, reports)], "notes": []}
+    combined = {"title": title, "accuracy": accuracy_of(reports[0])[0],
+                "runs": [{"folder": str(f), "name": n, "report": r} for f, n, r in zip(folders, names, reports)],
+                "notes": []}
     sections, skipped = _combined_sections(combined)
     combined["notes"] = skipped
     page = _guarded_page(title, sections, skipped)
@@ -263,9 +283,10 @@ def _combined_sections(combined: dict) -> tuple[list[str], list[str]]:
     runs = combined["runs"]
     points = [{**run["report"][side], "label": side, "run": run["name"]}
               for run in runs for side in ("before", "after")]
-    cost = _figures(_pareto_plots(points, combined["title"]), skipped)
+    key, label = accuracy_of(runs[0]["report"])
+    cost = _figures(_pareto_plots(points, combined["title"], key, label), skipped)
     sections = [
-        html.section("Runs", html.table(COLUMNS, [_row(run["name"], run["report"]) for run in runs]),
+        html.section("Runs", html.table(columns(label), [_row(run["name"], run["report"]) for run in runs]),
                      html.paragraph("Ratios are after / before within each run. Latencies of different runs are "
                                     "comparable only when measured on the same machine with the same setup.")),
         html.section("Accuracy vs cost (all runs)", *cost),
@@ -280,8 +301,9 @@ def _combined_sections(combined: dict) -> tuple[list[str], list[str]]:
 
 
 def _combined_markdown(combined: dict) -> str:
-    lines = [f"# segprune report: {combined['title']}", "", "| " + " | ".join(COLUMNS) + " |",
-             "|---|---|---|" + "---:|" * (len(COLUMNS) - 4) + "---|"]
+    cols = columns(accuracy_of(combined["runs"][0]["report"])[1])
+    lines = [f"# segprune report: {combined['title']}", "", "| " + " | ".join(cols) + " |",
+             "|---|---|---|" + "---:|" * (len(cols) - 4) + "---|"]
     lines += ["| " + " | ".join(_row(run["name"], run["report"])) + " |" for run in combined["runs"]]
     return "\n".join([*lines, "", *[f"- {note}" for note in combined["notes"]], ""])
 
