@@ -80,10 +80,14 @@ def peer(kind, start, example, target):
             hi, best = ratio, model
         else:
             lo = ratio
-    # The peer traces eval mode only, so it leaves the train-only auxiliary head unpruned and the model fails in
-    # training mode; it is dropped for the peer's fine-tuning (it is not part of the deployed model anyway).
+    # The peer traces eval mode only, so it leaves the train-only auxiliary heads (PSPNet's aux_head, ICNet's
+    # cascade classifiers) unpruned and the model fails in training mode; they are dropped for the peer's
+    # fine-tuning (they are not part of the deployed model anyway).
     if getattr(best, "aux_head", None) is not None:
         best.aux_head = None
+    for module in best.modules():
+        if type(module).__name__ == "CascadeFeatureFusion":
+            module.classifier = None
     return best
 
 
