@@ -70,6 +70,20 @@ def test_fpgm_removes_the_filter_nearest_the_median_first():
     assert int(np.argmin(fpgm(group, model))) == 2
 
 
+def test_fpgm_scores_compare_across_layers_of_different_width_and_fan_in():
+    # Two layers drawn from the same distribution, one 4x wider and with 9x the fan-in: their scores must be on
+    # the same scale, or a global threshold would empty one of them first.
+    torch.manual_seed(0)
+    model = nn.Sequential(cbr(8, 16, k=1), cbr(16, 64, k=3))
+    with torch.no_grad():
+        for conv in (model[0][0], model[1][0]):
+            conv.weight.normal_(0.0, 0.1)
+    groups = segprune.channel_groups(model, torch.randn(1, 8, 6, 6))
+    narrow, wide = (next(g for g in groups if f"{i}.0" in g.modules("out")) for i in (0, 1))
+    ratio = np.median(fpgm(wide, model)) / np.median(fpgm(narrow, model))
+    assert 0.8 < ratio < 1.25, ratio
+
+
 def test_taylor_scores_a_dead_channel_zero_and_prunes_it_first():
     torch.manual_seed(0)
     model = nn.Sequential(cbr(3, 6), nn.Conv2d(6, 3, 1))

@@ -64,14 +64,21 @@ def l2(group: ChannelGroup, model: nn.Module) -> np.ndarray | None:
 
 
 def fpgm(group: ChannelGroup, model: nn.Module) -> np.ndarray | None:
-    """Filter pruning via geometric median (He et al. 2019): a filter's summed distance to the other filters of
-    its layer; the filters nearest the geometric median are the most replaceable and go first."""
+    """Filter pruning via geometric median (He et al. 2019): a filter's distance to the other filters of its layer;
+    the filters nearest the geometric median are the most replaceable and go first.
+
+    Normalised so that layers compare under one global threshold, as the filter norms are: the mean distance to
+    the layer's other filters (not the sum, which grows with the layer's width) per weight (divided by the square
+    root of the filter size, which the distance grows with). The paper ranks within each layer, where this
+    changes nothing; without it a global threshold cuts narrow layers and layers of small fan-in first."""
     index, values = [], []
     for m in group.members:
         weights = _filters(model.get_submodule(m.module)) if m.role == "out" else None
         if weights is not None and weights.shape[0] > 1:
+            w = weights.double()[None]
+            distance = torch.cdist(w, w)[0].sum(1) / (weights.shape[0] - 1) / weights.shape[1] ** 0.5
             index.append(m.index)
-            values.append(torch.cdist(weights.double()[None], weights.double()[None])[0].sum(1).cpu().numpy())
+            values.append(distance.cpu().numpy())
     return _per_channel(group.size, index, values) if index else None
 
 
