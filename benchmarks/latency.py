@@ -195,8 +195,8 @@ def _keep_other_runtimes(data: dict, previous: Path) -> None:
         if before is None:
             continue
         kept = [r for r in before["rows"] if r["runtime"] not in data["runtimes"]]
-        model["rows"] = [*[{**r, "from_run": r.get("from_run", old["machine"].get("date", "an earlier run"))} for r in kept],
-                         *model["rows"]]
+        when = old["machine"].get("date", "an earlier run")
+        model["rows"] = [*[{**r, "from_run": r.get("from_run", when)} for r in kept], *model["rows"]]
         if "onnx" not in model and "onnx" in before:
             model["onnx"] = before["onnx"]
 

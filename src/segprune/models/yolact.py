@@ -22,10 +22,11 @@ shrink while the strides do not, so anchors fall far apart relative to their siz
 by IoU >= 0.5. On the 96×96 synthetic demo scenes (objects of median 22 px) that left one forced match per object:
 after 20 epochs box AP 0.02 % and mask AP 0.02 %, against 6.5 % and 5.5 % with pixel anchors (same budget, seed 0).
 With ``scale_anchors_with_input`` on a non-square input an anchor's w is a fraction of the width, its h of the
-height, as in the reference's normalised coordinates after its square resize; the backbone's BN is trainable (network slimming needs
-γ to move; freeze it in the trainer to follow the reference); ``forward(x, assemble=True)`` returns the masks of
-every anchor before NMS, ``sigmoid(einsum(proto, coef))``, in place of ``proto`` and ``coef`` (see Pruning). As the
-reference: Xavier-uniform init and zero biases after the backbone (He-normal in the backbone, or loaded weights).
+height, as in the reference's normalised coordinates after its square resize; the backbone's BN is trainable
+(network slimming needs γ to move; freeze it in the trainer to follow the reference); ``forward(x,
+assemble=True)`` returns the masks of every anchor before NMS, ``sigmoid(einsum(proto, coef))``, in place of
+``proto`` and ``coef`` (see Pruning). As the reference: Xavier-uniform init and zero biases after the backbone
+(He-normal in the backbone, or loaded weights).
 
 Deviation: the prototypes are linear (``proto_activation="linear"``, the default; ``"relu"`` is the paper's). With
 ReLU prototypes a mask logit ``P·cᵀ`` is exactly 0 wherever every prototype is 0, and there no gradient reaches the
