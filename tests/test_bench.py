@@ -118,3 +118,14 @@ def test_export_errors_are_named(tmp_path, checkpoints, capsys):
     assert main(["export", str(pruned), "--onnx", str(tmp_path / "m.onnx"), "--input-size", "20", "20"]) == 2
     assert "cannot take input size 20×20" in capsys.readouterr().err
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_export_defaults_to_the_size_the_recipe_trained_at(tmp_path, capsys):
+    pytest.importorskip("onnxruntime", reason="export's parity check needs onnxruntime")
+    pytest.importorskip("onnx", reason="ONNX export needs onnx")
+    torch.manual_seed(0)
+    folder = segprune.save(tmp_path / "yolact", create_model("test_yolact", num_classes=3),
+                           config={"model": "test_yolact", "model_kwargs": {"num_classes": 3},
+                                   "recipe": {"size": [40, 48]}})
+    assert main(["export", str(folder), "--onnx", str(tmp_path / "y.onnx")]) == 0
+    assert "[[1, 3, 40, 48]," in capsys.readouterr().out

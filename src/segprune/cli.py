@@ -325,7 +325,7 @@ def cmd_export(args) -> None:
         if Path(out).exists() and not args.force:
             raise FileExistsError(f"{out} already exists; pass --force to overwrite")
     model = checkpoint.load(args.checkpoint)
-    x = example_input(args.checkpoint, tuple(args.input_size), args.batch)
+    x = example_input(args.checkpoint, tuple(args.input_size or _trained_size(args.checkpoint)), args.batch)
     check_takes(args.checkpoint, model, x)
     if args.fuse:
         model = fuse_conv_bn(model, x)
@@ -342,6 +342,14 @@ def cmd_export(args) -> None:
             print(f"{r['path']}: {r['file_bytes'] / 1024:,.1f} KiB, max abs diff {r['max_abs_diff']:.2e}")
     except ImportError as err:
         raise ValueError(str(err)) from err
+
+
+def _trained_size(folder) -> tuple[int, int]:
+    """The input size a checkpoint's recipe trained at (``config.json``), else 512×512."""
+    from segprune import checkpoint
+
+    size = checkpoint.load_config(folder).get("recipe", {}).get("size")
+    return tuple(size) if isinstance(size, list) and len(size) == 2 else (512, 512)
 
 
 def _deploy_parsers(sub) -> None:
@@ -363,8 +371,9 @@ def _deploy_parsers(sub) -> None:
     e.add_argument("--onnx", default=None, metavar="OUT.onnx")
     e.add_argument("--torchscript", default=None, metavar="OUT.pt")
     e.add_argument("--fuse", action="store_true", help="fold Conv+BN into the convs first")
-    e.add_argument("--input-size", type=int, nargs=2, default=(512, 512), metavar=("H", "W"),
-                   help="example input for the export and the parity check")
+    e.add_argument("--input-size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                   help="example input for the export and the parity check (default: the size the checkpoint's "
+                        "recipe trained at, else 512 512)")
     e.add_argument("--batch", type=int, default=1)
     e.add_argument("--opset", type=int, default=17)
     e.add_argument("--dynamic", action=argparse.BooleanOptionalAction, default=True,
