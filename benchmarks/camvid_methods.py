@@ -132,10 +132,13 @@ def main() -> None:
     p.add_argument("--out", default="camvid_methods", help="results/<out>.{json,md,png}")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and random pruning")
     p.add_argument("--threads", type=int, default=2, help="CPU threads for training and latency")
+    p.add_argument("--cap-weight", default="inverse", help="CAP's weight function (see CAPSparsity)")
+    p.add_argument("--cap-affinity", default="dot", help="CAP's affinity (see CAPSparsity)")
     args = p.parse_args()
     recipe = Recipe(name="camvid_methods", model=args.model, width=args.width, data="camvid", data_root=args.data,
                     size=tuple(args.size), eval_size=tuple(args.size), val_split="test", train_samples=0,
-                    val_samples=0, epochs=args.epochs, lr=0.004, lam=5e-4, finetune_lr=0.001, seed=args.seed)
+                    val_samples=0, epochs=args.epochs, lr=0.004, lam=5e-4, finetune_lr=0.001, seed=args.seed,
+                    cap_weight=args.cap_weight, cap_affinity=args.cap_affinity)
     torch.set_num_threads(args.threads)
     train_loader, val_loader, k = loaders(recipe)
     example = torch.zeros(1, 3, *recipe.size)
@@ -167,7 +170,8 @@ def main() -> None:
     result = {"benchmark": "camvid_methods", "machine": machine(), "dataset": "CamVid (SegNet release), test split",
               "budget": {"model": args.model, "width": args.width, "size": args.size, "train_epochs": args.epochs,
                          "finetune_epochs": args.finetune_epochs, "optimizer": recipe.optimizer, "lr": recipe.lr,
-                         "finetune_lr": recipe.finetune_lr, "lam": recipe.lam, "seed": recipe.seed},
+                         "finetune_lr": recipe.finetune_lr, "lam": recipe.lam, "seed": recipe.seed,
+                         "cap_weight": recipe.cap_weight, "cap_affinity": recipe.cap_affinity},
               "rows": rows, "goals": goals(rows, args.targets)}
     write_result(args.out, result)
     (RESULTS / f"{args.out}.md").write_text(markdown(result))
