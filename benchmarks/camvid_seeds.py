@@ -24,12 +24,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, write_result  # noqa: E402
 
-PAIRS = [("cap", "slimming"), ("slimming", "random")]
+PAIRS = [("cap", "slimming"), ("cap[one_minus]", "slimming"), ("slimming", "random")]
+
+
+VARIANT_KEYS = ("cap_weight", "cap_affinity")  # CAP variants are told apart by name, e.g. "cap[one_minus]"
+DEFAULTS = {"cap_weight": "inverse", "cap_affinity": "dot"}
 
 
 def load(paths: list[Path]) -> list[dict]:
     runs = [json.loads(p.read_text()) for p in paths]
-    budgets = {json.dumps({k: v for k, v in r["budget"].items() if k != "seed"}, sort_keys=True) for r in runs}
+    budgets = {json.dumps({k: v for k, v in r["budget"].items() if k != "seed" and k not in VARIANT_KEYS},
+                          sort_keys=True) for r in runs}
     if len(budgets) > 1:
         raise SystemExit(f"the runs differ in more than their seed: {sorted(budgets)}")
     return runs
@@ -41,9 +46,17 @@ def by_seed(runs: list[dict]) -> dict[tuple[float, str], dict[int, float]]:
     for run in runs:
         for row in run["rows"]:
             if "miou" in row:
-                out.setdefault((row.get("target_macs", 1.0), row["method"]), {})[run["budget"]["seed"]] = \
-                    100 * row["miou"]
+                out.setdefault((row.get("target_macs", 1.0), _name(row["method"], run["budget"])), {})[
+                    run["budget"]["seed"]] = 100 * row["miou"]
     return out
+
+
+def _name(method: str, budget: dict) -> str:
+    """``cap`` with its non-default options in brackets: ``cap[one_minus]``."""
+    if method != "cap":
+        return method
+    options = [str(budget[k]) for k in VARIANT_KEYS if budget.get(k, DEFAULTS[k]) != DEFAULTS[k]]
+    return f"cap[{','.join(options)}]" if options else method
 
 
 def stats(values: list[float]) -> dict:
@@ -76,7 +89,8 @@ def main() -> None:
         means = {m: statistics.mean(v.values()) for m, v in at.items()}
         goals[str(t)]["cap_ge_slimming_ge_random (means)"] = all(m in means for m in ("cap", "slimming", "random")) \
             and means["cap"] >= means["slimming"] >= means["random"]
-    data = {"benchmark": "camvid_seeds", "budget": {k: v for k, v in runs[0]["budget"].items() if k != "seed"},
+    shared = {k: v for k, v in runs[0]["budget"].items() if k != "seed" and k not in VARIANT_KEYS}
+    data = {"benchmark": "camvid_seeds", "budget": shared,
             "seeds": sorted(r["budget"]["seed"] for r in runs), "machine": runs[0]["machine"],
             "sources": [str(p) for p in args.results], "rows": rows, "goals": goals}
     write_result(args.out, data)
