@@ -132,8 +132,9 @@ def main() -> None:
     p.add_argument("--out", default="camvid_methods", help="results/<out>.{json,md,png}")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and random pruning")
     p.add_argument("--threads", type=int, default=2, help="CPU threads for training and latency")
-    p.add_argument("--cap-weight", default="inverse", help="CAP's weight function (see CAPSparsity)")
-    p.add_argument("--cap-affinity", default="dot", help="CAP's affinity (see CAPSparsity)")
+    p.add_argument("--cap-weight", default=Recipe.cap_weight, help="CAP's weight function (see CAPSparsity); "
+                   "results from before 2026-11-23 13:30 UTC used inverse, then the default")
+    p.add_argument("--cap-affinity", default=Recipe.cap_affinity, help="CAP's affinity (see CAPSparsity)")
     args = p.parse_args()
     recipe = Recipe(name="camvid_methods", model=args.model, width=args.width, data="camvid", data_root=args.data,
                     size=tuple(args.size), eval_size=tuple(args.size), val_split="test", train_samples=0,

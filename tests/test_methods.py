@@ -147,7 +147,7 @@ def test_cap_guidance_is_not_flat_on_a_real_layer():
 
 
 def test_cap_inverse_weights_keep_slimming_budget():
-    model, reg, _ = _grads_after(segprune.CAPSparsity)  # weight="inverse" by default
+    model, reg, _ = _grads_after(segprune.CAPSparsity, weight="inverse")
     for name, norm in reg.norms:
         w = reg.weights(name, norm)
         assert torch.allclose(w.mean(), torch.tensor(1.0)) and w.std() > 0

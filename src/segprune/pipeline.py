@@ -63,7 +63,7 @@ class Recipe:
     lam: float = 5e-4  # sparsity on BN scales (slimming, cap), added to their gradients
     warmup: int = 0  # steps over which lam ramps up
     cap_affinity: str = "dot"
-    cap_weight: str = "inverse"
+    cap_weight: str = "one_minus"
     cap_temperature: float = 0.1
     ratio: float = 0.5  # fraction of prunable channels removed (when target_macs is 0)
     target_macs: float = 0.0  # if > 0: remove until MACs <= this fraction of the original
