@@ -80,29 +80,13 @@ def onnx_runners(models: dict[str, torch.nn.Module], x: torch.Tensor, folder: Pa
             if "disagrees" not in str(err):
                 raise
             info = export_onnx(model, x, path, dynamic=False, check=False)
-            info["max_abs_diff"] = _ort_diff(model, path, x)
-            parity = f"failed: {err}; eager itself moves {_eager_sensitivity(model, x):.3g} under a 1e-6 input change"
+            parity = f"failed: {err}"  # the message gives the difference and eager's own sensitivity
         exports[label] = {**{k: info[k] for k in ("exporter", "max_abs_diff", "file_bytes", "nodes")},
                           "parity": parity, "export_s": round(time.perf_counter() - start, 1)}
         sidecar.write_text(json.dumps(exports[label]))
         print(f"exported {label}: {exports[label]}", file=sys.stderr, flush=True)
         runners[label] = OrtRunner(path, threads=threads)
     return runners, exports
-
-
-def _ort_diff(model: torch.nn.Module, path: Path, x: torch.Tensor) -> float:
-    from segprune.eval.profile import OrtRunner
-
-    runner = OrtRunner(path)
-    got = torch.from_numpy(runner(runner.prepare(x))[0])
-    with torch.no_grad():
-        return float((model(x)["out"] - got).abs().max())
-
-
-def _eager_sensitivity(model: torch.nn.Module, x: torch.Tensor) -> float:
-    """How far the model's own output moves when the input moves by 1e-6: the floor of any parity check."""
-    with torch.no_grad():
-        return float((model(x)["out"] - model(x + 1e-6 * torch.randn_like(x))["out"]).abs().max())
 
 
 def rows(label_costs: dict, latency: dict, runtime: str) -> list[dict]:

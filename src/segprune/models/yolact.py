@@ -64,7 +64,7 @@ from torch import Tensor, nn
 from .backbones import ResNet, load_backbone_weights, resnet
 from .layers import LayerFn, check_num_classes, init_weights, scale_width
 from .registry import register_model
-from .yolact_loss import YolactLoss, box_iou, crop_masks, decode
+from .yolact_loss import YolactLoss, box_iou, crop_masks, decode, mask_logits
 
 __all__ = ["Yolact", "YolactLoss", "fast_nms", "postprocess"]
 
@@ -279,9 +279,7 @@ def _detect(boxes, scores, coef, proto, image_size, *, score_thresh, nms_iou, to
     h, w = image_size
     box = boxes[index].clamp(0, 1)
     if len(index):  # logits upsampled, then cropped by one prototype pixel around the box: as the loss is taught
-        logits = torch.einsum("khw,pk->phw", proto, coef[index])
-        logits = F.interpolate(logits[None], size=(h, w), mode="bilinear", align_corners=False)[0]
-        padding = max(1, round(max(h / proto.shape[-2], w / proto.shape[-1])))
+        logits, padding = mask_logits(proto, coef[index], (h, w))
         masks = crop_masks(torch.sigmoid(logits), box, padding) > mask_thresh
     else:
         masks = torch.zeros(0, h, w, dtype=torch.bool, device=proto.device)

@@ -75,9 +75,15 @@ def crop_masks(masks: Tensor, boxes: Tensor, padding: int = 1) -> Tensor:
     return masks * (inside & (rows < y2[:, None, None]))
 
 
-def assemble_masks(proto: Tensor, coef: Tensor) -> Tensor:
-    """Linear combination of prototypes (k, H, W) with coefficients (P, k) -> mask probabilities (P, H, W)."""
-    return torch.sigmoid(torch.einsum("khw,pk->phw", proto, coef))
+def mask_logits(proto: Tensor, coef: Tensor, size: tuple[int, int] | None = None) -> tuple[Tensor, int]:
+    """Mask logits P·cᵀ of coefficients (P, k) on prototypes (k, Hp, Wp), upsampled (bilinear) to `size` when given,
+    and the crop padding that goes with them: one prototype pixel at that resolution. Shared by the loss and
+    ``postprocess`` so that masks are predicted as they are taught."""
+    logits = torch.einsum("khw,pk->phw", proto, coef)
+    if size is None:
+        return logits, 1
+    logits = F.interpolate(logits[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
+    return logits, max(1, round(max(size[0] / proto.shape[-2], size[1] / proto.shape[-1])))
 
 
 def match(boxes: Tensor, labels: Tensor, anchors: Tensor, pos_iou: float = 0.5, neg_iou: float = 0.4):
@@ -184,13 +190,12 @@ class YolactLoss(torch.nn.Module):
             box = boxes[index[pos]]
             # BCE of sigmoid(P·cᵀ) cropped to the box, as the reference, written on logits (exact inside the box,
             # zero outside where the cropped prediction and target are both 0) so that it runs under autocast
-            logits = torch.einsum("khw,pk->phw", p, c[pos])
             if self.mask_resolution == "input":  # upsampled as postprocess does; the masks as they come
-                logits = F.interpolate(logits[None], size=size, mode="bilinear", align_corners=False)[0]
+                logits, padding = mask_logits(p, c[pos], size)
                 gt = target["masks"][index[pos]].float()
-                padding = max(1, round(max(size[0] / p.shape[-2], size[1] / p.shape[-1])))  # one prototype pixel
             else:
-                gt, padding = _downsample(target["masks"], p.shape[-2:])[index[pos]], 1
+                logits, padding = mask_logits(p, c[pos])
+                gt = _downsample(target["masks"], p.shape[-2:])[index[pos]]
             height, width = logits.shape[-2:]
             bce = crop_masks(F.binary_cross_entropy_with_logits(logits, gt, reduction="none"), box, padding)
             area = ((box[:, 2] - box[:, 0]) * width * (box[:, 3] - box[:, 1]) * height).clamp(min=1)

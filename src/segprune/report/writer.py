@@ -24,13 +24,13 @@ INSTANCE_ROWS = [("box AP (%)", "box_ap", lambda v: f"{100 * v:.2f}"),
                  ("mask AP50 (%)", "mask_ap50", lambda v: f"{100 * v:.2f}"),
                  ("mask AP75 (%)", "mask_ap75", lambda v: f"{100 * v:.2f}"), *ROWS[1:]]
 COST_KEYS = [key for _, key, _ in ROWS[1:]]
+NO_MATPLOTLIB = "matplotlib not installed (pip install segprune[report])"
+FILES = ("report.json", "report.md", "report.html")
 
 
 def accuracy_of(report: dict) -> tuple[str, str]:
     """The accuracy a report is judged by, as (key, label): mask AP for an instance run, else mIoU."""
     return ("mask_ap", "mask AP (%)") if report.get("task") == "instance" else ("miou", "mIoU (%)")
-NO_MATPLOTLIB = "matplotlib not installed (pip install segprune[report])"
-FILES = ("report.json", "report.md", "report.html")
 
 
 def _ratio(before: float, after: float) -> float:
@@ -129,8 +129,6 @@ def _run_sections(report: dict, samples: dict | None) -> tuple[list[str], list[s
             for label, key, fmt in rows_of(report)]
     points = [{**report[side], "label": side, "run": report["title"]} for side in ("before", "after")]
     cost = _figures(_pareto_plots(points, report["title"], *accuracy_of(report)), skipped)
-    if report.get("task") == "instance":  # the plots draw mIoU; the table has the APs
-        skipped.append("accuracy vs cost plots skipped: they plot mIoU, an instance run has box and mask AP")
     width_figures = _figures(_width_plots(report.get("widths")), skipped)
     overlays = _figures(_prediction_plots(samples, skipped), skipped)
     sections = [
@@ -221,8 +219,6 @@ def columns(accuracy_label: str = "mIoU (%)") -> list[str]:
             "params ratio", "MACs after (M)", "MACs ratio", "weights file after (KiB)", "latency after (ms)",
             "latency ratio", "latency setup"]
 
-
-COLUMNS = columns()
 
 
 def _row(name: str, report: dict) -> list[str]:
