@@ -46,13 +46,15 @@ from common import RESULTS, machine, write_result  # noqa: E402
 import segprune  # noqa: E402
 from segprune.eval.metrics import evaluate  # noqa: E402
 from segprune.eval.profile import compare_latency, profile  # noqa: E402
+from segprune.eval.validation import val_miou  # noqa: E402
 from segprune.export.fuse import fuse_conv_bn  # noqa: E402
 from segprune.models import create_model  # noqa: E402
 from segprune.prune import channel_groups  # noqa: E402
 from segprune.prune.blocks import prune_blocks, residual_blocks, slim_layers  # noqa: E402
-from segprune.prune.postprune import plot_path, pruning_path, select, val_miou  # noqa: E402
+from segprune.prune.postprune import pruning_path, select  # noqa: E402
 from segprune.prune.schedules import layer_by_layer, two_stage_global  # noqa: E402
 from segprune.prune.trace import trace  # noqa: E402
+from segprune.report.plots import plot_path  # noqa: E402
 from segprune.train.aux import AuxLoss  # noqa: E402
 from segprune.train.loop import fit  # noqa: E402
 

@@ -207,7 +207,7 @@ def test_scores_leave_the_model_unchanged_and_greedy_takes_the_cheapest():
 
 def test_scores_by_miou_are_the_drop_in_miou():
     from segprune.eval.metrics import evaluate
-    from segprune.prune.blocks import miou_metric
+    from segprune.eval.validation import miou_metric
 
     model, x, data = build("hand"), example(), batches()
     blocks = residual_blocks(model, x)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import segprune
+from segprune.eval.validation import val_miou
 from segprune.models import create_model
 from segprune.prune import lasso
 from segprune.prune.cost import CostModel
@@ -22,12 +23,11 @@ from segprune.prune.postprune import (
     channel_macs,
     default_loss,
     mean_loss,
-    plot_path,
     pruning_path,
     removed_channels,
     select,
-    val_miou,
 )
+from segprune.report.plots import plot_path
 from tests.conftest import randomize_norms
 
 

@@ -97,7 +97,7 @@ def test_measure_latency_of_an_onnx_file(onnx_file):
 
 
 def test_compare_latency_mixes_backends(onnx_file):
-    from segprune.eval.profile import ort_session
+    from segprune.export.onnx import ort_session
 
     model, path = onnx_file
     models = {"eager": model, "ort": path, "session": ort_session(path, threads=1), "runner": TorchRunner(model)}

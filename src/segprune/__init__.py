@@ -1,6 +1,9 @@
-"""segprune: structured pruning for segmentation networks, proven exact by a masked-equivalence oracle."""
+"""segprune: structured pruning for segmentation networks, proven exact by a masked-equivalence oracle.
 
-from segprune.checkpoint import load, save
+`segprune.load` and `segprune.save` (checkpoint folders, which build models from the zoo) are imported on first
+use, so `import segprune.prune` loads the engine without `segprune.models`.
+"""
+
 from segprune.eval.profile import profile
 from segprune.prune import (
                             BNSparsity,
@@ -17,3 +20,12 @@ from segprune.prune.api import prune  # after the line above: the function, not 
 __version__ = "0.1.0"
 __all__ = ["BNSparsity", "CAPSparsity", "ChannelGroup", "Plan", "PruneResult", "Taylor", "channel_groups", "load",
            "profile", "prune", "register_surgery", "save"]
+_LAZY = {"load": "segprune.checkpoint", "save": "segprune.checkpoint"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'segprune' has no attribute {name!r}")

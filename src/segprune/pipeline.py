@@ -264,7 +264,9 @@ def prune_and_finetune(r, model, example, groups, train_loader, log, progress):
 def postprune_and_finetune(r, model, example, train_loader, val_loader, num_classes, out, log, progress):
     """Post-pruning (Liu): the weakest-link path scored on `path_batches` training batches, one sub-network
     chosen on the validation split, retrained `finetune_epochs`; writes path.json and path.png into `out`."""
-    from segprune.prune.postprune import plot_path, pruning_path, select, val_miou
+    from segprune.eval.validation import val_miou
+    from segprune.prune.postprune import pruning_path, select
+    from segprune.report.plots import plot_path
 
     crit = loss_fn(r, train_loader)
     batches = [(x.to(r.device), y.to(r.device)) for _, (x, y) in zip(range(r.path_batches), train_loader)]
@@ -347,7 +349,8 @@ def optimise_structure(r, model, example, train_loader, log):
     layers' widths (`slim_widths`). Returns (model, plan or None, its MACs as a fraction of the original)."""
     if not r.layer_pruning and not r.slim_widths:
         return model, None, 1.0
-    from segprune.prune.blocks import miou_metric, prune_blocks, slim_layers
+    from segprune.eval.validation import miou_metric
+    from segprune.prune.blocks import prune_blocks, slim_layers
     from segprune.prune.plan import Plan
     from segprune.prune.trace import trace
 

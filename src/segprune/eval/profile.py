@@ -42,22 +42,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
+from segprune._utils import eval_mode
+from segprune.export.onnx import ort_session
+
 
 def count_params(model: nn.Module) -> int:
     """Number of parameters, counting a shared parameter once."""
     return sum(p.numel() for p in model.parameters())
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module):
-    """Context manager: ``model`` in eval mode for the block, then every submodule's own mode restored."""
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, training in modes.items():
-            module.training = training
 
 
 @contextlib.contextmanager
@@ -221,20 +212,6 @@ class TorchRunner:
 
     def threads(self) -> int:
         return torch.get_num_threads()
-
-
-def ort_session(path: str | Path, threads: int | None = None):
-    """An onnxruntime CPU session with ``threads`` intra-op threads (torch's setting when None), run sequentially."""
-    try:
-        import onnxruntime as ort
-    except ImportError as err:
-        raise ImportError("onnxruntime is needed for this: pip install 'segprune[onnx]'") from err
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or torch.get_num_threads()
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 class OrtRunner:

@@ -25,7 +25,7 @@ from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from segprune.eval.profile import eval_mode
+from segprune._utils import eval_mode
 
 _T = torch.Tensor
 # Reads of metadata only: a BN checking ``input.dim()`` or a decoder reading ``x.shape`` does not use the values.

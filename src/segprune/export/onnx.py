@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from segprune.eval.profile import eval_mode, ort_session
+from segprune._utils import eval_mode
 
 EXPORTERS = ("auto", "torchscript", "dynamo")
 _AXES = {0: "batch", 2: "height", 3: "width"}
@@ -78,6 +78,20 @@ class Outputs(nn.Module):
         if isinstance(out, (tuple, list)):
             return out[0]
         return out
+
+
+def ort_session(path: str | Path, threads: int | None = None):
+    """An onnxruntime CPU session with ``threads`` intra-op threads (torch's setting when None), run sequentially."""
+    try:
+        import onnxruntime as ort
+    except ImportError as err:
+        raise ImportError("onnxruntime is needed for this: pip install 'segprune[onnx]'") from err
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def _tensors(out) -> list[torch.Tensor]:

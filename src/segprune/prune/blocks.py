@@ -39,6 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from segprune.prune.api import PruneResult, _criterion
+from segprune.prune.graph import channel_groups
 from segprune.prune.plan import ACTIVATIONS, Plan
 from segprune.prune.rules import op_name, tensors
 from segprune.prune.trace import as_call, trace
@@ -372,17 +374,6 @@ def loss_metric(loss_fn: Callable | None = None) -> Callable[[nn.Module, Sequenc
     return metric
 
 
-def miou_metric(num_classes: int) -> Callable[[nn.Module, Sequence], float]:
-    """`metric(model, batches)` = -mIoU (lower is better, like a loss), so a block's score is the IoU it costs."""
-    from segprune.eval.metrics import evaluate
-
-    def metric(model: nn.Module, batches) -> float:
-        device = next(model.parameters()).device
-        return -evaluate(model, list(batches), num_classes=num_classes, device=device)["miou"]
-
-    return metric
-
-
 def score_blocks(model: nn.Module, blocks: Sequence[Block], batches, metric_fn: Callable | None = None
                  ) -> dict[str, float]:
     """How much each block costs when bypassed alone, without retraining: `metric(bypassed) - metric(model)`.
@@ -515,9 +506,6 @@ def slim_layers(model: nn.Module, example_inputs, widths: dict[str, int], *, cri
     Returns:
         A `PruneResult` (model, plan, groups, removed), which the masked-equivalence oracle checks like any other.
     """
-    from segprune.prune.api import PruneResult, _criterion
-    from segprune.prune.graph import channel_groups
-
     groups = groups if groups is not None else channel_groups(model, example_inputs)
     score = _criterion(criterion, 0)
     removed: dict[int, set[int]] = {}

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segprune._utils import eval_mode
 from segprune.prune.graph import ChannelGroup
 from segprune.prune.plan import Plan
 from segprune.prune.trace import as_call
@@ -65,16 +66,13 @@ def sample_layer(model: nn.Module, name: str, batches, *, samples: int = 2000, s
     per_call = math.ceil(samples / max(len(batches), 1))
     grabbed: list[torch.Tensor] = []  # patches only: whole activations of every batch would not fit at full size
     handle = conv.register_forward_hook(lambda m, args, out: grabbed.append(_patches(m, args[0].double(), per_call, g)))
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             for inputs, _ in batches:
                 args, kwargs = as_call(inputs)
                 model(*args, **kwargs)
     finally:
         handle.remove()
-        model.train(was_training)
     if not grabbed:
         raise ValueError(f"{name} was not called on the sampling batches")
     patches = torch.cat(grabbed)

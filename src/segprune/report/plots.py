@@ -8,7 +8,9 @@ canvas directly (no pyplot), so no global backend is switched and nothing opens 
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -176,3 +178,30 @@ def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", metadata={"Software": None})  # no version string or URL inside the image
     return buf.getvalue()
+
+
+def plot_path(path, file: str | Path, *, selected: int | None = None) -> bool:
+    """mIoU against MACs along a post-pruning path (:class:`segprune.prune.PruningPath`), the selected step marked;
+    False (with a warning) without matplotlib."""
+    try:
+        import matplotlib  # noqa: F401  (optional: the report extra)
+    except ImportError:
+        warnings.warn("matplotlib is not installed (pip install 'segprune[report]'): path plot skipped", stacklevel=2)
+        return False
+    base = max(path.steps[0].macs, 1)
+    macs = [s.macs / base for s in path.steps]
+    miou = [100 * s.miou for s in path.steps]
+    fig, ax = _figure(6, 4)
+    ax.plot(macs, miou, "o-", ms=3, label="path")
+    if selected is not None:
+        ax.plot(macs[selected], miou[selected], "r*", ms=14, label=f"selected (step {selected})")
+    ax.set(xlabel="MACs (fraction of the unpruned model)", ylabel="validation mIoU (%)",
+           title=f"post-pruning path ({path.criterion}, {path.selector})")
+    ax.invert_xaxis()
+    ax.grid(alpha=0.3)
+    ax.legend()
+    file = Path(file)
+    tmp = file.with_name(file.stem + ".tmp" + file.suffix)
+    tmp.write_bytes(_png(fig))
+    tmp.replace(file)
+    return True

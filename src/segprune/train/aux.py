@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segprune._utils import eval_mode
+
 ATTRIBUTE = "segprune_aux"
 
 
@@ -147,13 +149,10 @@ def _channels(model: nn.Module, layers: list[str], example_inputs: torch.Tensor)
         return lambda module, args, out: seen.setdefault(name, out)
 
     handles = [modules[n].register_forward_hook(hook(n)) for n in layers]
-    training = model.training
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             out = model(example_inputs)
     finally:
-        model.train(training)
         for h in handles:
             h.remove()
     for name in layers:

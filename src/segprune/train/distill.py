@@ -6,9 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def _logits(output) -> torch.Tensor:
-    return output["out"] if isinstance(output, dict) else output
+from segprune._utils import logits
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, *, temperature: float) -> torch.Tensor:
@@ -31,7 +29,7 @@ def distillation(teacher: nn.Module, *, alpha: float, temperature: float = 4.0):
 
     def extra_loss(images: torch.Tensor, output) -> torch.Tensor:
         with torch.no_grad():
-            target = _logits(teacher(images))
-        return alpha * kd_loss(_logits(output), target, temperature=temperature)
+            target = logits(teacher(images))
+        return alpha * kd_loss(logits(output), target, temperature=temperature)
 
     return extra_loss
