@@ -8,7 +8,7 @@ from torch import nn
 from segprune.eval.profile import count_macs
 from segprune.prune.blocks import _record
 from segprune.train.aux import AuxLoss, add_losses
-from segprune.train.loop import backward, fit
+from segprune.train.loop import SegmentationLoss, backward, fit
 
 models = pytest.importorskip("segprune.models")
 LAYERS, WEIGHTS = ["backbone.layer2", "backbone.layer3"], [0.4, 0.4]
@@ -29,7 +29,8 @@ def grads(model, images, targets, aux=None):
     model.zero_grad()
     torch.manual_seed(5)  # the same dropout masks in every call
     ce = nn.CrossEntropyLoss(ignore_index=255)
-    backward(model, images, targets, criterion=aux.criterion(ce) if aux else ce, extra_loss=aux and aux.extra_loss)
+    backward(model, images, targets, loss=SegmentationLoss(aux.criterion(ce) if aux else ce),
+             extra_loss=aux and aux.extra_loss)
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 

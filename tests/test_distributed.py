@@ -25,7 +25,7 @@ from segprune.data import make_loader
 from segprune.data.synthetic import SyntheticScenes
 from segprune.eval.metrics import ConfusionMatrix, evaluate
 from segprune.train import distributed
-from segprune.train.checkpoint import Checkpoints
+from segprune.train.resume import Checkpoints
 from segprune.train.loop import fit
 
 out = sys.argv[1]

@@ -429,9 +429,9 @@ class _Killed(SyntheticInstances):
 def test_interrupted_instance_training_resumes_exactly(tmp_path):
     _yolact()
     from segprune.models.yolact import YolactLoss
-    from segprune.train.checkpoint import Checkpoints
     from segprune.train.instance import InstanceLoss
     from segprune.train.loop import fit
+    from segprune.train.resume import Checkpoints
 
     def run(folder, fail_after=None, resume=False):
         net = _yolact()

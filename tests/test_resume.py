@@ -17,8 +17,8 @@ from torch.utils.data import DataLoader, Dataset
 from segprune import checkpoint
 from segprune.cli import main
 from segprune.data.synthetic import SyntheticScenes
-from segprune.train.checkpoint import Checkpoints, Progress, decode, encode
 from segprune.train.loop import fit
+from segprune.train.resume import Checkpoints, Progress, decode, encode
 
 # Runs segprune.cli in a subprocess. With BLOCK_AFTER=n it hangs on fetching the (n+1)-th training sample, so
 # the test can kill it at a known point; FETCH_LOG receives the number of training samples fetched at exit.

@@ -89,11 +89,6 @@ def wrap(model: nn.Module, device: torch.device, *, sync_bn: bool = False) -> nn
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DistributedDataParallel (or ``model`` itself)."""
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
 def mean_across(value: float) -> float:
     """The mean of ``value`` over all ranks (``value`` itself outside a process group)."""
     if not is_distributed():

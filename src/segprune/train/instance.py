@@ -28,9 +28,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
+from segprune._utils import unwrap
 from segprune.data.instances import CocoInstances, make_instance_loader
 from segprune.eval.coco_metrics import CocoEvaluator
-from segprune.train.distributed import unwrap
 
 
 class InstanceLoss:
@@ -182,7 +182,7 @@ def _clear_run(out: Path) -> None:
 
 
 def _seed_everything(seed: int, threads: int) -> None:
-    """Every rank alike (see :mod:`segprune.train.checkpoint`)."""
+    """Every rank alike (see :mod:`segprune.train.resume`)."""
     import random
 
     import numpy as np
@@ -207,8 +207,8 @@ def run_instance_training(recipe, out: Path, device, *, resume: bool, force: boo
     from segprune.models.yolact import YolactLoss
     from segprune.pipeline import RunLog, as_plain
     from segprune.train import distributed
-    from segprune.train.checkpoint import Checkpoints
     from segprune.train.loop import fit
+    from segprune.train.resume import Checkpoints
     from segprune.train.run import _check_run_dir
 
     plain, main_rank = {**as_plain(recipe), "task": "instance"}, distributed.is_main()
@@ -232,7 +232,7 @@ def run_instance_training(recipe, out: Path, device, *, resume: bool, force: boo
     config = {"model": recipe.model, "model_kwargs": model_kwargs, "recipe": plain, "task": "instance",
               "categories": categories}
     net = distributed.wrap(create_model(recipe.model, **model_kwargs), device, sync_bn=recipe.sync_bn)
-    model = distributed.unwrap(net)
+    model = unwrap(net)
     if getattr(model, "task", None) != "instance":
         raise ValueError(f"{recipe.model} is not an instance segmentation model (try test_yolact, yolact_resnet50)")
     reg = _regularizer(recipe, model, device)

@@ -5,7 +5,7 @@ The step is deliberately explicit: ``loss.backward()``, then the optional regula
 backward passes of ``accumulate`` batches add up first and the regulariser runs once, right before the step;
 with mixed precision the forward pass runs under ``torch.autocast`` and float16 losses go through a GradScaler
 (unscaled before the regulariser sees the gradients). :func:`fit` adds the poly LR schedule, resumable
-checkpoints (:mod:`segprune.train.checkpoint`), a CSV/TensorBoard log and DDP (:mod:`segprune.train.distributed`).
+checkpoints (:mod:`segprune.train.resume`), a CSV/TensorBoard log and DDP (:mod:`segprune.train.distributed`).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,9 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from segprune.train.checkpoint import Checkpoints, Progress, epoch_batches
-from segprune.train.distributed import is_main, mean_across, unwrap
+from segprune._utils import IGNORE_INDEX, unwrap
+from segprune.train.distributed import is_main, mean_across
 from segprune.train.log import EpochLog
+from segprune.train.resume import Checkpoints, Progress, epoch_batches
 
 
 def _fit_to(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -33,13 +35,30 @@ def _fit_to(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
 
 
+class SegmentationLoss:
+    """``loss(output, target)`` of a segmentation model: ``pixel_loss`` on the main logits plus ``aux_weight`` times
+    it on every auxiliary output (resized to the target). The default ``pixel_loss`` is cross-entropy ignoring
+    ``IGNORE_INDEX``.
+
+    The training loop takes one ``loss(output, targets)``; a segmentation model's is this, an instance model's is
+    its detection loss (e.g. :class:`segprune.models.yolact_loss.InstanceLoss`).
+    """
+
+    def __init__(self, pixel_loss: Callable | None = None, *, aux_weight: float = 0.4):
+        self.pixel_loss = pixel_loss if pixel_loss is not None else nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
+        self.aux_weight = aux_weight
+
+    def __call__(self, output, target: torch.Tensor) -> torch.Tensor:
+        return segmentation_loss(output, target, criterion=self.pixel_loss, aux_weight=self.aux_weight)
+
+
 def segmentation_loss(output, target: torch.Tensor, *, criterion: Callable, aux_weight: float = 0.4) -> torch.Tensor:
     """Main loss plus ``aux_weight`` times the loss of every auxiliary output.
 
     Args:
         output: Logits, or a dict with ``"out"`` and optionally ``"aux"`` (a tensor or a list of them).
         target: Target labels (N, H, W).
-        criterion: Loss of (logits, target).
+        criterion: Pixel loss of (logits, target).
         aux_weight: Weight of each auxiliary loss.
 
     Returns:
@@ -54,42 +73,56 @@ def segmentation_loss(output, target: torch.Tensor, *, criterion: Callable, aux_
     return loss
 
 
-def train_step(model, images, targets, optimizer, *, criterion: Callable, aux_weight=0.4, regularizer=None,
-               extra_loss=None) -> float:
+def train_step(model, images, targets, optimizer, *, loss: Callable | None = None, regularizer=None,
+               extra_loss=None, criterion: Callable | None = None, aux_weight: float = 0.4) -> float:
     """One optimisation step: forward, ``loss.backward()``, ``regularizer(model)``, ``optimizer.step()``.
 
     ``extra_loss(images, output)``, when given, is added to the loss (e.g. distillation from a teacher).
+    ``criterion``/``aux_weight``: the older spelling of ``loss=SegmentationLoss(criterion, aux_weight=...)``.
 
     Returns:
         The loss of the batch.
     """
     optimizer.zero_grad(set_to_none=True)
-    loss = backward(model, images, targets, criterion=criterion, aux_weight=aux_weight, extra_loss=extra_loss)
+    value = backward(model, images, targets, loss=resolve_loss(loss, criterion, None, aux_weight),
+                     extra_loss=extra_loss)
     optimizer_step(model, optimizer, regularizer=regularizer)
-    return loss
+    return value
 
 
-def backward(model, images, targets, *, criterion: Callable, aux_weight=0.4, extra_loss=None, scale: float = 1.0,
-             amp_dtype: torch.dtype | None = None, scaler=None, loss_fn: Callable | None = None) -> float:
+def backward(model, images, targets, *, loss: Callable, extra_loss=None, scale: float = 1.0,
+             amp_dtype: torch.dtype | None = None, scaler=None) -> float:
     """Forward (under autocast when ``amp_dtype`` is given) and ``backward()`` of ``scale`` times the loss.
 
     Gradients add up in ``.grad``: with ``scale = 1 / k`` over k batches they are those of the mean loss.
-    ``loss_fn(output, targets)``, when given, replaces the segmentation loss (e.g. YOLACT's detection loss).
 
     Returns:
         The (unscaled) loss of the batch.
     """
     with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         output = model(images)
-        if loss_fn is not None:
-            loss = loss_fn(output, targets)
-        else:
-            loss = segmentation_loss(output, targets, criterion=criterion, aux_weight=aux_weight)
+        value = loss(output, targets)
         if extra_loss is not None:
-            loss = loss + extra_loss(images, output)
-    scaled = loss * scale if scale != 1 else loss
+            value = value + extra_loss(images, output)
+    scaled = value * scale if scale != 1 else value
     (scaled if scaler is None else scaler.scale(scaled)).backward()
-    return loss.item()
+    return value.item()
+
+
+def resolve_loss(loss: Callable | None, criterion: Callable | None, loss_fn: Callable | None,
+                 aux_weight: float = 0.4) -> Callable:
+    """The one ``loss(output, targets)`` of a run, from ``loss`` or the older keywords: ``criterion`` (a pixel loss
+    of (logits, target), wrapped in :class:`SegmentationLoss` with ``aux_weight``) or ``loss_fn``."""
+    if sum(x is not None for x in (loss, criterion, loss_fn)) > 1:
+        raise ValueError("give one of loss=, criterion= (pixel loss) or loss_fn= (the older name of loss=)")
+    if criterion is not None or loss_fn is not None:
+        warnings.warn("fit(criterion=..., loss_fn=...) are deprecated: pass loss=SegmentationLoss(criterion) or "
+                      "loss=your_loss", DeprecationWarning, stacklevel=3)
+    if loss_fn is not None:
+        return loss_fn
+    if loss is None or criterion is not None:
+        return SegmentationLoss(criterion, aux_weight=aux_weight)
+    return loss
 
 
 def optimizer_step(model, optimizer, *, regularizer=None, scaler=None) -> None:
@@ -118,8 +151,7 @@ def train_one_epoch(
     loader,
     optimizer: torch.optim.Optimizer,
     *,
-    criterion: Callable | None = None,
-    aux_weight: float = 0.4,
+    loss: Callable | None = None,
     scheduler=None,
     regularizer: Callable[[nn.Module], None] | None = None,
     extra_loss: Callable | None = None,
@@ -131,7 +163,6 @@ def train_one_epoch(
     scaler=None,
     start: int = 0,
     on_batch: Callable[[int, float, bool], None] | None = None,
-    loss_fn: Callable | None = None,
 ) -> float:
     """Train ``model`` for one pass over ``loader``.
 
@@ -139,8 +170,8 @@ def train_one_epoch(
         model: Returns logits or a dict with ``"out"`` and, in training, optionally ``"aux"``.
         loader: Iterable of (images, targets) batches.
         optimizer: Optimiser over the model's parameters.
-        criterion: Loss of (logits, target); defaults to cross-entropy ignoring label 255.
-        aux_weight: Weight of each auxiliary loss.
+        loss: ``loss(output, targets)``; by default :class:`SegmentationLoss` (cross-entropy ignoring
+            ``IGNORE_INDEX`` on the main and auxiliary logits). Targets may be a list of dicts (instance models).
         scheduler: Learning-rate scheduler, stepped after every optimizer step.
         regularizer: Called as ``regularizer(model)`` between ``backward()`` and ``step()``; it edits ``.grad``.
         extra_loss: ``extra_loss(images, output)`` added to the loss (see ``segprune.train.distill``).
@@ -154,13 +185,11 @@ def train_one_epoch(
         start: Batches of the epoch already done before ``loader`` (a resumed epoch); a multiple of ``accumulate``.
         on_batch: Called as ``on_batch(index, loss, stepped)`` after every batch (``index`` counts from the
             epoch's start; ``stepped`` says whether the optimizer stepped), e.g. to write checkpoints.
-        loss_fn: ``loss_fn(output, targets)`` in place of the segmentation loss (``criterion`` and ``aux_weight``
-            are then unused); targets may be a list of dicts (instance segmentation).
 
     Returns:
         The mean of the per-iteration losses.
     """
-    criterion = criterion if criterion is not None else nn.CrossEntropyLoss(ignore_index=255)
+    loss = loss if loss is not None else SegmentationLoss()
     model.train()
     optimizer.zero_grad(set_to_none=True)
     total, steps, length = 0.0, 0, start + len(loader)
@@ -169,17 +198,16 @@ def train_one_epoch(
         group = min(accumulate, length - index // accumulate * accumulate)
         stepping = (index + 1) % accumulate == 0 or index + 1 == length
         with contextlib.nullcontext() if stepping or not hasattr(model, "no_sync") else model.no_sync():
-            loss = backward(model, images.to(device), to_device(targets, device), criterion=criterion,
-                            aux_weight=aux_weight, extra_loss=extra_loss, scale=1 / group, amp_dtype=amp_dtype,
-                            scaler=scaler, loss_fn=loss_fn)
+            value = backward(model, images.to(device), to_device(targets, device), loss=loss,
+                             extra_loss=extra_loss, scale=1 / group, amp_dtype=amp_dtype, scaler=scaler)
         if stepping:
             optimizer_step(model, optimizer, regularizer=regularizer, scaler=scaler)
             if scheduler is not None:
                 scheduler.step()
-        total, steps = total + loss, steps + 1
+        total, steps = total + value, steps + 1
         bar.set_postfix(loss=f"{total / steps:.4f}")
         if on_batch is not None:
-            on_batch(index, loss, stepping)
+            on_batch(index, value, stepping)
     return total / max(steps, 1)
 
 
@@ -250,6 +278,7 @@ def fit(
     checkpoints: Checkpoints | None = None,
     resume: bool = False,
     log_dir: str | Path | None = None,
+    loss: Callable | None = None,
     criterion: Callable | None = None,
     loss_fn: Callable | None = None,
 ) -> list[float]:
@@ -271,8 +300,10 @@ def fit(
         progress: Show progress bars.
         desc: Prefix of the progress bar labels.
         on_epoch: Called as ``on_epoch(epoch, mean_loss)`` after every epoch (logging, histograms).
-        criterion: Loss of (logits, target); defaults to cross-entropy ignoring label 255.
-        loss_fn: ``loss_fn(output, targets)`` in place of the segmentation loss (see :func:`train_one_epoch`).
+        loss: ``loss(output, targets)`` (see :func:`train_one_epoch`); by default cross-entropy ignoring
+            ``IGNORE_INDEX`` on the main logits plus ``aux_weight`` times it on each auxiliary output.
+        criterion: Deprecated: a pixel loss of (logits, target), as ``loss=SegmentationLoss(criterion)``.
+        loss_fn: Deprecated name of ``loss``.
         accumulate: Step the optimizer every ``accumulate`` batches (see :func:`train_one_epoch`).
         amp: Mixed precision, see :func:`amp_settings`.
         amp_dtype: ``"float16"`` or ``"bfloat16"``; None is float16 on CUDA and an error on CPU.
@@ -294,9 +325,9 @@ def fit(
                    loader=train_loader)
     state = (checkpoints.restore(**objects) if checkpoints is not None and resume else None) or Progress()
     log = EpochLog(log_dir) if log_dir is not None and is_main() else None
-    kwargs = dict(aux_weight=aux_weight, scheduler=scheduler, regularizer=regularizer, extra_loss=extra_loss,
-                  device=device, progress=progress, accumulate=accumulate, amp_dtype=dtype, scaler=scaler,
-                  criterion=criterion, loss_fn=loss_fn)
+    kwargs = dict(scheduler=scheduler, regularizer=regularizer, extra_loss=extra_loss, device=device,
+                  progress=progress, accumulate=accumulate, amp_dtype=dtype, scaler=scaler,
+                  loss=resolve_loss(loss, criterion, loss_fn, aux_weight))
     try:
         while state.epoch < epochs:
             _epoch(state, objects, checkpoints, desc=f"{desc} {state.epoch + 1}/{epochs}", **kwargs)

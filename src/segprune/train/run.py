@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+from segprune._utils import unwrap
 from segprune.pipeline import RunLog, as_plain
 
 _RESUME_MAY_CHANGE = ("threads", "num_workers", "device")  # how the run computes, not what
@@ -74,8 +75,8 @@ def run_training(recipe, out: Path, device, *, resume: bool, force: bool, quiet:
     from segprune.pipeline import loss_fn, sparsity
     from segprune.prune import channel_groups
     from segprune.train import distributed
-    from segprune.train.checkpoint import Checkpoints
     from segprune.train.loop import fit
+    from segprune.train.resume import Checkpoints
 
     plain, main_rank = as_plain(recipe), distributed.is_main()
     _check_run_dir(out, plain, force=force, resume=resume)
@@ -89,7 +90,7 @@ def run_training(recipe, out: Path, device, *, resume: bool, force: bool, quiet:
                 else:
                     path.unlink(missing_ok=True)
             (out / "recipe.yaml").write_text(yaml.safe_dump(plain, sort_keys=False))
-    torch.manual_seed(recipe.seed)  # every rank alike (see segprune.train.checkpoint)
+    torch.manual_seed(recipe.seed)  # every rank alike (see segprune.train.resume)
     np.random.seed(recipe.seed)
     random.seed(recipe.seed)
     torch.set_num_threads(recipe.threads)
@@ -98,7 +99,7 @@ def run_training(recipe, out: Path, device, *, resume: bool, force: bool, quiet:
     config = {"model": recipe.model, "model_kwargs": model_kwargs, "recipe": plain}
     aux = _aux_heads(recipe, built := create_model(recipe.model, **model_kwargs))  # before DDP wraps the model
     net = distributed.wrap(built, device, sync_bn=recipe.sync_bn)
-    model = distributed.unwrap(net)
+    model = unwrap(net)
     groups = None
     if recipe.method in ("slimming", "cap"):  # the method's sparsity trains along
         groups = channel_groups(model, torch.zeros(1, 3, *recipe.size, device=device))

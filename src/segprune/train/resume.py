@@ -34,7 +34,8 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, RandomSampler
 
 from segprune import checkpoint as model_checkpoint
-from segprune.train.distributed import is_main, unwrap
+from segprune._utils import unwrap
+from segprune.train.distributed import is_main
 
 _REGULARIZER_ATTRS = ("calls", "guide", "seen")  # BNSparsity's warm-up counter, CAP's guiding EMA
 
