@@ -21,8 +21,9 @@ from common import RESULTS, machine, write_result  # noqa: E402
 
 from segprune.eval.metrics import evaluate  # noqa: E402
 from segprune.models import create_model  # noqa: E402
-from segprune.pipeline import Recipe, loaders  # noqa: E402
 from segprune.train.loop import fit  # noqa: E402
+from segprune.workflows import Recipe  # noqa: E402
+from segprune.workflows.data import semantic_loaders as loaders  # noqa: E402
 
 MODELS = ("segnet_vgg16_bn", "pspnet_resnet18", "unet")
 

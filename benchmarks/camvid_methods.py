@@ -29,8 +29,11 @@ import segprune  # noqa: E402
 from segprune.eval.metrics import evaluate  # noqa: E402
 from segprune.eval.profile import count_macs, measure_latency, profile  # noqa: E402
 from segprune.models import create_model  # noqa: E402
-from segprune.pipeline import Recipe, criterion, loaders, sparsity  # noqa: E402
 from segprune.train.loop import fit  # noqa: E402
+from segprune.workflows import Recipe  # noqa: E402
+from segprune.workflows.compress import Stages  # noqa: E402
+from segprune.workflows.data import semantic_loaders as loaders  # noqa: E402
+from segprune.workflows.methods import regularizer  # noqa: E402
 
 OURS = ["slimming", "cap", "bn_scale", "l1", "fpgm", "taylor", "random"]
 PEERS = ["peer_bn_scale", "peer_magnitude"]
@@ -41,7 +44,8 @@ def train(recipe: Recipe, method: str, train_loader, num_classes: int):
     model = create_model(recipe.model, num_classes=num_classes, width=recipe.width)
     r = _with(recipe, method=method)
     groups = segprune.channel_groups(model, torch.zeros(1, 3, *recipe.size))
-    reg = sparsity(r, model, groups)
+    reg = regularizer(method, model, groups, lam=r.lam, warmup=r.warmup, cap_affinity=r.cap_affinity,
+                      cap_weight=r.cap_weight, cap_temperature=r.cap_temperature)
     fit(model, train_loader, epochs=recipe.epochs, lr=recipe.lr, optimizer=recipe.optimizer, regularizer=reg,
         progress=False)
     if hasattr(reg, "remove"):
@@ -58,8 +62,8 @@ def _with(recipe: Recipe, **changes) -> Recipe:
 
 def ours(recipe, method, start, example, target, train_loader):
     r = _with(recipe, method=method)
-    return segprune.prune(start, example, target_macs=target, criterion=criterion(r, start, train_loader),
-                          seed=recipe.seed).model
+    crit = Stages(r, train_loader, example=example).criterion(start)
+    return segprune.prune(start, example, target_macs=target, criterion=crit, seed=recipe.seed).model
 
 
 def peer(kind, start, example, target):

@@ -68,12 +68,14 @@ from torch.utils.data import Subset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine, run_child, write_result  # noqa: E402
 
+from segprune.eval.instances import evaluate_model  # noqa: E402
 from segprune.eval.profile import compare_latency, profile  # noqa: E402
 from segprune.export.fuse import fuse_conv_bn  # noqa: E402
 from segprune.models import create_model  # noqa: E402
 from segprune.prune import channel_groups, prune  # noqa: E402
 from segprune.prune.criteria import bn_scale, l1  # noqa: E402
 from segprune.prune.plan import Plan  # noqa: E402
+from segprune.workflows.tasks import ap_row  # noqa: E402
 
 GOALS = {"size_change_pct": -56.9, "speed_change_pct": 28.6, "memory_change_pct": -13.6, "mask_ap_drop_points": 1.0}
 FRUITS = Path(os.environ.get("SEGPRUNE_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / \
@@ -91,6 +93,12 @@ def randomize_gammas(model: nn.Module, seed: int = 0) -> nn.Module:
             if isinstance(m, nn.BatchNorm2d):
                 m.weight.copy_(torch.rand(m.weight.shape, generator=g))
     return model
+
+
+def measure_instances(model: nn.Module, val, x: torch.Tensor) -> dict:
+    """Box and mask AP on `val` and the static cost of the deployable model on `x` (as `segprune run` measures)."""
+    metrics = evaluate_model(model, val, batch_size=8)
+    return {**ap_row(metrics), "coco": metrics, **profile(deployable(model), x)}
 
 
 def deployable(model: nn.Module) -> nn.Module:
@@ -317,10 +325,9 @@ def datasets(name: str, size: int, quick: bool):
 
 def accuracy_benchmark(name: str, args) -> dict:
     from segprune.data.instances import make_instance_loader
-    from segprune.instance_pipeline import measure_instances
     from segprune.models.yolact import YolactLoss
+    from segprune.models.yolact_loss import InstanceLoss
     from segprune.prune import BNSparsity
-    from segprune.train.instance import InstanceLoss
     from segprune.train.loop import fit
 
     torch.manual_seed(0)

@@ -5,12 +5,12 @@ import pytest
 import torch
 from torch import nn
 
+from segprune import models
 from segprune.eval.profile import count_macs
 from segprune.prune.blocks import _record
 from segprune.train.aux import AuxLoss, add_losses
 from segprune.train.loop import SegmentationLoss, backward, fit
 
-models = pytest.importorskip("segprune.models")
 LAYERS, WEIGHTS = ["backbone.layer2", "backbone.layer3"], [0.4, 0.4]
 
 
@@ -92,8 +92,7 @@ def test_add_losses_sums_extra_losses():
 
 def test_segprune_train_with_aux_heads_saves_a_model_without_them(tmp_path):
     from segprune import checkpoint
-    from segprune.pipeline import recipe_from
-    from segprune.train.run import run_training
+    from segprune.workflows import recipe_from, run_training
 
     recipe = recipe_from(None, {"model": "test_pspnet", "width": "0.03125", "train_samples": "4", "val_samples": "2",
                                 "epochs": "1", "size": "[32,32]", "batch_size": "2", "threads": "1",

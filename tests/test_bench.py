@@ -51,7 +51,7 @@ def test_bench_with_onnxruntime(checkpoints, capsys):
     pytest.importorskip("onnxruntime", reason="--onnx needs onnxruntime: pip install 'segprune[onnx]'")
     pytest.importorskip("onnx", reason="--onnx needs onnx: pip install 'segprune[onnx]'")
     dense, pruned = checkpoints
-    from segprune.eval.bench import bench
+    from segprune.workflows.bench import bench
 
     result = bench([dense, pruned], input_size=(32, 32), rounds=2, runs=2, warmup=1, onnx=True)
     for row in result["rows"]:
@@ -81,7 +81,7 @@ def test_bench_errors_are_named(tmp_path, checkpoints, capsys):
 
 
 def test_bench_refuses_a_model_without_the_outputs_it_exports():
-    from segprune.eval.bench import check_takes
+    from segprune.workflows.bench import check_takes
 
     class Named(torch.nn.Module):
         def forward(self, x):

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import segprune
-from segprune import checkpoint
+from segprune import checkpoint, models
 from segprune.prune.blocks import (
     bypass_blocks,
     prune_blocks,
@@ -21,8 +21,6 @@ from segprune.prune.oracle import masked_copy, outputs, relative_error
 from segprune.prune.plan import Plan
 from segprune.prune.trace import trace
 from tests.conftest import randomize_norms
-
-models = pytest.importorskip("segprune.models")
 
 
 def cbr(cin, cout, act=True):
@@ -276,7 +274,8 @@ def test_slim_layers_bad_names_and_frozen_groups():
 def test_recipe_structure_step_removes_blocks_and_slims_heads():
     from torch.utils.data import DataLoader, TensorDataset
 
-    from segprune.pipeline import optimise_structure, recipe_from
+    from segprune.workflows import recipe_from
+    from segprune.workflows.compress import Stages
 
     r = recipe_from(None, {"layer_pruning": "true", "layer_max": "1", "slim_widths": "ppm.branches=2, head.0=8",
                            "layer_metric": "miou", "layer_tolerance": "1.0"})
@@ -287,7 +286,7 @@ def test_recipe_structure_step_removes_blocks_and_slims_heads():
                                       torch.randint(0, 3, (2, 32, 32), generator=g)), batch_size=2)
     lines = []
     x = torch.zeros(1, 3, 32, 32)
-    structured, plan, fraction = optimise_structure(r, model, x, loader, lines.append)
+    structured, plan, fraction = Stages(r, loader, example=x, log=lines.append).structure(model)
     assert len(plan.bypass) == 1 and structured.head[0].conv.out_channels == 8 and fraction < 1
     fresh = models.create_model("test_pspnet", num_classes=3)
     Plan.from_json(plan.to_json()).apply(fresh).load_state_dict(structured.state_dict())

@@ -8,7 +8,7 @@ import torch
 
 from segprune import checkpoint
 from segprune.cli import main
-from segprune.pipeline import recipe_from
+from segprune.workflows import recipe_from
 
 TINY = ["--set", "model=test_pspnet", "--set", "width=0.03125", "--set", "train_samples=16", "--set", "val_samples=8",
         "--set", "epochs=1", "--set", "finetune_epochs=1", "--set", "size=[32,32]", "--set", "threads=1",

@@ -7,7 +7,8 @@ import torch
 
 from segprune import checkpoint
 from segprune.cli import main
-from segprune.instance_pipeline import demo_recipe
+from segprune.workflows.recipe import demo_recipe
+from segprune.workflows.tasks import task_of
 
 TINY = ["--set", "train_samples=8", "--set", "val_samples=4", "--set", "batch_size=4", "--set", "epochs=1",
         "--set", "finetune_epochs=1", "--set", "size=[48,48]", "--set", "threads=1", "--set", "latency_rounds=1",
@@ -51,5 +52,5 @@ def test_instance_demo_refuses_to_overwrite_without_force(tmp_path, capsys):
 
 def test_instance_demo_refuses_methods_it_does_not_run():
     with pytest.raises(ValueError, match="slimming"):
-        demo_recipe({"method": "cap"})
-    assert demo_recipe({}).model == "test_yolact"
+        task_of("instance").check(demo_recipe("instance", {"method": "cap"}))
+    assert demo_recipe("instance").model == "test_yolact"

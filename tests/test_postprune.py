@@ -323,7 +323,7 @@ def test_postprune_recipe_runs_end_to_end(tmp_path):
 def test_postprune_recipe_loads_and_rejects_a_negative_delta():
     from pathlib import Path
 
-    from segprune.pipeline import recipe_from
+    from segprune.workflows import recipe_from
 
     recipe = recipe_from(Path(__file__).resolve().parents[1] / "recipes" / "postprune_segnet_camvid_cpu.yaml")
     assert (recipe.method, recipe.path_delta, recipe.path_rule) == ("postprune", 0.01, "delta")

@@ -14,12 +14,13 @@ import pytest
 import torch
 from torch import nn
 
-from segprune import checkpoint, pipeline
+from segprune import checkpoint
 from segprune.cli import main
-from segprune.pipeline import layer_widths, recipe_from, run
 from segprune.prune import channel_groups
 from segprune.report import html, plots
 from segprune.report.writer import combined_report, write_report
+from segprune.workflows import recipe_from, run, tasks
+from segprune.workflows.compress import layer_widths
 
 TINY = dict(model="test_pspnet", width=1 / 32, train_samples=8, val_samples=4, batch_size=4, epochs=1,
             finetune_epochs=1, size=[32, 48], threads=1, latency_rounds=1, latency_runs=1)
@@ -80,7 +81,7 @@ def test_a_failing_plot_is_noted_and_the_run_finishes(tmp_path, monkeypatch):
         raise RuntimeError("predictions exploded")
 
     monkeypatch.setattr(plots, "widths", boom)
-    monkeypatch.setattr(pipeline, "sample_predictions", no_predictions)
+    monkeypatch.setattr(tasks, "sample_predictions", no_predictions)
     report = tiny_run(tmp_path / "run")
     notes = ["plot channel widths before and after skipped: RuntimeError: widths plot exploded",
              "plot validation predictions skipped: RuntimeError: predictions exploded"]

@@ -6,13 +6,12 @@ import warnings
 import pytest
 import torch
 
+from segprune import models
 from segprune.prune.oracle import masked_copy, outputs, relative_error
 from segprune.prune.schedules import layer_by_layer, two_stage_global
 from segprune.prune.trace import trace
 from segprune.train.loop import fit
 from tests.conftest import randomize_norms
-
-models = pytest.importorskip("segprune.models")
 
 
 def build():
@@ -106,7 +105,7 @@ def test_schedules_reject_bad_targets():
 
 
 def test_recipe_schedule_and_aux_settings():
-    from segprune.pipeline import recipe_from
+    from segprune.workflows import recipe_from
 
     r = recipe_from(None, {"schedule": "two_stage", "aux_layers": "backbone.layer2,backbone.layer3",
                            "aux_weights": "[0.4, 0.2]", "stage_a": "0.25"})
@@ -120,7 +119,8 @@ def test_recipe_schedule_and_aux_settings():
 def test_pipeline_two_stage_with_aux_heads():
     from torch.utils.data import DataLoader, TensorDataset
 
-    from segprune.pipeline import recipe_from, schedule_and_finetune
+    from segprune.workflows import recipe_from
+    from segprune.workflows.compress import Stages
 
     r = recipe_from(None, {"method": "l1", "target_macs": "0.7", "schedule": "two_stage", "finetune_epochs": "1",
                            "aux_layers": "backbone.layer3", "aux_weights": "0.4", "optimizer": "sgd"})
@@ -130,8 +130,8 @@ def test_pipeline_two_stage_with_aux_heads():
     loader = DataLoader(TensorDataset(torch.randn(2, 3, 32, 32, generator=g), torch.randint(0, 3, (2, 32, 32),
                                                                                            generator=g)), batch_size=2)
     lines = []
-    pruned, plan, removed = quiet(schedule_and_finetune, r, model, torch.zeros(1, 3, 32, 32), loader, lines.append,
-                                  False)
+    stages = Stages(r, loader, example=torch.zeros(1, 3, 32, 32), log=lines.append)
+    pruned, plan, removed = quiet(stages.schedule, model)
     x = torch.zeros(1, 3, 32, 32)
     assert macs(pruned, x) <= 0.7 * macs(model, x) and removed > 0
     assert not any(k.startswith("segprune_aux") for k in pruned.state_dict()), "aux heads left in the model"

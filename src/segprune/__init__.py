@@ -1,10 +1,9 @@
 """segprune: structured pruning for segmentation networks, proven exact by a masked-equivalence oracle.
 
-`segprune.load` and `segprune.save` (checkpoint folders, which build models from the zoo) are imported on first
-use, so `import segprune.prune` loads the engine without `segprune.models`.
+`segprune.load` and `segprune.save` (checkpoint folders, which build models from the zoo) and `segprune.profile`
+(measurement) are imported on first use, so `import segprune.prune` loads the engine alone.
 """
 
-from segprune.eval.profile import profile
 from segprune.prune import (
                             BNSparsity,
                             CAPSparsity,
@@ -20,7 +19,7 @@ from segprune.prune.api import prune  # after the line above: the function, not 
 __version__ = "0.1.0"
 __all__ = ["BNSparsity", "CAPSparsity", "ChannelGroup", "Plan", "PruneResult", "Taylor", "channel_groups", "load",
            "profile", "prune", "register_surgery", "save"]
-_LAZY = {"load": "segprune.checkpoint", "save": "segprune.checkpoint"}
+_LAZY = {"load": "segprune.checkpoint", "save": "segprune.checkpoint", "profile": "segprune.eval.profile"}
 
 
 def __getattr__(name: str):

@@ -1,5 +1,5 @@
-"""`segprune demo|run|prune|finetune|groups|train|eval|report|export|bench`: a thin layer over the library
-(never imported by it).
+"""`segprune demo|run|prune|finetune|check|groups|train|eval|report|export|bench`: argument parsing over
+:mod:`segprune.workflows` and the library (never imported by them).
 
 `segprune train` also runs under `torchrun --nproc_per_node=N -m segprune.cli train ...` (DDP; rank 0 writes).
 """
@@ -10,6 +10,24 @@ import argparse
 import sys
 import warnings
 from pathlib import Path
+
+import torch
+
+from segprune import checkpoint
+from segprune.data.check import check_dataset
+from segprune.data.instances import DATA_LOSS, check_instances
+from segprune.export import export_onnx, export_torchscript, fuse_conv_bn
+from segprune.models import create_model
+from segprune.prune import channel_groups
+from segprune.report.writer import combined_report
+from segprune.train import distributed
+from segprune.workflows import bench as benchmark
+from segprune.workflows.compress import run
+from segprune.workflows.data import data_spec, has_splits, instance_dataset, open_dataset, with_data
+from segprune.workflows.methods import checkpoint_methods
+from segprune.workflows.recipe import demo_recipe, recipe_from
+from segprune.workflows.steps import evaluate_checkpoint, finetune_checkpoint, prune_checkpoint
+from segprune.workflows.train import run_training
 
 
 def _overrides(pairs: list[str]) -> dict:
@@ -23,44 +41,27 @@ def _overrides(pairs: list[str]) -> dict:
 
 
 def _summary(report: dict, out: str) -> None:
-    print(f"mIoU {report['before']['miou']:.4f} -> {report['after']['miou']:.4f}, MACs x"
-          f"{report['after']['macs'] / report['before']['macs']:.3f}; report in {out}/report.md")
-    if "fg_iou" in report["after"]:  # a binary (person / background) dataset
-        print(f"foreground IoU {report['before']['fg_iou']:.4f} -> {report['after']['fg_iou']:.4f}")
+    """The one line a --quiet run prints."""
+    b, a = report["before"], report["after"]
+    cost = f"params x{a['params'] / b['params']:.3f}, MACs x{a['macs'] / b['macs']:.3f}; report in {out}/report.md"
+    if report.get("task") == "instance":
+        print(f"box AP {b['box_ap']:.4f} -> {a['box_ap']:.4f}, mask AP {b['mask_ap']:.4f} -> {a['mask_ap']:.4f}, "
+              + cost)
+        return
+    print(f"mIoU {b['miou']:.4f} -> {a['miou']:.4f}, " + cost)
+    if "fg_iou" in a:  # a binary (person / background) dataset
+        print(f"foreground IoU {b['fg_iou']:.4f} -> {a['fg_iou']:.4f}")
 
 
 def cmd_demo(args) -> None:
-    if args.task == "instance":
-        return _instance_demo(args)
-    from segprune.pipeline import recipe_from, run
-
-    args.out = args.out or "segprune-demo"
-    report = run(recipe_from(None, _overrides(args.set)), args.out, force=args.force, progress=not args.quiet)
+    out = args.out or ("segprune-instance-demo" if args.task == "instance" else "segprune-demo")
+    report = run(demo_recipe(args.task, _overrides(args.set)), out, force=args.force, progress=not args.quiet)
     if args.quiet:
-        _summary(report, args.out)
-
-
-def _instance_demo(args) -> None:
-    """`segprune demo --task instance`: YOLACT on the synthetic instances (segprune.instance_pipeline)."""
-    from segprune.instance_pipeline import demo_recipe, run_instance
-
-    out = args.out or "segprune-instance-demo"
-    report = run_instance(demo_recipe(_overrides(args.set)), out, force=args.force, progress=not args.quiet)
-    if args.quiet:
-        b, a = report["before"], report["after"]
-        print(f"box AP {b['box_ap']:.4f} -> {a['box_ap']:.4f}, mask AP {b['mask_ap']:.4f} -> {a['mask_ap']:.4f}, "
-              f"params x{a['params'] / b['params']:.3f}, MACs x{a['macs'] / b['macs']:.3f}; report in {out}/report.md")
+        _summary(report, out)
 
 
 def cmd_run(args) -> None:
-    from segprune.pipeline import recipe_from, run
-
-    overrides = _overrides(args.set)
-    if args.data:  # KIND[:PATH], e.g. human:folder (as for `segprune train`)
-        overrides["data"], root = _data_spec(args.data)
-        if root:
-            overrides["data_root"] = root
-    recipe = recipe_from(args.recipe, overrides)
+    recipe = recipe_from(args.recipe, with_data(_overrides(args.set), args.data))
     out = args.out or f"runs/{recipe.name}"
     report = run(recipe, out, force=args.force, progress=not args.quiet)
     if args.quiet:
@@ -68,71 +69,28 @@ def cmd_run(args) -> None:
 
 
 def cmd_prune(args) -> None:
-    import torch
-
-    import segprune
-    from segprune import checkpoint
-
-    if args.method == "taylor":
-        raise ValueError("taylor needs training data: run a recipe with `method: taylor` (segprune run)")
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.force:
-        raise FileExistsError(f"{out} already holds a checkpoint; pass --force to overwrite")
-    model, plan, config = checkpoint.load(args.checkpoint), checkpoint.load_plan(args.checkpoint), \
-        checkpoint.load_config(args.checkpoint)
-    x = torch.zeros(1, 3, *args.size)
-    example = model.prune_inputs(x) if hasattr(model, "prune_inputs") else x  # YOLACT: prototypes <-> coefficients
-    crit = "bn_scale" if args.method in ("slimming", "cap") else args.method
-    target = dict(target_macs=args.target_macs) if args.target_macs else dict(ratio=args.ratio)
-    result = segprune.prune(model, example, criterion=crit, round_to=args.round_to, min_keep=args.min_keep, **target)
-    checkpoint.save(out, result.model, config=config, plan=plan.then(result.plan))
-    print(f"removed {result.channels_removed} of {result.channels_prunable} prunable channels -> {out}")
+    result = prune_checkpoint(args.checkpoint, args.out, method_name=args.method, ratio=args.ratio,
+                              target_macs=args.target_macs, round_to=args.round_to, min_keep=args.min_keep,
+                              size=tuple(args.size), force=args.force)
+    print(f"removed {result.channels_removed} of {result.channels_prunable} prunable channels -> {args.out}")
 
 
 def cmd_finetune(args) -> None:
-    from segprune import checkpoint
-    from segprune.pipeline import loaders, recipe_from
-    from segprune.train.loop import fit
-
-    model, config = checkpoint.load(args.checkpoint), checkpoint.load_config(args.checkpoint)
-    if config.get("task") == "instance":
-        from segprune.train.instance import finetune_instances, instance_recipe
-
-        recipe = instance_recipe(config, args.recipe, _overrides(args.set))
-        finetune_instances(model, recipe, progress=not args.quiet)
-    else:
-        recipe = recipe_from(args.recipe, _overrides(args.set))
-        train_loader, _, _ = loaders(recipe)
-        fit(model, train_loader, epochs=recipe.finetune_epochs, lr=recipe.finetune_lr, optimizer=recipe.optimizer,
-            device=recipe.device, progress=not args.quiet, desc="fine-tune")
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.force:
-        raise FileExistsError(f"{out} already holds a checkpoint; pass --force to overwrite")
-    checkpoint.save(out, model, config=checkpoint.load_config(args.checkpoint),
-                    plan=checkpoint.load_plan(args.checkpoint))
+    out = args.out or str(Path(args.checkpoint).with_name(Path(args.checkpoint).name + "-finetuned"))
+    recipe = finetune_checkpoint(args.checkpoint, out, recipe_path=args.recipe, overrides=_overrides(args.set),
+                                 force=args.force, progress=not args.quiet)
     print(f"fine-tuned {recipe.finetune_epochs} epochs -> {out}")
 
 
 def cmd_check(args) -> None:
-    from inspect import signature
-
-    from segprune.data import build_dataset
-    from segprune.data.check import check_dataset
-    from segprune.data.datasets import DATASETS
-
     if args.task == "instance":
         return _check_instances(args)
-    kind, root = _data_spec(args.data)
-    if kind not in DATASETS:
-        raise ValueError(f"unknown dataset {kind!r}; known: {', '.join(sorted(DATASETS))}")
-    params = signature(DATASETS[kind]).parameters
-    splits = args.split if "split" in params else ["all"]
+    kind, root = data_spec(args.data)
+    splits = args.split if has_splits(kind) else ["all"]
     bad = 0
     for split in splits:
-        kw = {"split": split} if "split" in params else {}
-        if "check_sizes" in params:
-            kw["check_sizes"] = False  # read each file once, in the check itself, so every bad one is reported
-        dataset = build_dataset(kind, root=root, **kw)
+        # check_sizes off: each file is read once, in the check itself, so every bad one is reported
+        dataset = open_dataset(kind, root, split=split, check_sizes=False)
         problems = check_dataset(dataset)
         bad += len(problems)
         print(f"{kind} {split}: {len(dataset)} samples, {len(problems)} bad")
@@ -144,10 +102,6 @@ def cmd_check(args) -> None:
 
 def _check_instances(args) -> None:
     """`segprune check --task instance`: the annotation file's findings, then every image read."""
-    import warnings
-
-    from segprune.data.instances import DATA_LOSS, check_instances, instance_dataset
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the summary warning repeats what is printed here
         dataset = instance_dataset(args.data, size=None)
@@ -164,15 +118,10 @@ def _check_instances(args) -> None:
 
 
 def cmd_groups(args) -> None:
-    import torch
-
-    import segprune
-    from segprune.models import create_model
-
     model = create_model(args.model, num_classes=args.num_classes, width=args.width)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        groups = segprune.channel_groups(model, torch.zeros(1, 3, args.size, args.size))
+        groups = channel_groups(model, torch.zeros(1, 3, args.size, args.size))
     for g in groups:
         print(g)
     prunable = sum(int(g.prunable.sum()) for g in groups)
@@ -181,83 +130,35 @@ def cmd_groups(args) -> None:
         print(f"warning: {w.message}")
 
 
-def _data_spec(spec: str) -> tuple[str, str]:
-    """`KIND:PATH` (or just `KIND`, e.g. `synthetic`) as (kind, root)."""
-    kind, _, root = spec.partition(":")
-    return kind.strip(), root.strip()
-
-
-def _train_recipe(args):
-    from segprune.pipeline import recipe_from
-
-    overrides = _overrides(args.set)
+def cmd_train(args) -> None:
+    overrides = with_data(_overrides(args.set), args.data)
     if args.model:
         overrides["model"] = args.model
-    if args.data:
-        overrides["data"], root = _data_spec(args.data)
-        if root:
-            overrides["data_root"] = root
-    return recipe_from(args.recipe, overrides)
-
-
-def cmd_train(args) -> None:
-    from segprune.train import distributed
-    from segprune.train.run import run_training
-
-    recipe = _train_recipe(args)
+    if args.task != "semantic":
+        overrides["task"] = args.task
+    recipe = recipe_from(args.recipe, overrides)
     out = Path(args.out or f"runs/{recipe.name}")
     device = distributed.setup(recipe.device)
     try:
-        if args.task == "instance":
-            from segprune.train.instance import run_instance_training
-
-            run_instance_training(recipe, out, device, resume=args.resume, force=args.force, quiet=args.quiet)
-        else:
-            run_training(recipe, out, device, resume=args.resume, force=args.force, quiet=args.quiet)
+        run_training(recipe, out, device, resume=args.resume, force=args.force, quiet=args.quiet)
     finally:
         distributed.cleanup()
 
 
-def _eval_dataset(args, config: dict):
-    from dataclasses import asdict
-    from inspect import signature
-
-    kind, root = _data_spec(args.data)
-    if kind == "synthetic":
-        from segprune.data.synthetic import SyntheticScenes
-        from segprune.pipeline import Recipe
-
-        r = {**asdict(Recipe()), **config.get("recipe", {})}  # the scenes the model was trained on
-        return SyntheticScenes(num_samples=args.samples or r["val_samples"], size=tuple(r["size"]), seed=r["seed"],
-                               num_classes=config.get("model_kwargs", {}).get("num_classes", r["num_classes"]),
-                               split=args.split)
-    from segprune.data import DATASETS, build_dataset, eval_transforms
-
-    if kind not in DATASETS:
-        raise ValueError(f"unknown dataset {kind!r}; known: {', '.join(sorted(DATASETS))}")
-    kwargs = {"split": args.split} if "split" in signature(DATASETS[kind]).parameters else {}
-    return build_dataset(kind, root=root, transform=eval_transforms(size=args.eval_size), **kwargs)
-
-
 def cmd_eval(args) -> None:
-    from torch.utils.data import DataLoader, Subset
-
-    from segprune import checkpoint
-    from segprune.eval.metrics import evaluate
-
     config = checkpoint.load_config(args.checkpoint)
-    if config.get("task") == "instance" or args.task == "instance":
-        return _eval_instances(args, config)
-    model = checkpoint.load(args.checkpoint).to(args.device)
-    dataset = _eval_dataset(args, config)
-    num_classes = config.get("model_kwargs", {}).get("num_classes", dataset.num_classes)
-    if dataset.num_classes != num_classes:
-        raise ValueError(f"the model predicts {num_classes} classes, the {args.data} data has {dataset.num_classes}")
-    names = getattr(dataset, "class_names", None) or [str(k) for k in range(num_classes)]
-    if args.samples:
-        dataset = Subset(dataset, range(min(args.samples, len(dataset))))
-    metrics = evaluate(model, DataLoader(dataset, batch_size=args.batch_size), num_classes=num_classes,
-                       device=args.device, crop=args.crop, stride=args.stride, flip=args.flip)
+    if args.task == "instance" and config.get("task") != "instance":
+        raise ValueError(f"{args.checkpoint} holds a semantic model ({config.get('model')}); drop --task instance")
+    metrics, names = evaluate_checkpoint(args.checkpoint, args.data, split=args.split, samples=args.samples,
+                                         batch_size=args.batch_size, eval_size=args.eval_size, device=args.device,
+                                         **({} if config.get("task") == "instance" else
+                                            dict(crop=args.crop, stride=args.stride, flip=args.flip)))
+    if "coco" in metrics:
+        for kind, name in (("bbox", "box"), ("segm", "mask")):
+            m = metrics["coco"][kind]
+            print(f"{name:<4} AP {m['AP']:.4f}  AP50 {m['AP50']:.4f}  AP75 {m['AP75']:.4f}  "
+                  f"APs {m['APs']:.4f}  APm {m['APm']:.4f}  APl {m['APl']:.4f}")
+        return
     line = f"mIoU {metrics['miou']:.4f}  pixel acc {metrics['pixel_acc']:.4f}  mean acc {metrics['mean_acc']:.4f}"
     print(line + (f"  foreground IoU {metrics['fg_iou']:.4f}" if "fg_iou" in metrics else ""))
     for name, iou in zip(names, metrics["iou"]):
@@ -265,59 +166,23 @@ def cmd_eval(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from segprune.report.writer import combined_report
-
     combined = combined_report(args.runs, args.out, force=args.force)
     print(f"report of {len(combined['runs'])} run(s) -> {Path(args.out) / 'report.html'}")
     for note in combined["notes"]:
         print(f"  note: {note}")
 
 
-def _eval_instances(args, config: dict) -> None:
-    """`segprune eval` of an instance model: COCO box and mask AP."""
-    from dataclasses import asdict
-
-    from torch.utils.data import Subset
-
-    from segprune import checkpoint
-    from segprune.data.instances import instance_dataset
-    from segprune.pipeline import Recipe
-    from segprune.train.instance import evaluate_model
-
-    if config.get("task") != "instance":
-        raise ValueError(f"{args.checkpoint} holds a semantic model ({config.get('model')}); drop --task instance")
-    r = {**asdict(Recipe()), **config.get("recipe", {})}  # the input size and scenes the model was trained on
-    num_classes = config["model_kwargs"]["num_classes"]
-    dataset = instance_dataset(args.data, size=tuple(args.eval_size or r["size"]), seed=r["seed"], split=args.split,
-                               num_samples=args.samples or r["val_samples"], num_classes=num_classes)
-    if dataset.num_classes != num_classes:
-        raise ValueError(f"the model predicts {num_classes} classes, the {args.data} data has {dataset.num_classes}")
-    if args.samples and len(dataset) > args.samples:
-        dataset = Subset(dataset, range(args.samples))
-    model = checkpoint.load(args.checkpoint).to(args.device)
-    metrics = evaluate_model(model, dataset, batch_size=args.batch_size, device=args.device)
-    for kind, name in (("bbox", "box"), ("segm", "mask")):
-        m = metrics[kind]
-        print(f"{name:<4} AP {m['AP']:.4f}  AP50 {m['AP50']:.4f}  AP75 {m['AP75']:.4f}  "
-              f"APs {m['APs']:.4f}  APm {m['APm']:.4f}  APl {m['APl']:.4f}")
-
-
 def cmd_bench(args) -> None:
-    from segprune.eval.bench import bench, table, write_json
-
-    result = bench(args.checkpoints, input_size=tuple(args.input_size), batch=args.batch, rounds=args.rounds,
-                   runs=args.runs, warmup=args.warmup, threads=args.threads, fuse=args.fuse, onnx=args.onnx)
-    print(table(result))
+    result = benchmark.bench(args.checkpoints, input_size=tuple(args.input_size), batch=args.batch,
+                             rounds=args.rounds, runs=args.runs, warmup=args.warmup, threads=args.threads,
+                             fuse=args.fuse, onnx=args.onnx)
+    print(benchmark.table(result))
     if args.json:
-        write_json(result, args.json)
+        benchmark.write_json(result, args.json)
         print(f"JSON in {args.json}")
 
 
 def cmd_export(args) -> None:
-    from segprune import checkpoint
-    from segprune.eval.bench import check_takes, example_input
-    from segprune.export import export_onnx, export_torchscript, fuse_conv_bn
-
     outs = [p for p in (args.onnx, args.torchscript) if p]
     if not outs:
         raise ValueError("export needs --onnx OUT.onnx and/or --torchscript OUT.pt")
@@ -325,8 +190,9 @@ def cmd_export(args) -> None:
         if Path(out).exists() and not args.force:
             raise FileExistsError(f"{out} already exists; pass --force to overwrite")
     model = checkpoint.load(args.checkpoint)
-    x = example_input(args.checkpoint, tuple(args.input_size or _trained_size(args.checkpoint)), args.batch)
-    check_takes(args.checkpoint, model, x)
+    x = benchmark.example_input(args.checkpoint, tuple(args.input_size or _trained_size(args.checkpoint)),
+                                args.batch)
+    benchmark.check_takes(args.checkpoint, model, x)
     if args.fuse:
         model = fuse_conv_bn(model, x)
     try:
@@ -346,8 +212,6 @@ def cmd_export(args) -> None:
 
 def _trained_size(folder) -> tuple[int, int]:
     """The input size a checkpoint's recipe trained at (``config.json``), else 512×512."""
-    from segprune import checkpoint
-
     size = checkpoint.load_config(folder).get("recipe", {}).get("size")
     return tuple(size) if isinstance(size, list) and len(size) == 2 else (512, 512)
 
@@ -388,13 +252,11 @@ def _run_options(p, default_out=None):
     p.add_argument("--out", default=default_out, help="run folder")
     p.add_argument("--force", action="store_true", help="overwrite a run already in --out")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe setting (segprune.pipeline.Recipe), e.g. --set epochs=4")
+                   help="override a recipe setting (segprune.workflows.Recipe), e.g. --set epochs=4")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def parser() -> argparse.ArgumentParser:
-    from segprune.pipeline import METHODS
-
     p = argparse.ArgumentParser(prog="segprune", description="Structured pruning for segmentation networks.")
     sub = p.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="sparsity-train, prune, fine-tune, fuse and report on synthetic scenes")
@@ -409,7 +271,8 @@ def parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
     pr = sub.add_parser("prune", help="prune a checkpoint folder")
     pr.add_argument("checkpoint")
-    pr.add_argument("--method", choices=METHODS, default="bn_scale")
+    pr.add_argument("--method", choices=checkpoint_methods(), default="bn_scale",
+                    help="the method's channel criterion (methods that need training data run in recipes)")
     pr.add_argument("--ratio", type=float, default=0.5, help="fraction of prunable channels removed")
     pr.add_argument("--target-macs", type=float, default=None, help="remove until MACs <= this fraction")
     pr.add_argument("--round-to", type=int, default=None)
@@ -472,8 +335,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train" and args.resume and args.force:
         print("segprune: error: --resume continues a run, --force starts it over: pass one", file=sys.stderr)
         return 2
-    if args.command == "finetune" and not args.out:
-        args.out = str(Path(args.checkpoint).with_name(Path(args.checkpoint).name + "-finetuned"))
     try:
         args.func(args)
     except (ValueError, FileExistsError, FileNotFoundError) as err:

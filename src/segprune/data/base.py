@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-IGNORE_INDEX = 255
+from segprune._utils import IGNORE_INDEX
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")

@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 
 from segprune.data.base import IGNORE_INDEX, IMAGE_SUFFIXES, SegmentationDataset, Transform, read_label_png, require_dir
+from segprune.data.weights import median_frequency_weights
 
 _LISTED = 20  # stems named in an unpaired-files error before "and N more"
 
@@ -146,8 +147,6 @@ class HumanFolder(SegmentationDataset):
     def class_weights(self) -> tuple[float, float]:
         """Median-frequency weights (background, person) of this split's masks (read once, on first use), for
         `class_weights: true` in a recipe: people are often a few percent of the pixels."""
-        from segprune.data.weights import median_frequency_weights
-
         return tuple(median_frequency_weights(self, self.num_classes).tolist())
 
     def load_mask(self, index: int) -> np.ndarray:

@@ -449,31 +449,6 @@ def make_instance_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, se
 # Building from a --data spec, and checking
 
 
-def instance_dataset(spec: str, *, size=(550, 550), train: bool = False, seed: int = 0, split: str = "train",
-                     num_samples: int = 64, num_classes: int = 4) -> Dataset:
-    """An instance dataset from a ``--data`` spec: ``coco:IMAGES_DIR:ANNOTATIONS_JSON`` or ``synthetic``.
-
-    Args:
-        spec: The spec; the annotation file is what follows the last colon.
-        size: Input size (H, W) of the samples; None keeps COCO images at their size (synthetic: 96 x 128).
-        train: Training samples (flips).
-        seed: Seed of the flips and, for synthetic data, of the scenes.
-        split: Synthetic data: the split.
-        num_samples: Synthetic data: the number of samples.
-        num_classes: Synthetic data: the number of object classes.
-    """
-    kind, _, rest = spec.partition(":")
-    if kind == "synthetic":
-        from segprune.data.synthetic import SyntheticInstances
-
-        return SyntheticInstances(num_samples=num_samples, size=size or (96, 128), num_classes=num_classes,
-                                  seed=seed, split=split, train=train)
-    images, sep, annotations = rest.rpartition(":")
-    if kind != "coco" or not sep or not images or not annotations:
-        raise ValueError(f"instance data is coco:IMAGES_DIR:ANNOTATIONS_JSON or synthetic, got {spec!r}")
-    return CocoInstances(images, annotations, size=size, train=train, seed=seed)
-
-
 # Findings that lose data: `segprune check` fails on them (empty images and crowd regions are normal).
 DATA_LOSS = tuple(kind for kind in PROBLEM_ACTIONS if kind not in ("empty_image", "crowd"))
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from segprune.data.instances import CategoryList
+from segprune.data.instances import CategoryList, InstanceTransform, make_target, mask_api
 
 SPLITS = {"train": 0, "val": 1, "test": 2}
 SHAPES = ("ellipse", "rectangle", "triangle", "bar")
@@ -270,8 +270,6 @@ class SyntheticInstances(CategoryList, Dataset):
 
     def __init__(self, *, num_samples=256, size=(96, 128), num_classes=4, seed=0, split="train", train=False,
                  flip=0.5, cache=False):
-        from segprune.data.instances import InstanceTransform
-
         if num_classes < 1:
             raise ValueError(f"num_classes must be at least 1 object class, got {num_classes}")
         self.scenes = SyntheticScenes(num_samples=num_samples, size=size, num_classes=num_classes + 2, seed=seed,
@@ -290,8 +288,6 @@ class SyntheticInstances(CategoryList, Dataset):
         return len(self.scenes)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
-        from segprune.data.instances import make_target
-
         sample = self._sample(index)
         image, masks = self.transform(sample["image"], _instance_masks(sample["instances"]))
         return image, make_target(masks, torch.from_numpy(sample["labels"] - 2), index, self.size)
@@ -305,8 +301,6 @@ class SyntheticInstances(CategoryList, Dataset):
 
     def coco_dict(self) -> dict:
         """Every sample's instances in COCO form (RLE masks, xywh boxes): the ground truth of evaluation."""
-        from segprune.data.instances import mask_api
-
         encode, images, annotations = mask_api().encode, [], []
         for index in range(len(self)):
             sample = self._sample(index)

@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+
+from segprune._utils import unwrap
 
 VARIANCES = (0.1, 0.2)
 
@@ -235,3 +237,27 @@ def _check(cls: Tensor, targets, anchors: Tensor, num_classes: int) -> None:
             raise ValueError(f"target {i}: {len(t['boxes'])} boxes, {len(labels)} labels, {len(t['masks'])} masks")
         if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
             raise ValueError(f"target {i}: labels must lie in 0..{num_classes - 1}, got {labels.tolist()}")
+
+
+class InstanceLoss:
+    """``loss_fn(output, targets)`` for :func:`~segprune.train.loop.fit`: a YOLACT loss at the input's anchors.
+
+    Args:
+        model: The model (or DDP around it); it gives ``anchors(h, w)``.
+        loss: ``loss(outputs, targets, anchors) -> (total, parts)``, e.g. ``YolactLoss(num_classes)``.
+
+    The parts of the last batch (box, conf, mask, seg) are kept in ``self.parts`` for logging.
+    """
+
+    def __init__(self, model: nn.Module, loss: nn.Module):
+        self.model, self.loss, self.parts = model, loss, {}
+
+    def __call__(self, output: dict, targets: list[dict]) -> torch.Tensor:
+        height, width = targets[0]["masks"].shape[-2:]
+        device = output["cls"].device
+        anchors = unwrap(self.model).anchors(int(height), int(width)).to(device)
+        # only the tensors: the loss need not know image ids and original sizes (and may move every value)
+        tensors = [{k: v for k, v in t.items() if isinstance(v, torch.Tensor)} for t in targets]
+        with torch.autocast(device.type, enabled=False):
+            total, self.parts = self.loss({k: v.float() for k, v in output.items()}, tensors, anchors)
+        return total

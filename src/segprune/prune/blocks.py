@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from segprune._utils import IGNORE_INDEX, eval_mode, logits
 from segprune.prune.api import PruneResult, _criterion
 from segprune.prune.graph import channel_groups
 from segprune.prune.plan import ACTIVATIONS, Plan
@@ -353,20 +354,13 @@ def zeroed_branches(model: nn.Module, blocks: Sequence[Block]) -> nn.Module:
 
 
 # --- scoring and greedy removal -------------------------------------------------------------------------------
-def _logits(output) -> torch.Tensor:
-    return output["out"] if isinstance(output, dict) else output
-
-
 def loss_metric(loss_fn: Callable | None = None) -> Callable[[nn.Module, Sequence], float]:
-    """`metric(model, batches)`: mean validation loss in eval mode (cross-entropy ignoring 255 by default)."""
-    loss_fn = loss_fn or (lambda out, y: F.cross_entropy(out, y, ignore_index=255))
+    """`metric(model, batches)`: mean validation loss in eval mode (cross-entropy ignoring void by default)."""
+    loss_fn = loss_fn or (lambda out, y: F.cross_entropy(out, y, ignore_index=IGNORE_INDEX))
 
     def metric(model: nn.Module, batches) -> float:
-        was = model.training
-        model.eval()
-        with torch.no_grad():
-            losses = [float(loss_fn(_logits(model(x)), y)) for x, y in batches]
-        model.train(was)
+        with eval_mode(model), torch.no_grad():
+            losses = [float(loss_fn(logits(model(x)), y)) for x, y in batches]
         if not losses:
             raise ValueError("no validation batches to score blocks on")
         return sum(losses) / len(losses)

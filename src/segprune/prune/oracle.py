@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from segprune._utils import tensors
 from segprune.prune.criteria import _NORMS
 from segprune.prune.graph import ChannelGroup
 from segprune.prune.trace import as_call
@@ -44,8 +45,6 @@ def _zero(module: nn.Module, role: str, dead: torch.Tensor) -> None:
 
 def outputs(model: nn.Module, example_inputs) -> list[torch.Tensor]:
     """Every tensor the model returns in eval mode, flattened in order."""
-    from segprune.prune.rules import tensors
-
     args, kwargs = as_call(example_inputs)
     model.eval()
     with torch.no_grad():

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segprune._utils import IGNORE_INDEX
 from segprune.prune.cost import CostModel
 from segprune.prune.criteria import Taylor
 from segprune.prune.graph import ChannelGroup, ChannelGroups, channel_groups
@@ -46,9 +47,9 @@ SELECTORS = ("rank", "lasso")
 
 
 def default_loss(output, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of the main logits (a tensor or the "out" entry of a dict), ignoring label 255."""
+    """Cross-entropy of the main logits (a tensor or the "out" entry of a dict), ignoring ``IGNORE_INDEX``."""
     logits = output["out"] if isinstance(output, dict) else output
-    return F.cross_entropy(logits, target, ignore_index=255)
+    return F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX)
 
 
 @dataclass

@@ -56,7 +56,7 @@ def write_report(folder: str | Path, report: dict, *, samples: dict | Callable[[
 
     Args:
         folder: The run folder.
-        report: What `segprune.pipeline.run` measured: `title`, `before`, `after` (rows of ROWS and `latency`),
+        report: What `segprune.workflows.run` measured: `title`, `before`, `after` (rows of ROWS and `latency`),
             optionally `widths` ({layer: [before, after]}), `recipe`, `pruning` and `notes`.
         samples: Validation predictions for the overlays (see `_prediction_plots`), or a function returning them
             (called here, so that its failure too is only a note), or None.

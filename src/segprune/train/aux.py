@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segprune._utils import eval_mode
+from segprune._utils import IGNORE_INDEX, eval_mode
 
 ATTRIBUTE = "segprune_aux"
 
@@ -73,8 +73,8 @@ class AuxLoss:
         self.features = {}
 
     def criterion(self, base: Callable | None = None) -> Callable:
-        """The training loop's criterion (`base`, cross-entropy ignoring 255 by default), noting each target."""
-        base = base or nn.CrossEntropyLoss(ignore_index=255)
+        """The training loop's pixel loss (`base`, cross-entropy ignoring void by default), noting each target."""
+        base = base or nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
         self.loss_fn = self.loss_fn or base
 
         def noting(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

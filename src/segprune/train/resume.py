@@ -13,7 +13,7 @@ were when the checkpoint was written; the seeded generators of the dataset's tra
 generator's state at the start of the epoch, from which the interrupted epoch's order is drawn again, its
 finished batches skipped without being loaded. So with ``num_workers=0`` a resumed run computes what the
 uninterrupted one would have. Limits: the order must not come from the global RNG (a shuffling DataLoader
-needs a ``generator``, as :func:`segprune.data.make_loader` and ``pipeline.loaders`` give it, or a
+needs a ``generator``, as :func:`segprune.data.make_loader` and the workflows' loaders give it, or a
 ``DistributedSampler``); with workers the order is exact but their augmentation streams restart. Under DDP
 every rank is seeded alike, so the RNG states of rank 0, which alone writes, stand for all ranks.
 """

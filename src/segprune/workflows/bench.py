@@ -21,6 +21,7 @@ from torch import nn
 from segprune import checkpoint
 from segprune.eval.profile import compare_latency, count_macs, count_params, file_bytes, peak_memory
 from segprune.export.fuse import fuse_conv_bn
+from segprune.export.onnx import export_onnx
 
 RATIO_KEYS = ("params", "macs", "weights_bytes", "onnx_bytes", "latency_ms", "onnx_latency_ms")
 
@@ -127,8 +128,6 @@ def bench(folders: list[str | Path], *, input_size: tuple[int, int], batch: int 
 
 def _exported(models: dict[str, nn.Module], x: torch.Tensor, tmp: Path, rows: dict) -> dict[str, str]:
     """Export every model (parity-checked, static shapes: the benchmarked size) and return their ``.onnx`` paths."""
-    from segprune.export.onnx import export_onnx
-
     paths = {}
     for i, (name, model) in enumerate(models.items()):
         result = export_onnx(model, x, tmp / f"{i}.onnx", dynamic=False)

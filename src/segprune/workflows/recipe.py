@@ -1,0 +1,197 @@
+"""The recipe: everything a run does, as one flat typed dataclass.
+
+A YAML file overlays the defaults, `--set key=value` overrides are type-checked, unknown keys raise, and the resolved
+recipe is saved with every run (recipe.yaml, and in every checkpoint's config). The fields come in sections, in
+this order: what (task, model, data), training, the method (sparsity and pruning), fine-tuning, measurement, and the
+options of single methods (post-pruning; Miao et al.'s schedules, auxiliary heads and structure step). Library
+functions never take a Recipe: the workflows unpack it into keyword arguments.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import yaml
+
+from segprune.workflows.methods import METHODS
+
+TASK_NAMES = ("semantic", "instance")
+# The instance demo: about 2 minutes of CPU time. test_yolact at width 1/8 (FPN, protonet and head 32 channels wide;
+# the backbone stays test_yolact's 1/32), 4 object classes (num_classes counts the scenes' ground and sky). YOLACT
+# trained from scratch learns slowly: after these 800 steps its validation AP is about 8 % (box) and 6 % (mask),
+# seed 0; benchmarks/yolact.py trains a wider backbone for longer.
+INSTANCE_DEMO = dict(name="instance-demo", task="instance", model="test_yolact", width=0.125, data="synthetic",
+                     num_classes=6, size=(96, 96), train_samples=160, val_samples=48, batch_size=8, epochs=40,
+                     optimizer="adamw", lr=0.003, method="slimming", lam=1e-4, ratio=0.5, min_keep=0.1,
+                     finetune_epochs=10, finetune_lr=0.001, latency_rounds=5, latency_runs=10)
+SCHEDULES = ("iterative", "two_stage", "layer_by_layer")
+_TUPLE_ITEMS = {"aux_layers": str, "aux_weights": float}  # tuples of other settings hold ints
+
+
+@dataclass
+class Recipe:
+    """Everything a run does, in sections (see the module docstring). The defaults are the demo: 2 CPU cores,
+    about 2 minutes."""
+
+    # --- what: the task, the model and the data
+    name: str = "demo"
+    task: str = "semantic"  # or "instance" (YOLACT: box and mask AP)
+    model: str = "pspnet_resnet18"
+    width: float = 0.25
+    data: str = "synthetic"  # or a dataset name of segprune.data.build_dataset, with data_root
+    data_root: str = ""
+    num_classes: int = 6  # synthetic data only; real datasets bring their own
+    size: tuple[int, int] = (96, 128)  # training crop (H, W); synthetic scene size
+    eval_size: tuple[int, int] = (0, 0)  # resize validation images to (H, W); (0, 0) = their own size
+    train_samples: int = 320  # synthetic: how many to generate; real data: use the first N (0 = all)
+    val_samples: int = 96
+    val_split: str = "val"
+    # --- training
+    batch_size: int = 8
+    epochs: int = 12
+    optimizer: str = "adamw"  # converges in a dozen CPU epochs; "sgd" (poly LR) is the papers' choice
+    class_weights: bool = False  # weight the loss by the dataset's class weights (CamVid: SegNet's median frequency)
+    lr: float = 0.006
+    # --- the method: sparsity while training, then pruning (segprune.workflows.methods.METHODS)
+    method: str = "slimming"  # one of METHODS
+    lam: float = 5e-4  # sparsity on BN scales (slimming, cap), added to their gradients
+    warmup: int = 0  # steps over which lam ramps up
+    cap_affinity: str = "dot"
+    cap_weight: str = "one_minus"
+    cap_temperature: float = 0.1
+    ratio: float = 0.5  # fraction of prunable channels removed (when target_macs is 0)
+    target_macs: float = 0.0  # if > 0: remove until MACs <= this fraction of the original
+    min_keep: float = 0.1
+    round_to: int = 0
+    iterations: int = 1  # prune/fine-tune passes
+    # --- fine-tuning
+    finetune_epochs: int = 8
+    finetune_lr: float = 0.002
+    kd_alpha: float = 0.0  # distillation from the unpruned model during fine-tuning (0 = off)
+    kd_temperature: float = 4.0
+    # --- measurement and the machine
+    threads: int = 2
+    latency_rounds: int = 7  # interleaved before/after rounds of the latency measurement
+    latency_runs: int = 10  # timed runs per model per round
+    report_samples: int = 3  # validation images shown as input | truth | unpruned | pruned in report.html
+    device: str = "cpu"
+    seed: int = 0
+    # `segprune train` only (segprune.train.loop.fit):
+    accumulate: int = 1  # optimizer step every k batches (global batch = batch_size * k)
+    amp: bool = False  # autocast: float16 + GradScaler on CUDA; on CPU only with amp_dtype=bfloat16
+    amp_dtype: str = ""  # "" = float16 on CUDA; "bfloat16"
+    checkpoint_every: int = 0  # training checkpoint every N optimizer steps (0 = at epoch ends only)
+    sync_bn: bool = False  # SyncBatchNorm under torchrun (CUDA only)
+    num_workers: int = 0  # data loader processes per training process
+    # method "postprune" only (segprune.prune.postprune: weakest-link path -> selection -> retraining):
+    path_step: float = 0.05  # MACs removed per path step, as a fraction of the original (>= 1: channels per step)
+    path_min_macs: float = 0.1  # walk the path down to this fraction of the MACs
+    path_criterion: str = "taylor"  # dL per channel: "taylor" or "ablation" (exact, small models only)
+    path_selector: str = "rank"  # "rank" or "lasso" (He et al.: LASSO picks the channels, least squares refits)
+    path_batches: int = 4  # training batches forming the pruning split
+    path_recover_steps: int = 0  # fine-tuning batches between path steps (0 = none)
+    path_rule: str = "delta"  # "delta": smallest within path_delta of the best validation mIoU; "1se"
+    path_delta: float = 0.01  # mIoU as a fraction (0.01 = one point)
+    # Miao et al. (segprune.prune.schedules; segprune.train.aux):
+    schedule: str = "iterative"  # "iterative" (`iterations` passes), "two_stage" (global) or "layer_by_layer"
+    stage_a: float = 0.5  # two_stage: the fraction of the MAC reduction removed in stage A (stage B: the rest)
+    stage_a_epochs: int = 1  # two_stage: fine-tuning epochs after stage A (after stage B: finetune_epochs)
+    layer_epochs: int = 1  # layer_by_layer: fine-tuning epochs after each channel group
+    aux_layers: tuple[str, ...] = ()  # auxiliary heads on these layers while training and fine-tuning (not deployed)
+    aux_weights: tuple[float, ...] = ()  # one loss weight per aux layer
+    layer_pruning: bool = False  # first remove residual blocks (segprune.prune.blocks), least loss increase first
+    layer_tolerance: float = 0.05  # ... while the loss on layer_batches training batches rises at most this much
+    layer_max: int = 0  # ... and at most this many blocks (0 = no limit)
+    layer_batches: int = 4
+    layer_metric: str = "loss"  # or "miou": score blocks by the drop in mIoU (layer_tolerance then in mIoU, 0.01)
+    slim_widths: str = ""  # then set layers' output widths, "name=width,..." (e.g. "ppm.branches=128,head.0=128")
+
+    def check(self) -> Recipe:
+        if self.task not in TASK_NAMES:
+            raise ValueError(f"unknown task {self.task!r}; choose from {', '.join(TASK_NAMES)}")
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
+        if self.lam < 0:
+            raise ValueError(f"lam must be >= 0, got {self.lam}")
+        if not 0 <= self.ratio < 1 or not 0 <= self.target_macs <= 1 or self.iterations < 1:
+            raise ValueError("ratio must be in [0, 1), target_macs in [0, 1] (0 = use ratio), iterations >= 1")
+        if self.accumulate < 1 or self.checkpoint_every < 0 or self.num_workers < 0:
+            raise ValueError("accumulate must be >= 1, checkpoint_every >= 0 and num_workers >= 0")
+        if self.path_delta < 0 or self.path_step <= 0 or self.path_batches < 1:
+            raise ValueError("path_delta must be >= 0, path_step > 0 and path_batches >= 1")
+        if self.schedule not in SCHEDULES or not 0 < self.stage_a <= 1:
+            raise ValueError(f"schedule must be one of {SCHEDULES} and stage_a in (0, 1], got {self.schedule!r}, "
+                             f"{self.stage_a}")
+        if self.layer_tolerance < 0 or self.layer_max < 0 or self.layer_batches < 1:
+            raise ValueError("layer_tolerance and layer_max must be >= 0, layer_batches >= 1")
+        if self.layer_metric not in ("loss", "miou"):
+            raise ValueError(f"layer_metric must be 'loss' or 'miou', got {self.layer_metric!r}")
+        slim_widths(self.slim_widths)
+        if len(self.aux_weights) != len(self.aux_layers):
+            raise ValueError(f"aux_weights needs one weight per aux layer: {self.aux_weights} for {self.aux_layers}")
+        if self.path_rule not in ("delta", "1se"):
+            raise ValueError(f"path_rule must be 'delta' or '1se', got {self.path_rule!r}")
+        return self
+
+
+def recipe_from(path: str | Path | None = None, overrides: dict | None = None) -> Recipe:
+    """A Recipe from a flat YAML file and `key=value` overrides; unknown keys and bad types raise ValueError."""
+    values = {}
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: a recipe is a flat mapping of settings")
+        values.update(loaded)
+    values.update(overrides or {})
+    recipe, known = Recipe(), {f.name: f for f in fields(Recipe)}
+    for key, value in values.items():
+        if key not in known:
+            where = f" in {path}" if path else ""
+            raise ValueError(f"unknown setting {key!r}{where}; known: {', '.join(known)}")
+        setattr(recipe, key, _typed(key, value, getattr(Recipe(), key)))
+    return recipe.check()
+
+
+def _typed(key, value, default):
+    try:
+        if isinstance(default, tuple):
+            value = _json_or_list(value) if isinstance(value, str) else value
+            value = [value] if isinstance(value, (str, int, float)) else value
+            return tuple(_TUPLE_ITEMS.get(key, int)(v) for v in value)
+        if isinstance(default, bool):
+            return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+        return type(default)(value)
+    except (TypeError, ValueError, json.JSONDecodeError) as err:
+        raise ValueError(f"setting {key}={value!r} is not a {type(default).__name__}") from err
+
+
+def _json_or_list(text: str):
+    """A JSON list, or a comma-separated one (`--set aux_layers=backbone.layer2,backbone.layer3`)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def slim_widths(text: str) -> dict[str, int]:
+    """`"ppm.branches=128,head.0=128"` -> {layer: width}; a malformed entry is a clear error."""
+    widths = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, width = part.partition("=")
+        if not name or not width.strip().isdigit():
+            raise ValueError(f"slim_widths: {part!r} is not name=width (e.g. ppm.branches=128)")
+        widths[name.strip()] = int(width)
+    return widths
+
+
+def as_plain(r: Recipe) -> dict:
+    """The recipe as plain YAML/JSON values (tuples as lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(r).items()}
+
+
+def demo_recipe(task: str = "semantic", overrides: dict | None = None) -> Recipe:
+    """The demo's recipe for ``task`` (the Recipe defaults, or :data:`INSTANCE_DEMO`) with ``overrides``."""
+    base = INSTANCE_DEMO if task == "instance" else {}
+    return recipe_from(None, {**base, **(overrides or {})})

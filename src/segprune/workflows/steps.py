@@ -1,0 +1,121 @@
+"""The step-by-step commands on checkpoint folders: prune, fine-tune, evaluate (`segprune prune|finetune|eval`).
+
+Each checks where it will write before it works, so a refused ``--out`` costs nothing. A checkpoint folder holds
+its config (model, its arguments, the recipe it was trained with, the task), so a step after training reads the
+data, sizes and task from there unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from segprune import checkpoint
+from segprune.eval.metrics import evaluate
+from segprune.prune import prune
+from segprune.train.loop import fit
+from segprune.workflows import rundir
+from segprune.workflows.data import evaluation_dataset, instance_dataset
+from segprune.workflows.methods import checkpoint_methods, method
+from segprune.workflows.recipe import Recipe, recipe_from
+from segprune.workflows.tasks import task_of
+
+
+def claim_checkpoint(out: str | Path, *, force: bool) -> Path:
+    """Refuse an ``out`` that already holds a checkpoint (or a run) unless ``force``; before any work."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise FileExistsError(f"{out} already holds a checkpoint; choose another --out or pass --force to overwrite")
+    return out
+
+
+def task_name(config: dict) -> str:
+    """The task a checkpoint was trained for (checkpoints before tasks were semantic)."""
+    return config.get("task", config.get("recipe", {}).get("task", "semantic"))
+
+
+def prune_checkpoint(folder: str | Path, out: str | Path, *, method_name: str = "bn_scale", ratio: float = 0.5,
+                     target_macs: float | None = None, round_to: int | None = None, min_keep: float = 0.1,
+                     size: tuple[int, int] = (256, 256), force: bool = False):
+    """Prune the model in checkpoint ``folder`` by the criterion of ``method_name`` into checkpoint ``out``
+    (the plan composed with the one it had); returns the :class:`~segprune.prune.PruneResult`."""
+    if method(method_name).needs_data:
+        raise ValueError(f"method {method_name} needs training data: run a recipe with `method: {method_name}` "
+                         f"(segprune run); on a checkpoint choose from {', '.join(checkpoint_methods())}")
+    out = claim_checkpoint(out, force=force)
+    model, plan, config = checkpoint.load(folder), checkpoint.load_plan(folder), checkpoint.load_config(folder)
+    x = torch.zeros(1, 3, *size)
+    example = model.prune_inputs(x) if hasattr(model, "prune_inputs") else x  # YOLACT: prototypes <-> coefficients
+    target = dict(target_macs=target_macs) if target_macs else dict(ratio=ratio)
+    result = prune(model, example, criterion=method(method_name).criterion, round_to=round_to, min_keep=min_keep,
+                   **target)
+    checkpoint.save(out, result.model, config=config, plan=plan.then(result.plan))
+    return result
+
+
+def step_recipe(config: dict, path: str | Path | None, overrides: dict) -> Recipe:
+    """The recipe of a step after training: the file at ``path``, else the checkpoint's own, with ``overrides``."""
+    base = {"task": task_name(config), **config.get("recipe", {})} if path is None else {}
+    return recipe_from(path, {**base, **overrides})
+
+
+def finetune_checkpoint(folder: str | Path, out: str | Path, *, recipe_path: str | Path | None = None,
+                        overrides: dict | None = None, force: bool = False, progress: bool = True) -> Recipe:
+    """Fine-tune the model in checkpoint ``folder`` ``finetune_epochs`` at ``finetune_lr`` on its recipe's
+    training data (or ``recipe_path``'s) into checkpoint ``out``; returns the recipe used."""
+    out = claim_checkpoint(out, force=force)
+    model, config = checkpoint.load(folder), checkpoint.load_config(folder)
+    recipe = step_recipe(config, recipe_path, overrides or {})
+    task = task_of(task_name(config))
+    train_loader, _, num_classes = task.loaders(recipe)
+    if num_classes != config.get("model_kwargs", {}).get("num_classes", num_classes):
+        raise ValueError(f"the model predicts {config['model_kwargs']['num_classes']} classes, the {recipe.data} "
+                         f"data has {num_classes}")
+    rundir.seed_everything(recipe.seed)
+    fit(model, train_loader, epochs=recipe.finetune_epochs, lr=recipe.finetune_lr, optimizer=recipe.optimizer,
+        device=recipe.device, progress=progress, desc="fine-tune", loss=task.loss(recipe, model, train_loader))
+    checkpoint.save(out, model, config=config, plan=checkpoint.load_plan(folder))
+    return recipe
+
+
+def evaluate_checkpoint(folder: str | Path, data: str, *, split: str = "val", samples: int = 0,
+                        batch_size: int = 4, eval_size: tuple[int, int] | None = None, device="cpu",
+                        **predict_kwargs) -> tuple[dict, list[str]]:
+    """Accuracy of checkpoint ``folder`` on ``data`` (``KIND[:PATH]``): (metrics, class names).
+
+    Semantic models: mIoU, per-class IoU and accuracies (``predict_kwargs``: crop, stride, flip for sliding
+    windows and flip testing); instance models: COCO box and mask AP.
+    """
+    config = checkpoint.load_config(folder)
+    if task_name(config) == "instance":
+        return _evaluate_instances(folder, config, data, split=split, samples=samples, batch_size=batch_size,
+                                   eval_size=eval_size, device=device), []
+    dataset = evaluation_dataset(data, config, split=split, samples=samples, eval_size=eval_size)
+    num_classes = config.get("model_kwargs", {}).get("num_classes", dataset.num_classes)
+    if dataset.num_classes != num_classes:
+        raise ValueError(f"the model predicts {num_classes} classes, the {data} data has {dataset.num_classes}")
+    names = getattr(dataset, "class_names", None) or [str(k) for k in range(num_classes)]
+    if samples:
+        dataset = Subset(dataset, range(min(samples, len(dataset))))
+    model = checkpoint.load(folder).to(device)
+    metrics = evaluate(model, DataLoader(dataset, batch_size=batch_size), num_classes=num_classes, device=device,
+                       **predict_kwargs)
+    return metrics, list(names)
+
+
+def _evaluate_instances(folder, config: dict, data: str, *, split, samples, batch_size, eval_size, device) -> dict:
+    """COCO box and mask AP of an instance checkpoint, at the input size its recipe trained at."""
+    r = {**dataclasses.asdict(Recipe()), **config.get("recipe", {})}
+    num_classes = config["model_kwargs"]["num_classes"]
+    dataset = instance_dataset(data, size=tuple(eval_size or r["size"]), seed=r["seed"], split=split,
+                               num_samples=samples or r["val_samples"], num_classes=num_classes)
+    if dataset.num_classes != num_classes:
+        raise ValueError(f"the model predicts {num_classes} classes, the {data} data has {dataset.num_classes}")
+    if samples and len(dataset) > samples:
+        dataset = Subset(dataset, range(samples))
+    model = checkpoint.load(folder).to(device)
+    recipe = dataclasses.replace(Recipe(), batch_size=batch_size)
+    return task_of("instance").evaluate(model, dataset, recipe, num_classes=num_classes, device=device)
