@@ -1,6 +1,8 @@
 """The inference core of `segprune predict`: whole images at any size, tiles that cover every pixel and equal plain
 inference for one tile, ONNX equal to eager, and masks / overlays written as images."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -97,3 +99,47 @@ def test_overlay_blends_the_class_colour_over_the_image(tmp_path):
     assert (saved[0, 1] == expected).all() and (saved[1, 0] == 100).all()  # ignored: the image itself
     with pytest.raises(ValueError, match="differ in size"):
         visual.blend(image, labels[:1], 3)
+
+
+def test_write_predictions_writes_masks_and_overlays_and_names_a_bad_image(model, tmp_path):
+    import io
+    import json
+
+    from segprune.eval.inference import Predictor
+    from segprune.report.predictions import write_predictions
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(rgb(40, 60)).save(images / "a.png")
+    Image.fromarray(rgb(70, 30, seed=1)).convert("L").save(images / "b.jpg")  # grey JPEG of another size
+    (tmp_path / "other").mkdir()
+    Image.fromarray(rgb(20, 20, seed=2)).save(tmp_path / "other" / "a.png")  # the same stem in another folder
+    buf = io.BytesIO()
+    Image.fromarray(rgb(40, 60)).save(buf, format="JPEG")
+    (images / "cut.jpg").write_bytes(buf.getvalue()[:300])  # truncated
+    predictor = Predictor(model, class_names=["sky", "road", "car"], size=(32, 48))
+    out = tmp_path / "out"
+    summary = write_predictions(predictor, [images, tmp_path / "other" / "a.png"], out)
+    entries = {Path(e["image"]).name + Path(e["image"]).parent.name: e for e in summary["images"]}
+    assert summary["failed"] == 1 and "cut.jpg: cannot read image" in entries["cut.jpgimages"]["error"]
+    assert entries["a.pngimages"]["mask"] == "images_a_mask.png" and entries["a.pngother"]["mask"] == "other_a_mask.png"
+    with Image.open(out / entries["b.jpgimages"]["mask"]) as mask:
+        assert mask.mode == "P" and mask.size == (30, 70) and np.asarray(mask).max() < 3
+    with Image.open(out / "b_overlay.jpg") as overlay:
+        assert overlay.size == (30, 70) and overlay.mode == "RGB"
+    assert abs(sum(entries["b.jpgimages"]["class_share"].values()) - 1) < 1e-5
+    assert set(entries["a.pngother"]["class_share"]) <= {"sky", "road", "car"}
+    assert json.loads((out / "predictions.json").read_text()) == summary
+    with pytest.raises(FileExistsError, match="--force"):
+        write_predictions(predictor, [images], out)
+    assert write_predictions(predictor, [tmp_path / "other"], out, overwrite=True)["failed"] == 0
+    with pytest.raises(FileNotFoundError, match="missing.png: no such image"):
+        write_predictions(predictor, [tmp_path / "missing.png"], tmp_path / "out2")
+
+
+def test_predictor_rejects_unknown_settings(model):
+    from segprune.eval.inference import Predictor
+
+    with pytest.raises(TypeError, match="tiles"):
+        Predictor(model, tiles=64)
+    assert Predictor(model).predict(rgb(16, 24)).shape == (16, 24)

@@ -163,3 +163,34 @@ def _padded(run, x: torch.Tensor, multiple: int) -> torch.Tensor:
     if logits.shape[-2:] != (height + pad_h, width + pad_w):  # a model whose logits are smaller than its input
         logits = F.interpolate(logits, size=(height + pad_h, width + pad_w), mode="bilinear", align_corners=False)
     return logits[..., :height, :width]
+
+
+class Predictor:
+    """A model with the settings it predicts with, for the API: ``Predictor(model, size=(360, 480)).predict(image)``.
+
+    Args:
+        model: An ``nn.Module``, an :class:`OnnxModel` or the path of an ``.onnx`` file.
+        num_classes: Classes the model predicts (for colouring); by default found on the first prediction.
+        class_names: Names of the classes, in label order.
+        palette: (num_classes, 3) RGB colours of the classes (a dataset's own), or None for the report's.
+        **settings: ``size``, ``tile``, ``overlap``, ``flip``, ``mean``, ``std``, ``device`` of
+            :func:`image_logits`.
+    """
+
+    def __init__(self, model, *, num_classes: int | None = None, class_names: Sequence[str] = (), palette=None,
+                 **settings):
+        self.model, self.settings = as_model(model), settings
+        self.num_classes, self.class_names, self.palette = num_classes, tuple(class_names), palette
+        unknown = set(settings) - {"size", "tile", "overlap", "flip", "mean", "std", "device"}
+        if unknown:
+            raise TypeError(f"Predictor: unknown setting(s) {', '.join(sorted(unknown))}")
+
+    def logits(self, image) -> torch.Tensor:
+        """Logits (K, H, W) of one image (path, PIL image or (H, W, 3) uint8 array) at its own size."""
+        logits = image_logits(self.model, image, **self.settings)
+        self.num_classes = self.num_classes or logits.shape[0]
+        return logits
+
+    def predict(self, image) -> np.ndarray:
+        """Class labels (H, W) of one image at its own size."""
+        return self.logits(image).argmax(0).numpy()
