@@ -105,6 +105,9 @@ def test_check_scans_existing_splits_and_reports_every_bad_file(tmp_path):
     checks = check_splits(lambda split: HumanFolder(flat, split, check_sizes=False))
     assert [c.missing is None for c in checks] == [True, True, False]  # a flat folder has no test split
     assert sum(c.sizes[(12, 8)] for c in checks) == 1
+    mixed = next(c for c in checks if len(c.sizes) > 1)
+    assert "8x8 (" in mixed.size_note() and "12x8 (1)" in mixed.size_note() and "`eval_size`" in mixed.size_note()
+    assert checks[-1].size_note() is None
     with pytest.raises(MissingSplitError, match="no split found"):
         check_splits(lambda split: HumanFolder(flat, split), splits=("test", "extra"))
 
@@ -166,3 +169,25 @@ def test_mask_folder_out_of_range_label_is_a_label_error(tmp_path):
     (tmp_path / "classes.txt").write_text("sky\nroad\n")
     with pytest.raises(LabelValueError, match=r"a\.png: label 7"):
         MaskFolder(tmp_path, classes_file=tmp_path / "classes.txt")[0]
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    from segprune import checkpoint
+    from segprune.models import create_model
+
+    torch.manual_seed(0)
+    return checkpoint.save(tmp_path / "ck", create_model("test_pspnet", num_classes=2),
+                           config={"model": "test_pspnet", "model_kwargs": {"num_classes": 2}})
+
+
+def test_segprune_eval_on_mixed_sizes_and_on_a_truncated_jpeg(tmp_path, tiny_checkpoint, capsys):
+    from segprune.cli import main
+
+    data = human_tree(tmp_path / "human", [(40, 60), (50, 40), (40, 60), (33, 47)])
+    assert main(["eval", str(tiny_checkpoint), "--data", f"human:{data}", "--split", "all", "--batch-size", "4"]) == 0
+    assert "foreground IoU" in capsys.readouterr().out  # no stack error: batches are grouped by size
+    truncated_jpeg(data / "images" / "2.jpg", 40, 60)
+    assert main(["eval", str(tiny_checkpoint), "--data", f"human:{data}", "--split", "all"]) == 2
+    err = capsys.readouterr().err
+    assert "2.jpg: cannot read image (OSError: image file is truncated" in err and "Traceback" not in err

@@ -27,8 +27,10 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 Transform = Callable[[Image.Image, np.ndarray], tuple[torch.Tensor, torch.Tensor]]
 
 
-class UnreadableFileError(OSError):
-    """An image or mask file that cannot be opened or decoded (truncated, not an image); the message names it."""
+class UnreadableFileError(OSError, ValueError):
+    """An image or mask file that cannot be opened or decoded (truncated, not an image); the message names it.
+
+    Also a ValueError (bad input data, as the CLI reports it in one line), and an OSError (what PIL raised)."""
 
 
 class LabelValueError(ValueError):

@@ -38,6 +38,15 @@ class SplitCheck:
         sizes = f", {len(self.sizes)} image sizes" if len(self.sizes) > 1 else ""
         return f"{self.split}: {self.samples} samples, {len(self.problems)} bad{sizes}"
 
+    def size_note(self, shown: int = 5) -> str | None:
+        """For a split of several image sizes, the commonest ones and what that means; None for one size."""
+        if len(self.sizes) < 2:
+            return None
+        common = ", ".join(f"{h}x{w} ({n})" for (h, w), n in self.sizes.most_common(shown))
+        more = f" and {len(self.sizes) - shown} more" if len(self.sizes) > shown else ""
+        return (f"{self.split}: images of {len(self.sizes)} sizes (H x W: {common}{more}); training crops them to the "
+                "recipe's `size`, evaluation runs each at its own size unless `eval_size` is set")
+
 
 def check_dataset(dataset: Dataset, *, sizes: Counter | None = None) -> list[str]:
     """Read every sample of `dataset`; return one message per bad sample, naming its file where known.
