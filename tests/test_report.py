@@ -308,6 +308,7 @@ def test_reports_gain_per_class_and_foreground_iou_curves_and_environment(tmp_pa
     assert "training curves" in page and len(image_sources(page)) == 2 + 1 + 1  # Pareto, widths, curves
     md = (tmp_path / "report.md").read_text()
     assert "| 0 background | 90.00 | 88.00 | -2.00 |" in md and f"torch {torch.__version__}" in md
+    assert "| 2 | 1.1000 | n/a |" in md and "| 3 | 0.9000 | 44.00 |" in md
 
 
 def test_read_curves_without_logs_and_the_environment_outside_git(tmp_path, monkeypatch):

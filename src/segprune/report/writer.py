@@ -113,6 +113,10 @@ def _markdown_extras(report: dict) -> list[str]:
     if rows:
         lines += ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
         lines += ["| " + " | ".join(row) + " |" for row in rows] + [""]
+    for stage, c in (report.get("curves") or {}).items():
+        miou = c.get("val_miou") or [None] * len(c["epoch"])
+        lines += [f"Training curve ({stage}):", "", "| epoch | loss | validation mIoU (%) |", "|---:|---:|---:|",
+                  *[f"| {e} | {loss:.4f} | {_percent(m)} |" for e, loss, m in zip(c["epoch"], c["loss"], miou)], ""]
     env = report.get("environment")
     if env:
         lines += ["Environment: " + ", ".join(f"{k} {v}" for k, v in env.items() if v is not None), ""]
