@@ -220,19 +220,20 @@ def test_voc_on_a_fake_tree(tmp_path):
     voc = tmp_path / "VOCdevkit" / "VOC2012"
     labels = np.zeros((12, 16), dtype=np.uint8)
     labels[2:6, 3:9], labels[7:, :4], labels[0, :] = 15, 20, 255
-    labels[11, 15] = 42  # not a VOC label: ignored
-    for name in ("2007_000001", "2007_000002"):
+    foreign = labels.copy()
+    foreign[11, 15] = 42  # not a VOC label: an error naming the file, never silently ignored
+    for name, mask in (("2007_000001", foreign), ("2007_000002", labels)):
         write_image(voc / "JPEGImages" / f"{name}.jpg", rgb(12, 16))
-        write_palette_png(voc / "SegmentationClass" / f"{name}.png", labels)
+        write_palette_png(voc / "SegmentationClass" / f"{name}.png", mask)
     (voc / "ImageSets" / "Segmentation").mkdir(parents=True)
     (voc / "ImageSets" / "Segmentation" / "val.txt").write_text("2007_000001\n2007_000002\n")
 
     dataset = VOC(tmp_path, "val")  # the VOCdevkit/VOC2012 folder is found under the root
     assert len(dataset) == 2 and dataset.num_classes == len(dataset.class_names) == 21
     image, mask = dataset[1]
-    expected = labels.astype(np.int64)
-    expected[11, 15] = 255
-    assert image.shape == (3, 12, 16) and torch.equal(mask, torch.from_numpy(expected))
+    assert image.shape == (3, 12, 16) and torch.equal(mask, torch.from_numpy(labels.astype(np.int64)))
+    with pytest.raises(ValueError, match=r"2007_000001\.png: label value\(s\) 42 are neither a class \(0\.\.20\)"):
+        dataset[0]
     assert dataset.class_names[15] == "person"
     with pytest.raises(FileNotFoundError, match=r"Segmentation[/\\]train\.txt"):
         VOC(voc, "train")

@@ -18,7 +18,8 @@ from segprune import checkpoint
 from segprune.cli import main
 from segprune.prune import channel_groups
 from segprune.report import html, plots
-from segprune.report.writer import combined_report, write_report
+from segprune.report.environment import environment
+from segprune.report.writer import combined_report, read_curves, write_model_report, write_report
 from segprune.workflows import recipe_from, run, tasks
 from segprune.workflows.compress import layer_widths
 
@@ -225,32 +226,136 @@ def test_instance_runs_combine_on_mask_ap_and_never_with_semantic_runs(run_dir, 
     assert not (tmp_path / "mixed").exists()
 
 
+# Every image must load, and every plot must fill the content column (the width of the page's heading) at 1280 px.
 CHECK_IMAGES = """<script>
 window.addEventListener("load", () => {
   const imgs = [...document.images];
   const bad = imgs.filter(i => !i.complete || i.naturalWidth === 0).map(i => i.alt);
-  document.title = bad.length ? "BROKEN: " + bad.join("; ") : "IMAGES OK " + imgs.length;
+  const column = document.querySelector("h1").getBoundingClientRect().width;
+  const narrow = imgs.filter(i => i.getBoundingClientRect().width < 0.98 * column)
+                     .map(i => i.alt + " " + Math.round(i.getBoundingClientRect().width) + "px");
+  document.title = bad.length ? "BROKEN: " + bad.join("; ")
+                 : narrow.length ? "NARROW of " + Math.round(column) + "px: " + narrow.join("; ")
+                 : "IMAGES OK " + imgs.length;
 });
 </script>"""
+WINDOW = "--window-size=1280,2400"
+
+
+def _chromium(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    cmd = ["chromium", "--headless=new", "--disable-gpu", "--no-sandbox", f"--user-data-dir={tmp_path / 'profile'}",
+           "--hide-scrollbars", WINDOW, *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True)
 
 
 def rendered_title(page: str, tmp_path, name: str) -> str:
-    """Load `page` (plus a script that checks every image) in headless Chromium; the title it ends with."""
+    """Load `page` (plus a script that checks every image) in headless Chromium at 1280 px; the title it ends with."""
     path = tmp_path / name
     path.write_text(page.replace("</body>", CHECK_IMAGES + "</body>"))
-    cmd = ["chromium", "--headless=new", "--disable-gpu", "--no-sandbox", f"--user-data-dir={tmp_path / 'profile'}",
-           "--virtual-time-budget=10000", "--dump-dom", path.as_uri()]
-    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout
+    dom = _chromium(tmp_path, "--virtual-time-budget=10000", "--dump-dom", path.as_uri()).stdout
     match = re.search(r"<title>(.*?)</title>", dom, re.S)
     assert match, f"chromium dumped no page: {dom[:500]!r}"
     return match.group(1)
+
+
+def screenshot(page_path, tmp_path, name: str):
+    """A 1280 px wide screenshot of a report page (kept in tmp_path, and copied to $SEGPRUNE_SCREENSHOTS if set)."""
+    import os
+
+    shot = tmp_path / name
+    _chromium(tmp_path, "--virtual-time-budget=10000", f"--screenshot={shot}", page_path.as_uri())
+    if os.environ.get("SEGPRUNE_SCREENSHOTS"):
+        shutil.copy(shot, os.environ["SEGPRUNE_SCREENSHOTS"])
+    return shot
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None,
                     reason="chromium not on PATH (Debian: apt-get install chromium; .ci/run installs it)")
 def test_html_renders_in_headless_chromium_with_every_image(run_dir, tmp_path):
     page = (run_dir / "report.html").read_text()
-    assert rendered_title(page, tmp_path, "report.html") == "IMAGES OK 6"
+    assert rendered_title(page, tmp_path, "report.html") == "IMAGES OK 6"  # every plot loads, at full width
+    shot = screenshot(run_dir / "report.html", tmp_path, "report-1280.png")
+    from PIL import Image
+
+    with Image.open(shot) as image:
+        assert image.size[0] == 1280 and len(np.unique(np.asarray(image.convert("L")))) > 50  # drawn, not blank
     first = image_sources(page)[0]
     corrupt = page.replace(first, first[:40] + "AAAA" + first[44:200], 1)  # the check can fail
     assert rendered_title(corrupt, tmp_path, "corrupt.html").startswith("BROKEN: accuracy vs MACs")
+
+
+# Per-class IoU, foreground IoU, training curves, environment
+
+
+def test_reports_gain_per_class_and_foreground_iou_curves_and_environment(tmp_path):
+    (tmp_path / "train.csv").write_text("epoch,step,loss,lr,seconds,val_miou\n1,4,1.5,0.1,2,0.31\n2,8,1.1,0.1,2,\n"
+                                        "3,12,0.9,0.1,2,0.44\n")
+    report = fake_report(class_names=["background", "person & <b>"])
+    for side, ious in (("before", [0.9, 0.6]), ("after", [0.88, float("nan")])):
+        report[side].update(iou=ious, fg_iou=ious[1])
+    write_report(tmp_path, report)
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["per_class_iou"] == [{"class": 0, "name": "background", "before": 0.9, "after": 0.88},
+                                      {"class": 1, "name": "person & <b>", "before": 0.6, "after": None}]
+    assert saved["foreground_iou"] == {"before": 0.6, "after": None}
+    assert saved["curves"] == {"train": {"epoch": [1, 2, 3], "loss": [1.5, 1.1, 0.9], "val_miou": [0.31, None, 0.44]}}
+    env = saved["environment"]
+    assert env["torch"] == torch.__version__ and env["torch_threads"] >= 1 and "cpu" in env and "gpu" in env
+    assert env["git_commit"] is None or re.fullmatch(r"[0-9a-f]{40}", env["git_commit"])
+    page = (tmp_path / "report.html").read_text()
+    assert "<td>1 person &amp; &lt;b&gt;</td><td>60.00</td><td>n/a</td><td>n/a</td>" in page
+    assert "<td>0 background</td><td>90.00</td><td>88.00</td><td>-2.00</td>" in page
+    assert "Foreground IoU (class 1 of a binary task): 60.00 % before, n/a % after." in page
+    assert "training curves" in page and len(image_sources(page)) == 2 + 1 + 1  # Pareto, widths, curves
+    md = (tmp_path / "report.md").read_text()
+    assert "| 0 background | 90.00 | 88.00 | -2.00 |" in md and f"torch {torch.__version__}" in md
+    assert "| 2 | 1.1000 | n/a |" in md and "| 3 | 0.9000 | 44.00 |" in md
+
+
+def test_read_curves_without_logs_and_the_environment_outside_git(tmp_path, monkeypatch):
+    assert read_curves(tmp_path) is None
+    (tmp_path / "finetune.csv").write_text("epoch,step,loss,lr,seconds\n1,4,0.7,0.01,2\n")
+    assert read_curves(tmp_path) == {"fine-tune": {"epoch": [1], "loss": [0.7]}}
+    from segprune.report import environment as env_module
+
+    monkeypatch.setattr(env_module, "_PACKAGE", tmp_path)  # an installed package: no checkout around it
+    assert env_module.environment()["git_commit"] is None and env_module.environment()["git_dirty"] is None
+    assert environment()["python"].count(".") == 2
+
+
+def test_model_report_of_a_trained_checkpoint(tmp_path):
+    (tmp_path / "train.csv").write_text("epoch,step,loss,lr,seconds\n1,4,1.5,0.1,2\n2,8,1.0,0.1,2\n")
+    metrics = dict(miou=0.55, iou=[0.8, 0.3], pixel_acc=0.9, mean_acc=0.7, fg_iou=0.3)
+    report = write_model_report(tmp_path, title="human", metrics=metrics, class_names=["background", "person"],
+                                cost=dict(params=1234, macs=5e6, size_bytes=8192), split="val")
+    assert report["foreground_iou"] == 0.3 and report["per_class_iou"][1] == {"class": 1, "name": "person", "iou": 0.3}
+    md = (tmp_path / "report.md").read_text()
+    assert "| foreground IoU (%) | 30.00 |" in md and "| 1 person | 30.00 |" in md and "| params | 1,234 |" in md
+    page = (tmp_path / "report.html").read_text()
+    assert "Accuracy and cost on the val split" in page and len(image_sources(page)) == 1  # the curves
+    with pytest.raises(ValueError, match="reports one model"):
+        combined_report([tmp_path], tmp_path / "combined")
+
+
+def test_curves_plot_draws_loss_and_miou():
+    png = plots.curves({"train": {"epoch": [1, 2], "loss": [1.0, 0.5], "val_miou": [None, 0.4]},
+                        "fine-tune": {"epoch": [1], "loss": [0.4]}})
+    assert png.startswith(PNG)
+    with pytest.raises(ValueError, match="no training curves"):
+        plots.curves({"train": {"epoch": []}})
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None,
+                    reason="chromium not on PATH (Debian: apt-get install chromium; .ci/run installs it)")
+def test_model_report_renders_full_width_at_1280px(tmp_path):
+    (tmp_path / "train.csv").write_text("epoch,step,loss,lr,seconds,val_miou\n1,4,1.5,0.1,2,0.2\n2,8,1.0,0.1,2,0.3\n")
+    report = fake_report(class_names=[f"class {k}" for k in range(11)])
+    for side in ("before", "after"):
+        report[side]["iou"] = [0.1 * k for k in range(11)]
+    write_report(tmp_path, report)
+    assert rendered_title((tmp_path / "report.html").read_text(), tmp_path, "check.html") == "IMAGES OK 4"
+    shot = screenshot(tmp_path / "report.html", tmp_path, "report-1280.png")
+    from PIL import Image
+
+    with Image.open(shot) as image:
+        assert image.size[0] == 1280

@@ -9,7 +9,8 @@ their count is found once at construction (a header read per file) and reported 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from torch.utils.data import Dataset
 
 from segprune._utils import IGNORE_INDEX
 
+INVALID_LABEL = -1  # lookup-table entry of a raw value that is neither a class nor void: reading it raises
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -26,10 +28,45 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 Transform = Callable[[Image.Image, np.ndarray], tuple[torch.Tensor, torch.Tensor]]
 
 
+class UnreadableFileError(OSError, ValueError):
+    """An image or mask file that cannot be opened or decoded (truncated, not an image); the message names it.
+
+    Also a ValueError (bad input data, as the CLI reports it in one line), and an OSError (what PIL raised)."""
+
+
+class LabelValueError(ValueError):
+    """A mask holds a value that is neither one of the dataset's classes nor its void value."""
+
+
+class MissingSplitError(FileNotFoundError, ValueError):
+    """A dataset has no such split here; `check` skips it, building it for training is still an error."""
+
+
+@contextmanager
+def reading(path: str | Path, what: str = "image") -> Iterator[None]:
+    """Re-raise any failure to open or decode ``path`` as :class:`UnreadableFileError` naming the file.
+
+    PIL reports a truncated JPEG as a bare ``OSError: image file is truncated`` (and some broken PNGs as
+    ``SyntaxError``) without the path; met mid-epoch in a loader worker, that names nothing the user can fix.
+    """
+    try:
+        yield
+    except UnreadableFileError:
+        raise
+    except Exception as err:  # noqa: BLE001 - whatever the decoder raises, the file is what the user must see
+        raise UnreadableFileError(f"{path}: cannot read {what} ({type(err).__name__}: {err})") from err
+
+
 def read_rgb(path: str | Path) -> Image.Image:
     """Open an image as RGB; grayscale, palette and RGBA files are converted (alpha is dropped)."""
-    with Image.open(path) as image:
+    with reading(path), Image.open(path) as image:
         return image.convert("RGB")
+
+
+def read_grey(path: str | Path) -> np.ndarray:
+    """An image file as an (H, W) uint8 grey-level array (a binary mask or matte in any image mode)."""
+    with reading(path, "mask"), Image.open(path) as image:
+        return np.asarray(image.convert("L"))
 
 
 def read_label_png(path: str | Path) -> np.ndarray:
@@ -39,7 +76,7 @@ def read_label_png(path: str | Path) -> np.ndarray:
     channels are equal (a grey mask saved as RGB); a real colour-coded mask raises, since its colours would
     need a palette to become labels.
     """
-    with Image.open(path) as image:
+    with reading(path, "mask"), Image.open(path) as image:
         array = np.array(image)
     if array.ndim == 3:
         colour = array[..., :3]
@@ -50,17 +87,47 @@ def read_label_png(path: str | Path) -> np.ndarray:
 
 
 def map_labels(raw: np.ndarray, lut: np.ndarray, path: str | Path) -> np.ndarray:
-    """Map raw label values through a lookup table to int64 labels; raises naming ``path`` on a value past it."""
+    """Map raw label values through a lookup table to int64 labels.
+
+    Raises:
+        LabelValueError: naming ``path`` and the values, for a value past the table or one the table marks
+            :data:`INVALID_LABEL` (neither a class nor void): such a mask belongs to another label set, and
+            turning it into "ignore" would hide that.
+    """
     if raw.size and int(raw.max()) >= len(lut):
-        raise ValueError(f"{path}: label value {int(raw.max())} is outside the expected range 0..{len(lut) - 1}")
-    return lut[raw]
+        raise LabelValueError(f"{path}: label value {int(raw.max())} is outside the expected range 0..{len(lut) - 1}")
+    labels = lut[raw]
+    invalid = labels == INVALID_LABEL
+    if invalid.any():
+        raise LabelValueError(f"{path}: label value(s) {_listed(np.unique(raw[invalid]))} are neither a class "
+                              f"({_value_ranges(np.flatnonzero((lut >= 0) & (lut != IGNORE_INDEX)))}) nor void "
+                              f"({_value_ranges(np.flatnonzero(lut == IGNORE_INDEX))}): is it the dataset's mask?")
+    return labels
 
 
-def identity_lut(num_classes: int) -> np.ndarray:
-    """Lookup table keeping 0..num_classes-1 and sending every other 8-bit value to the ignore index."""
-    lut = np.full(256, IGNORE_INDEX, dtype=np.int64)
+def identity_lut(num_classes: int, void: Sequence[int] = (IGNORE_INDEX,)) -> np.ndarray:
+    """Lookup table keeping 0..num_classes-1, sending the ``void`` values to the ignore index and marking every
+    other 8-bit value :data:`INVALID_LABEL` (an error when read, see :func:`map_labels`)."""
+    lut = np.full(256, INVALID_LABEL, dtype=np.int64)
     lut[:num_classes] = np.arange(num_classes)
+    lut[list(void)] = IGNORE_INDEX
     return lut
+
+
+def _listed(values: np.ndarray, shown: int = 5) -> str:
+    return ", ".join(str(int(v)) for v in values[:shown]) + (", ..." if len(values) > shown else "")
+
+
+def _value_ranges(values: np.ndarray) -> str:
+    """Sorted integers as compact ranges: [0 1 2 3 7] -> "0..3, 7"."""
+    if not len(values):
+        return "none"
+    runs, start = [], values[0]
+    for prev, cur in zip(values, [*values[1:], None]):
+        if cur is None or cur != prev + 1:
+            runs.append(f"{start}..{prev}" if prev > start else f"{start}")
+            start = cur
+    return ", ".join(runs)
 
 
 def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -71,7 +138,7 @@ def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def image_size(path: str | Path) -> tuple[int, int]:
     """(W, H) of an image file, from its header only."""
-    with Image.open(path) as image:
+    with reading(path), Image.open(path) as image:
         return image.size
 
 

@@ -2,7 +2,8 @@
 
 Layout under ``root``: ``train/ trainannot/ val/ valannot/ test/ testannot/`` and ``train.txt val.txt test.txt``,
 each line ``/SegNet/CamVid/<split>/<name>.png /SegNet/CamVid/<split>annot/<name>.png``. Labels are 8-bit class
-indices 0..11 where 11 is "Unlabelled"; it becomes the ignore index 255, leaving 11 classes.
+indices 0..11 where 11 is "Unlabelled"; it becomes the ignore index, leaving 11 classes. Any other value (a mask
+of another label set, e.g. the 32-class CamVid) raises naming the file and the value.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from segprune.data.base import (
+    IGNORE_INDEX,
+    MissingSplitError,
     SegmentationDataset,
     Transform,
     identity_lut,
@@ -47,7 +50,7 @@ class CamVid(SegmentationDataset):
     # median_frequency_weights gives the same classes above 1 but different values (SignSymbol 3.85, not 9.64),
     # so SegNet's were presumably computed on another label version; these are kept for comparability.
     class_weights = (0.2595, 0.1826, 4.5640, 0.1417, 0.9051, 0.3826, 9.6446, 1.8418, 0.6823, 6.2478, 7.3614)
-    _lut = identity_lut(11)  # 11 (Unlabelled) and anything else -> 255
+    _lut = identity_lut(11, void=(11, IGNORE_INDEX))  # 11 Unlabelled (and the ignore index) -> ignored
 
     def __init__(self, root, split: str = "train", *, transform: Transform | None = None, check_sizes: bool = True):
         super().__init__(transform=transform, check_sizes=check_sizes)
@@ -66,7 +69,7 @@ class CamVid(SegmentationDataset):
 def _read_split_list(root: Path, list_file: Path) -> list[tuple[Path, Path]]:
     """Pairs of (image, label) paths from a SegNet split list, with the ``/SegNet/CamVid`` prefix stripped."""
     if not list_file.is_file():
-        raise FileNotFoundError(
+        raise MissingSplitError(
             f"CamVid split list {list_file} not found; expected the SegNet layout "
             "(train.txt val.txt test.txt beside train/ trainannot/ ...)"
         )

@@ -13,6 +13,8 @@ import numpy as np
 
 from segprune.data.base import (
     IGNORE_INDEX,
+    INVALID_LABEL,
+    MissingSplitError,
     SegmentationDataset,
     Transform,
     map_labels,
@@ -30,7 +32,10 @@ LABEL_TO_TRAIN_ID = {
 
 
 def _label_lut() -> np.ndarray:
-    lut = np.full(256, IGNORE_INDEX, dtype=np.int64)
+    """Label ids 0..33 (and the ignore index) to train ids or ignored; any other value is invalid (raises)."""
+    lut = np.full(256, INVALID_LABEL, dtype=np.int64)
+    lut[: max(LABEL_TO_TRAIN_ID) + 1] = IGNORE_INDEX
+    lut[IGNORE_INDEX] = IGNORE_INDEX
     for label_id, train_id in LABEL_TO_TRAIN_ID.items():
         lut[label_id] = train_id
     return lut
@@ -58,6 +63,8 @@ class Cityscapes(SegmentationDataset):
         if split not in SPLITS:
             raise ValueError(f"Cityscapes split must be one of {SPLITS}, got {split!r}")
         self.root, self.split = require_dir(Path(root), "Cityscapes root"), split
+        if not (self.root / "leftImg8bit" / split).is_dir():
+            raise MissingSplitError(f"Cityscapes: no {split!r} split ({self.root / 'leftImg8bit' / split} not found)")
         images = require_dir(self.root / "leftImg8bit" / split, "Cityscapes images (leftImg8bit/<split>)")
         labels = require_dir(self.root / "gtFine" / split, "Cityscapes labels (gtFine/<split>)")
         for image in sorted(images.glob("*/*_leftImg8bit.png")):

@@ -6,9 +6,18 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from segprune.data.base import IGNORE_INDEX, IMAGE_SUFFIXES, SegmentationDataset, Transform, read_label_png, require_dir
+from segprune.data.base import (
+    IGNORE_INDEX,
+    IMAGE_SUFFIXES,
+    LabelValueError,
+    MissingSplitError,
+    SegmentationDataset,
+    Transform,
+    read_grey,
+    read_label_png,
+    require_dir,
+)
 from segprune.data.weights import median_frequency_weights
 
 _LISTED = 20  # stems named in an unpaired-files error before "and N more"
@@ -96,7 +105,7 @@ class MaskFolder(SegmentationDataset):
         mask = read_label_png(path).astype(np.int64)
         outside = (mask >= self.num_classes) & (mask != IGNORE_INDEX)
         if outside.any():
-            raise ValueError(f"{path}: label {mask[outside].max()} is not below num_classes={self.num_classes}")
+            raise LabelValueError(f"{path}: label {mask[outside].max()} is not below num_classes={self.num_classes}")
         return mask
 
 
@@ -135,7 +144,7 @@ class HumanFolder(SegmentationDataset):
         self.root, self.split, self.strict = require_dir(Path(root), "HumanFolder root"), split, strict
         folder = self.root / split if (self.root / split / "images").is_dir() else self.root
         if not (folder / "images").is_dir():
-            raise FileNotFoundError(f"HumanFolder {self.root}: no {split!r} split ({self.root / split}/images) and no "
+            raise MissingSplitError(f"HumanFolder {self.root}: no {split!r} split ({self.root / split}/images) and no "
                                     f"flat folder ({self.root}/images)")
         pairs = pair_by_stem(folder, "HumanFolder")
         if strict:
@@ -151,8 +160,7 @@ class HumanFolder(SegmentationDataset):
 
     def load_mask(self, index: int) -> np.ndarray:
         path = self.samples[index][1]
-        with Image.open(path) as mask:
-            grey = np.asarray(mask.convert("L"))
+        grey = read_grey(path)
         if self.strict and not np.isin(grey, (0, 255)).all():
             raise ValueError(f"{path}: mask values {_odd_values(grey)} are not 0 or 255")
         return (grey > 127).astype(np.int64)
@@ -160,8 +168,9 @@ class HumanFolder(SegmentationDataset):
 
 def _flat_split(pairs: list, split: str, every: int, folder: Path) -> list:
     if split not in ("train", "val"):
-        raise ValueError(f"HumanFolder {folder}: no {split!r} split; a flat folder (images/, masks/) has 'train', "
-                         f"'val' (every {every}th sample) and 'all'; put a split in {folder / split}/images and masks")
+        raise MissingSplitError(f"HumanFolder {folder}: no {split!r} split; a flat folder (images/, masks/) has "
+                                f"'train', 'val' (every {every}th sample) and 'all'; put a split in "
+                                f"{folder / split}/images and masks")
     return [pair for i, pair in enumerate(pairs) if (i % every == every - 1) == (split == "val")]
 
 
@@ -169,8 +178,7 @@ def check_binary_masks(paths: list[Path]) -> None:
     """Raise ValueError naming every mask (the first 20, and a count) with a value other than 0 and 255."""
     bad = []
     for path in paths:
-        with Image.open(path) as mask:
-            grey = np.asarray(mask.convert("L"))
+        grey = read_grey(path)
         if not np.isin(grey, (0, 255)).all():
             bad.append(f"{path.name} (values {_odd_values(grey)})")
     if bad:

@@ -1,9 +1,17 @@
-"""Seeded data loaders, single-process or distributed."""
+"""Seeded data loaders, single-process or distributed; batches of images of several sizes.
+
+Training stacks a batch into one tensor, so its images must share a size (the recipe's ``size`` crops them to
+it): :func:`collate_same_size` says so, naming the sizes, instead of torch.stack's bare error. Evaluation runs on
+images at their own size, which may differ (a folder of phone photos): :func:`collate_by_size` groups them, and
+:func:`size_tolerant` gives an existing loader that collate.
+"""
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate, get_worker_info
 
 
 def make_loader(
@@ -37,8 +45,8 @@ def make_loader(
         pin_memory: Pin batches in page-locked memory for faster copies to the GPU.
         num_replicas: Number of processes when distributed; by default the world size of the process group.
         rank: This process's rank when distributed; by default its rank in the process group.
-        collate_fn: How samples become a batch; None stacks them (instance targets use
-            :func:`segprune.data.instances.instance_collate`).
+        collate_fn: How samples become a batch; None stacks them, with a clear error when their sizes differ
+            (:func:`collate_same_size`); instance targets use :func:`segprune.data.instances.instance_collate`.
     """
     generator = torch.Generator().manual_seed(seed)
     sampler = None
@@ -54,8 +62,71 @@ def make_loader(
         worker_init_fn=reseed_worker if num_workers else None,
         drop_last=drop_last,
         pin_memory=pin_memory,
-        collate_fn=collate_fn,
+        collate_fn=collate_fn or collate_same_size,
     )
+
+
+class SizeGroups(list):
+    """A batch whose images differ in size: a list of ``(images, targets)`` batches, one per size, each stacked."""
+
+
+def _sizes(samples) -> list[tuple[int, ...]] | None:
+    """The (H, W) of each sample's image, or None when samples are not (image tensor, ...) pairs."""
+    if not all(isinstance(s, tuple | list) and s and torch.is_tensor(s[0]) for s in samples):
+        return None
+    return [tuple(s[0].shape[-2:]) for s in samples]
+
+
+def collate_same_size(samples):
+    """``default_collate``, but a batch of images of different sizes raises an error naming the sizes and the fix.
+
+    Raises:
+        ValueError: The images of the batch differ in size.
+    """
+    sizes = _sizes(samples)
+    if sizes is not None and len(set(sizes)) > 1:
+        listed = ", ".join(f"{h}x{w} ({n})" for (h, w), n in Counter(sizes).most_common())
+        raise ValueError(f"a batch holds images of {len(set(sizes))} sizes (H x W: {listed}), which cannot be stacked: "
+                         "set the recipe's `size` (the training crop, e.g. --set size=[360,480]) for training and "
+                         "`eval_size` (e.g. --set eval_size=[360,480], or `segprune eval --eval-size H W`) for "
+                         "validation, or use batch_size 1; `segprune check` counts the image sizes of each split")
+    return default_collate(samples)
+
+
+def collate_by_size(samples):
+    """Samples of one size stacked exactly as ``default_collate`` does; samples of several sizes as
+    :class:`SizeGroups`, one stacked batch per size in order of first appearance, so evaluation can run each."""
+    sizes = _sizes(samples)
+    if sizes is None or len(set(sizes)) == 1:
+        return default_collate(samples)
+    groups: dict[tuple[int, ...], list] = {}
+    for sample, size in zip(samples, sizes):
+        groups.setdefault(size, []).append(sample)
+    return SizeGroups(default_collate(group) for group in groups.values())
+
+
+def size_groups(batch) -> list:
+    """The ``(images, targets)`` batches of a batch from :func:`collate_by_size` (one, unless sizes differed)."""
+    return list(batch) if isinstance(batch, SizeGroups) else [batch]
+
+
+def size_tolerant(loader):
+    """``loader``, rebuilt with :func:`collate_by_size` when it is a DataLoader that stacks with the default collate
+    (which fails on images of different sizes); any other iterable is returned as is.
+
+    The dataset, sampler or batch sampler, workers and generator are kept, so the batches hold the same samples in
+    the same order and, when sizes agree, the same tensors.
+    """
+    if not isinstance(loader, DataLoader) or loader.collate_fn not in (default_collate, collate_same_size):
+        return loader
+    if loader.batch_size is None and loader.batch_sampler is None:  # no batching: nothing is stacked
+        return loader
+    batching = (dict(batch_size=loader.batch_size, sampler=loader.sampler, drop_last=loader.drop_last)
+                if loader.batch_size is not None else dict(batch_sampler=loader.batch_sampler))
+    return DataLoader(loader.dataset, **batching, num_workers=loader.num_workers, collate_fn=collate_by_size,
+                      pin_memory=loader.pin_memory, worker_init_fn=loader.worker_init_fn, generator=loader.generator,
+                      timeout=loader.timeout, multiprocessing_context=loader.multiprocessing_context,
+                      persistent_workers=loader.persistent_workers)
 
 
 def reseed_worker(worker_id: int) -> None:

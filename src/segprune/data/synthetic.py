@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from segprune.data.base import IGNORE_INDEX
 from segprune.data.instances import CategoryList, InstanceTransform, make_target, mask_api
 
 SPLITS = {"train": 0, "val": 1, "test": 2}
@@ -141,7 +142,7 @@ class SyntheticScenes(Dataset):
     # Per-channel statistics of the images in [0, 1], measured on 1024 train samples of the default size.
     MEAN = (0.4311, 0.4527, 0.4020)
     STD = (0.1743, 0.1770, 0.2292)
-    ignore_index = 255  # never produced; declared so every dataset names its ignore label
+    ignore_index = IGNORE_INDEX  # never produced; declared so every dataset names its ignore label
 
     def __init__(self, *, num_samples=256, size=(96, 128), num_classes=6, seed=0, split="train"):
         if split not in SPLITS:

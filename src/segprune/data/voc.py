@@ -11,7 +11,15 @@ from pathlib import Path
 
 import numpy as np
 
-from segprune.data.base import SegmentationDataset, Transform, identity_lut, map_labels, read_label_png, require_files
+from segprune.data.base import (
+    MissingSplitError,
+    SegmentationDataset,
+    Transform,
+    identity_lut,
+    map_labels,
+    read_label_png,
+    require_files,
+)
 
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -40,7 +48,7 @@ class VOC(SegmentationDataset):
         self.split = split
         list_file = self.root / "ImageSets" / "Segmentation" / f"{split}.txt"
         if not list_file.is_file():
-            raise FileNotFoundError(
+            raise MissingSplitError(
                 f"VOC split list {list_file} not found; expected the VOC2012 layout "
                 "(JPEGImages/, SegmentationClass/, ImageSets/Segmentation/<split>.txt)"
             )

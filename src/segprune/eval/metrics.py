@@ -10,6 +10,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from segprune.data.base import IGNORE_INDEX
+from segprune.data.loader import size_groups, size_tolerant
+
 
 class ConfusionMatrix:
     """Accumulates a (target, prediction) confusion matrix over batches.
@@ -22,7 +25,7 @@ class ConfusionMatrix:
         ignore_index: Target value of pixels to leave out.
     """
 
-    def __init__(self, num_classes: int, *, ignore_index: int = 255):
+    def __init__(self, num_classes: int, *, ignore_index: int = IGNORE_INDEX):
         self.num_classes, self.ignore_index = num_classes, ignore_index
         self.mat = torch.zeros(num_classes, num_classes, dtype=torch.int64)
 
@@ -173,16 +176,19 @@ def _rescale(images: torch.Tensor, scale: float) -> torch.Tensor:
     return F.interpolate(images, size=size, mode="bilinear", align_corners=False)
 
 
-def evaluate(model: nn.Module, loader, *, num_classes: int, ignore_index: int = 255, device="cpu", crop=None,
+def evaluate(model: nn.Module, loader, *, num_classes: int, ignore_index: int = IGNORE_INDEX, device="cpu", crop=None,
              stride=None, flip: bool = False, scales=(1.0,), all_reduce: bool = False) -> dict:
     """Segmentation metrics of ``model`` on every batch of ``loader``.
 
     Logits whose size differs from the target's are resized bilinearly first. The model's
-    train/eval mode is restored afterwards.
+    train/eval mode is restored afterwards. Images of different sizes are fine: a DataLoader that stacks with the
+    default collate is rebuilt to group each batch by image size (:func:`segprune.data.loader.size_tolerant`),
+    and each group runs as one batch, so same-size data is evaluated exactly as before.
 
     Args:
         model: Returns logits (N, K, H, W), or a dict holding them under ``"out"``.
-        loader: Iterable of (images, targets) batches.
+        loader: Iterable of (images, targets) batches, or of
+            :class:`~segprune.data.loader.SizeGroups` of them.
         num_classes: Number of classes K.
         ignore_index: Target value of pixels to leave out.
         device: Device to run on; the model must already be there.
@@ -200,11 +206,12 @@ def evaluate(model: nn.Module, loader, *, num_classes: int, ignore_index: int = 
     model.eval()
     try:
         with torch.inference_mode():
-            for images, targets in loader:
-                logits = predict(model, images.to(device), crop=crop, stride=stride, flip=flip, scales=scales)
-                if logits.shape[-2:] != targets.shape[-2:]:
-                    logits = F.interpolate(logits, size=targets.shape[-2:], mode="bilinear", align_corners=False)
-                matrix.update(logits, targets.to(device))
+            for batch in size_tolerant(loader):
+                for images, targets in size_groups(batch):
+                    logits = predict(model, images.to(device), crop=crop, stride=stride, flip=flip, scales=scales)
+                    if logits.shape[-2:] != targets.shape[-2:]:
+                        logits = F.interpolate(logits, size=targets.shape[-2:], mode="bilinear", align_corners=False)
+                    matrix.update(logits, targets.to(device))
     finally:
         model.train(was_training)
     if all_reduce:

@@ -11,12 +11,14 @@ from collections.abc import Iterable, Sequence
 from html import escape
 
 STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; padding: 0 1em; }
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; padding: 0 1em;
+       line-height: 1.4; }
 table { border-collapse: collapse; margin: 1em 0; }
 th, td { border: 1px solid #ccc; padding: 0.3em 0.7em; text-align: right; }
 th:first-child, td:first-child { text-align: left; }
 figure { margin: 1.5em 0; }
-figcaption { color: #555; font-size: 0.9em; }
+figcaption { color: #555; font-size: 0.95em; }
+figure img { display: block; width: 100%; height: auto; }  /* plots are drawn at the column's width: full size */
 img { max-width: 100%; }
 .note { color: #8a4b00; }
 code { background: #f4f4f4; padding: 0 0.2em; }

@@ -1,15 +1,20 @@
-"""The report's images as PNG bytes: accuracy vs cost (Pareto), channel widths, prediction overlays.
+"""The report's images as PNG bytes: accuracy vs cost (Pareto), channel widths, prediction overlays, training
+curves.
 
 matplotlib is optional (the `report` extra), so it is imported inside each function: without it a plot raises
 ImportError, which the report turns into a note instead of failing the run. Figures are drawn with the Agg
 canvas directly (no pyplot), so no global backend is switched and nothing opens a window.
+
+Figures are about as wide (at 100 dpi) as the page's content column (see ``html.STYLE``), where they are shown at
+full width, so a 12-point font is 12 points on screen: the fonts below are chosen for that.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +27,21 @@ PALETTE = np.array([
     (227, 119, 194), (188, 189, 34), (140, 86, 75), (0, 80, 100), (119, 11, 32), (255, 255, 255),
     (102, 102, 156), (0, 255, 127)], dtype=np.uint8)
 IGNORE_COLOUR = np.zeros(3, dtype=np.uint8)
+WIDTH = 11.0  # inches at 100 dpi: the page's content column (html.STYLE: max-width 1100 px)
+FONT = {"font.size": 13, "axes.titlesize": 14, "axes.labelsize": 13, "legend.fontsize": 12,
+        "xtick.labelsize": 12, "ytick.labelsize": 12}
+
+
+def readable(draw: Callable[..., bytes]) -> Callable[..., bytes]:
+    """Run a plotting function with the report's font sizes (``FONT``): matplotlib reads them from its rcParams
+    while artists are made and drawn, so the whole call, savefig included, runs inside the context."""
+    @functools.wraps(draw)
+    def wrapper(*args, **kwargs):
+        import matplotlib
+
+        with matplotlib.rc_context(FONT):
+            return draw(*args, **kwargs)
+    return wrapper
 
 
 def palette(num_classes: int) -> np.ndarray:
@@ -66,6 +86,7 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return sorted((i for i in range(len(points)) if not beaten(i)), key=lambda i: points[i][0])
 
 
+@readable
 def pareto(points: Sequence[dict], *, cost: str, xlabel: str, title: str, unit: float = 1.0,
            accuracy: str = "miou", ylabel: str = "mIoU (%)") -> bytes:
     """Accuracy (`accuracy`, a fraction drawn as %) against `cost` / `unit` for points {"label", "run", cost,
@@ -74,7 +95,7 @@ def pareto(points: Sequence[dict], *, cost: str, xlabel: str, title: str, unit: 
     Points of one run (`run`) share a colour and are joined by an arrow from the first (before) to the last
     (after).
     """
-    fig, ax = _figure(6.4, 4.2)
+    fig, ax = _figure(WIDTH, 5.0)
     runs = list(dict.fromkeys(p["run"] for p in points))
     colours = _cycle(len(runs))
     for run, colour in zip(runs, colours):
@@ -84,7 +105,7 @@ def pareto(points: Sequence[dict], *, cost: str, xlabel: str, title: str, unit: 
         for x0, y0, x1, y1 in zip(xs, ys, xs[1:], ys[1:]):
             ax.annotate("", (x1, y1), (x0, y0), arrowprops=dict(arrowstyle="->", color=colour, alpha=0.6))
         for p, x, y in zip(mine, xs, ys):
-            ax.annotate(p["label"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8,
+            ax.annotate(p["label"], (x, y), textcoords="offset points", xytext=(6, 6), fontsize=12,
                         parse_math=False)
     front = pareto_front([(p[cost], 100 * p[accuracy]) for p in points])
     ax.plot([points[i][cost] / unit for i in front], [100 * points[i][accuracy] for i in front], "k--", lw=1,
@@ -94,10 +115,11 @@ def pareto(points: Sequence[dict], *, cost: str, xlabel: str, title: str, unit: 
     ax.set_title(title, parse_math=False)
     ax.grid(alpha=0.3)
     ax.margins(0.15)
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(loc="best")
     return _png(fig)
 
 
+@readable
 def widths(layers: dict[str, Sequence[int]], *, title: str = "channel widths per prunable layer") -> bytes:
     """Horizontal bars per layer: output channels before (light) and after (dark) pruning."""
     if not layers:
@@ -106,18 +128,19 @@ def widths(layers: dict[str, Sequence[int]], *, title: str = "channel widths per
     before = np.array([layers[n][0] for n in names])
     after = np.array([layers[n][1] for n in names])
     pos = np.arange(len(names))
-    fig, ax = _figure(7.0, min(2.0 + 0.22 * len(names), 60.0))
+    fig, ax = _figure(WIDTH, min(2.0 + 0.3 * len(names), 80.0))
     ax.barh(pos, before, color="#c6dbef", label="before")
     ax.barh(pos, after, color="#2171b5", height=0.5, label="after")
-    ax.set_yticks(pos, names, fontsize=7, parse_math=False)
+    ax.set_yticks(pos, names, fontsize=11, parse_math=False)
     ax.invert_yaxis()
     ax.set_xlabel("output channels")
     ax.set_title(title, parse_math=False)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(loc="lower right")
     ax.grid(axis="x", alpha=0.3)
     return _png(fig)
 
 
+@readable
 def prediction_panel(image: np.ndarray, target: np.ndarray, before: np.ndarray, after: np.ndarray, *,
                      num_classes: int, ignore_index: int = 255, class_names: Sequence[str] = ()) -> bytes:
     """One validation image: input | ground truth | unpruned prediction | pruned prediction, with a legend of the
@@ -127,10 +150,10 @@ def prediction_panel(image: np.ndarray, target: np.ndarray, before: np.ndarray, 
                                  for name, labels in (("ground truth", target), ("unpruned", before),
                                                       ("pruned", after))]
     height, width = rgb.shape[:2]
-    fig, axes = _figure(4 * 3.2, 3.2 * height / width + 0.9, ncols=4)
+    fig, axes = _figure(WIDTH, WIDTH / 4 * height / width + 1.2, ncols=4)
     for ax, (name, picture) in zip(axes, panels):
         ax.imshow(picture, interpolation="nearest")
-        ax.set_title(name, fontsize=9)
+        ax.set_title(name)
         ax.set_axis_off()
     _legend(fig, np.unique(np.concatenate([np.ravel(a) for a in (target, before, after)])), num_classes,
             ignore_index, class_names)
@@ -145,7 +168,38 @@ def _legend(fig, present, num_classes, ignore_index, class_names) -> None:
                if 0 <= k < num_classes]
     if ignore_index in present:
         handles.append(Patch(color="black", label=f"ignored ({ignore_index})"))
-    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 8) or 1, fontsize=7, frameon=False)
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 6) or 1, frameon=False)
+
+
+@readable
+def curves(stages: dict[str, dict]) -> bytes:
+    """Training curves per epoch: the loss (left) and, where recorded, validation mIoU (right), one line per stage.
+
+    Args:
+        stages: {stage name (e.g. "train", "fine-tune"): {"epoch": [...], "loss": [...], optional "val_miou":
+            [...] (fractions, None for an epoch without one)}}.
+    """
+    stages = {name: c for name, c in stages.items() if c and c.get("epoch")}
+    if not stages:
+        raise ValueError("no training curves recorded")
+    with_miou = {n: c for n, c in stages.items() if any(v is not None for v in c.get("val_miou") or ())}
+    fig, axes = _figure(WIDTH, 4.6, ncols=2 if with_miou else 1)
+    loss_ax, miou_ax = (axes[0], axes[1]) if with_miou else (axes, None)
+    for (name, c), colour in zip(stages.items(), _cycle(len(stages))):
+        loss_ax.plot(c["epoch"], c["loss"], "o-", color=colour, label=_literal(name))
+        if name in with_miou:
+            points = [(e, 100 * v) for e, v in zip(c["epoch"], c["val_miou"]) if v is not None]
+            miou_ax.plot(*zip(*points), "o-", color=colour, label=_literal(name))
+    from matplotlib.ticker import MaxNLocator
+
+    for ax, label in ((loss_ax, "training loss"), (miou_ax, "validation mIoU (%)")):
+        if ax is not None:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
+            ax.set_xlabel("epoch")
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+            ax.legend(loc="best")
+    return _png(fig)
 
 
 def _class_name(k: int, class_names: Sequence[str]) -> str:
