@@ -55,7 +55,8 @@ def image_sources(page: str) -> list[str]:
 def test_pipeline_writes_a_self_contained_html_report(run_dir):
     page = (run_dir / "report.html").read_text()
     sources = image_sources(page)
-    assert len(sources) == 2 + 1 + 3  # accuracy vs MACs and vs latency, channel widths, 3 validation images
+    # accuracy vs MACs and vs latency, channel widths, training curves (train and fine-tune), 3 validation images
+    assert len(sources) == 2 + 1 + 1 + 3
     for src in sources:
         assert src.startswith("data:image/png;base64,")
         png = base64.b64decode(src.split(",", 1)[1], validate=True)
@@ -89,7 +90,7 @@ def test_a_failing_plot_is_noted_and_the_run_finishes(tmp_path, monkeypatch):
     for name in ("report.html", "report.md", "report.json"):
         assert all(note in (tmp_path / "run" / name).read_text() for note in notes)
     assert report["after"]["macs"] < report["before"]["macs"]
-    assert len(image_sources((tmp_path / "run" / "report.html").read_text())) == 2  # the others still drawn
+    assert len(image_sources((tmp_path / "run" / "report.html").read_text())) == 3  # the others still drawn
 
 
 def test_widths_of_a_bypassed_layer_are_zero():
@@ -273,7 +274,7 @@ def screenshot(page_path, tmp_path, name: str):
                     reason="chromium not on PATH (Debian: apt-get install chromium; .ci/run installs it)")
 def test_html_renders_in_headless_chromium_with_every_image(run_dir, tmp_path):
     page = (run_dir / "report.html").read_text()
-    assert rendered_title(page, tmp_path, "report.html") == "IMAGES OK 6"  # every plot loads, at full width
+    assert rendered_title(page, tmp_path, "report.html") == "IMAGES OK 7"  # every plot loads, at full width
     shot = screenshot(run_dir / "report.html", tmp_path, "report-1280.png")
     from PIL import Image
 
@@ -281,7 +282,7 @@ def test_html_renders_in_headless_chromium_with_every_image(run_dir, tmp_path):
         assert image.size[0] == 1280 and len(np.unique(np.asarray(image.convert("L")))) > 50  # drawn, not blank
     first = image_sources(page)[0]
     corrupt = page.replace(first, first[:40] + "AAAA" + first[44:200], 1)  # the check can fail
-    assert rendered_title(corrupt, tmp_path, "corrupt.html").startswith("BROKEN: accuracy vs MACs")
+    assert rendered_title(corrupt, tmp_path, "corrupt.html").startswith("BROKEN: ")  # the corrupted first figure
 
 
 # Per-class IoU, foreground IoU, training curves, environment

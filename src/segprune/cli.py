@@ -14,18 +14,18 @@ from pathlib import Path
 import torch
 
 from segprune import checkpoint
-from segprune.data.check import check_dataset
+from segprune.data.check import check_splits
 from segprune.data.instances import DATA_LOSS, check_instances
 from segprune.export import export_onnx, export_torchscript, fuse_conv_bn
 from segprune.models import create_model
 from segprune.prune import channel_groups
-from segprune.report.writer import combined_report
 from segprune.train import distributed
 from segprune.workflows import bench as benchmark
 from segprune.workflows.compress import run
 from segprune.workflows.data import data_spec, has_splits, instance_dataset, open_dataset, with_data
+from segprune.workflows.inference import predict_images, report_folders
 from segprune.workflows.methods import checkpoint_methods
-from segprune.workflows.recipe import demo_recipe, recipe_from
+from segprune.workflows.recipe import demo_recipe, recipe_from, with_model
 from segprune.workflows.steps import evaluate_checkpoint, finetune_checkpoint, prune_checkpoint
 from segprune.workflows.train import run_training
 
@@ -86,16 +86,16 @@ def cmd_check(args) -> None:
     if args.task == "instance":
         return _check_instances(args)
     kind, root = data_spec(args.data)
-    splits = args.split if has_splits(kind) else ["all"]
-    bad = 0
-    for split in splits:
-        # check_sizes off: each file is read once, in the check itself, so every bad one is reported
-        dataset = open_dataset(kind, root, split=split, check_sizes=False)
-        problems = check_dataset(dataset)
-        bad += len(problems)
-        print(f"{kind} {split}: {len(dataset)} samples, {len(problems)} bad")
-        for line in problems:
+    # check_sizes off: each file is read once, in the check itself, so every bad one is reported
+    checks = check_splits(lambda split: open_dataset(kind, root, split=split, check_sizes=False),
+                          args.split if has_splits(kind) else ["all"])
+    for check in checks:
+        print(f"{kind} {check.summary()}")
+        for line in check.problems:
             print(f"  {line}")
+        if check.size_note():
+            print(f"  note: {check.size_note()}")
+    bad = sum(len(c.problems) for c in checks)
     if bad:
         raise ValueError(f"{bad} bad sample(s) in {args.data}")
 
@@ -131,13 +131,12 @@ def cmd_groups(args) -> None:
 
 
 def cmd_train(args) -> None:
-    overrides = with_data(_overrides(args.set), args.data)
-    if args.model:
-        overrides["model"] = args.model
+    overrides = with_model(args.recipe, with_data(_overrides(args.set), args.data), args.model)
     if args.task != "semantic":
         overrides["task"] = args.task
     recipe = recipe_from(args.recipe, overrides)
     out = Path(args.out or f"runs/{recipe.name}")
+    args.out = str(out)  # for the resume hint after Ctrl-C
     device = distributed.setup(recipe.device)
     try:
         run_training(recipe, out, device, resume=args.resume, force=args.force, quiet=args.quiet)
@@ -166,10 +165,24 @@ def cmd_eval(args) -> None:
 
 
 def cmd_report(args) -> None:
-    combined = combined_report(args.runs, args.out, force=args.force)
-    print(f"report of {len(combined['runs'])} run(s) -> {Path(args.out) / 'report.html'}")
+    combined = report_folders(args.runs, args.out, force=args.force, threads=args.threads)
+    where = combined.get("path") or Path(args.out) / "report.html"
+    print(f"report of {len(combined['runs'])} run(s) -> {where}")
     for note in combined["notes"]:
         print(f"  note: {note}")
+
+
+def cmd_predict(args) -> None:
+    settings = {k: tuple(v) if isinstance(v, list) else v for k, v in
+                (("size", args.size), ("tile", args.tile), ("overlap", args.overlap)) if v is not None}
+    summary = predict_images(args.model, args.images, args.out, force=args.force, device=args.device, **settings)
+    failed = [entry for entry in summary["images"] if "error" in entry]
+    print(f"{len(summary['images']) - len(failed)} image(s) -> {args.out} (masks *_mask.png, overlays, "
+          "predictions.json)")
+    for entry in failed:
+        print(f"  {entry['error']}", file=sys.stderr)
+    if failed:
+        raise ValueError(f"{len(failed)} image(s) could not be predicted (listed above)")
 
 
 def cmd_bench(args) -> None:
@@ -322,10 +335,23 @@ def parser() -> argparse.ArgumentParser:
                     help="instance: box and mask AP (COCOeval); taken from the checkpoint when it records it")
     ev.set_defaults(func=cmd_eval)
     rep = sub.add_parser("report", help="one report (HTML, Markdown, JSON) over several run folders")
-    rep.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders holding report.json")
+    rep.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                     help="run folders holding report.json, or folders holding a checkpoint (measured first)")
     rep.add_argument("--out", default="segprune-report", help="folder for report.html, report.md, report.json")
     rep.add_argument("--force", action="store_true", help="overwrite a report already in --out")
+    rep.add_argument("--threads", type=int, default=1, help="CPU threads when checkpoint folders are measured")
     rep.set_defaults(func=cmd_report)
+    pd = sub.add_parser("predict", help="masks and overlays of images from a checkpoint folder or an ONNX file")
+    pd.add_argument("model", metavar="CHECKPOINT|MODEL.onnx")
+    pd.add_argument("images", nargs="+", metavar="IMAGE|FOLDER")
+    pd.add_argument("--out", required=True, help="folder for <name>_mask.png, <name>_overlay.jpg, predictions.json")
+    pd.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"), help="resize images to this first")
+    pd.add_argument("--tile", type=int, nargs=2, default=None, metavar=("H", "W"),
+                    help="sliding-window tiles for large images (overlapping logits averaged)")
+    pd.add_argument("--overlap", type=float, default=None, help="tile overlap as a fraction (default 1/3)")
+    pd.add_argument("--device", default="cpu")
+    pd.add_argument("--force", action="store_true", help="overwrite predictions already in --out")
+    pd.set_defaults(func=cmd_predict)
     _deploy_parsers(sub)
     return p
 
@@ -340,7 +366,19 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileExistsError, FileNotFoundError) as err:
         print(f"segprune: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"segprune: interrupted{_resume_hint(args, argv)}", file=sys.stderr)
+        return 130
     return 0
+
+
+def _resume_hint(args, argv: list[str] | None) -> str:
+    """For a training run with a checkpoint to continue from: the command that resumes it."""
+    out = getattr(args, "out", None)
+    if args.command != "train" or not out or not (Path(out) / "checkpoints" / "latest").is_file():
+        return "" if args.command != "train" else " before the first checkpoint: run the same command again"
+    words = [w for w in (argv if argv is not None else sys.argv[1:]) if w != "--force"]
+    return f"; continue with: segprune {' '.join(words)} --resume"
 
 
 if __name__ == "__main__":

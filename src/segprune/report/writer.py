@@ -450,9 +450,11 @@ def _names(folders: Sequence[Path]) -> list[str]:
     return [f"{f.parent.name}/{f.name}" if names.count(n) > 1 else n for f, n in zip(folders, names)]
 
 
-def combined_report(folders: Sequence[str | Path], out: str | Path, *, force: bool = False) -> dict:
+def combined_report(folders: Sequence[str | Path], out: str | Path, *, force: bool = False,
+                    reports: Sequence[dict] | None = None) -> dict:
     """One report (report.json, report.md, report.html in `out`) over several run folders: a table with one row
-    per run and the accuracy vs MACs / latency plots across all of them.
+    per run and the accuracy vs MACs / latency plots across all of them. `reports`: the runs' reports when they
+    were measured by the caller (one per folder), instead of each folder's report.json.
 
     Raises:
         FileNotFoundError / ValueError: a folder without a readable report.json (named).
@@ -461,7 +463,7 @@ def combined_report(folders: Sequence[str | Path], out: str | Path, *, force: bo
     folders, out = [Path(f) for f in folders], Path(out)
     if not folders:
         raise ValueError("segprune report: give at least one run folder")
-    reports = [load_run(f) for f in folders]
+    reports = list(reports) if reports is not None else [load_run(f) for f in folders]
     kinds = {accuracy_of(r)[1] for r in reports}
     if len(kinds) > 1:
         by = ", ".join(f"{f} ({accuracy_of(r)[1].split(' (')[0]})" for f, r in zip(folders, reports))

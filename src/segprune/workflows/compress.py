@@ -38,6 +38,7 @@ from segprune.train.aux import AuxLoss, add_losses
 from segprune.train.distill import distillation
 from segprune.train.loop import SegmentationLoss, fit
 from segprune.workflows import rundir
+from segprune.workflows.data import base_dataset
 from segprune.workflows.methods import criterion, method, regularizer
 from segprune.workflows.recipe import Recipe, as_plain, slim_widths
 from segprune.workflows.tasks import Task, gamma_histogram, task_of
@@ -54,7 +55,7 @@ def run(r: Recipe, out: str | Path, *, force: bool = False, progress: bool = Tru
     start, log = time.perf_counter(), rundir.RunLog(out / "log.txt", progress)
     rundir.seed_everything(r.seed, r.threads)
     train_loader, val, num_classes = task.loaders(r)
-    model_kwargs = {"num_classes": num_classes, "width": r.width}
+    model_kwargs = r.model_kwargs(num_classes)
     model = create_model(r.model, **model_kwargs).to(r.device)
     task.check_model(model, r.model)
     stages = Stages(r, train_loader, example=torch.zeros(1, 3, *r.size, device=r.device), val=val,
@@ -77,7 +78,10 @@ def run(r: Recipe, out: str | Path, *, force: bool = False, progress: bool = Tru
               **({"task": task.name} if task.name != "semantic" else {}), "recipe": plain,
               "seconds": time.perf_counter() - start, "before": before, "after": after,
               "pruning": stages.pruning_record(model, groups, removed), "gamma_histograms": histograms,
-              "notes": notes(r, task), "widths": layer_widths(model, pruned, groups)}
+              "notes": notes(r, task), "widths": layer_widths(model, pruned, groups),
+              "class_names": list(getattr(base_dataset(getattr(val, "dataset", val)), "class_names", ()) or ()),
+              "curves": {stage: {"epoch": list(range(1, len(losses) + 1)), "loss": losses}
+                         for stage, losses in stages.curves.items()}}
     write_report(out, report,  # the overlays are drawn, or their failure noted, inside write_report
                  samples=lambda: task.samples(model, deployed, val, r, num_classes))
     log(table(before, after, rows=task.rows))
@@ -97,6 +101,7 @@ class Stages:
                  out: Path | None = None, log=print, progress: bool = False):
         self.r, self.task, self.example, self.train_loader, self.val = r, task_of(r.task), example, train_loader, val
         self.num_classes, self.out, self.log, self.progress = num_classes, out, log, progress
+        self.curves: dict[str, list[float]] = {}  # mean training loss per epoch, by stage (train, fine-tune, ...)
 
     # --- training ---------------------------------------------------------------------------------------------
     def train(self, model: nn.Module, groups) -> list[list[int]]:
@@ -121,12 +126,15 @@ class Stages:
         r, loader = self.r, loader if loader is not None else self.train_loader
         common = dict(optimizer=r.optimizer, device=r.device, progress=kwargs.pop("progress", self.progress))
         if not r.aux_layers:
-            return fit(model, loader, loss=self.task.loss(r, model, self.train_loader), extra_loss=extra_loss,
-                       **common, **kwargs)
-        with AuxLoss(model, r.aux_layers, r.aux_weights, example_inputs=self.example) as aux:
-            loss = SegmentationLoss(aux.criterion(self.task.pixel_loss(r, self.train_loader)))
-            return fit(model, loader, loss=loss, extra_loss=add_losses(extra_loss, aux.extra_loss), **common,
-                       **kwargs)
+            losses = fit(model, loader, loss=self.task.loss(r, model, self.train_loader), extra_loss=extra_loss,
+                         **common, **kwargs)
+        else:
+            with AuxLoss(model, r.aux_layers, r.aux_weights, example_inputs=self.example) as aux:
+                loss = SegmentationLoss(aux.criterion(self.task.pixel_loss(r, self.train_loader)))
+                losses = fit(model, loader, loss=loss, extra_loss=add_losses(extra_loss, aux.extra_loss), **common,
+                             **kwargs)
+        self.curves.setdefault(kwargs.get("desc", "train"), []).extend(losses)
+        return losses
 
     def finetune(self, model: nn.Module, epochs: int, teacher: nn.Module | None = None, desc: str = "fine-tune"):
         r = self.r

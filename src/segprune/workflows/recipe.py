@@ -39,7 +39,7 @@ class Recipe:
     name: str = "demo"
     task: str = "semantic"  # or "instance" (YOLACT: box and mask AP)
     model: str = "pspnet_resnet18"
-    width: float = 0.25
+    width: float = 0.25  # the demo's; 0 = the model's own default width
     data: str = "synthetic"  # or a dataset name of segprune.data.build_dataset, with data_root
     data_root: str = ""
     num_classes: int = 6  # synthetic data only; real datasets bring their own
@@ -108,11 +108,17 @@ class Recipe:
     layer_metric: str = "loss"  # or "miou": score blocks by the drop in mIoU (layer_tolerance then in mIoU, 0.01)
     slim_widths: str = ""  # then set layers' output widths, "name=width,..." (e.g. "ppm.branches=128,head.0=128")
 
+    def model_kwargs(self, num_classes: int) -> dict:
+        """What the model is built with: the class count and, unless 0 (the model's own), the width."""
+        return {"num_classes": num_classes, **({"width": self.width} if self.width else {})}
+
     def check(self) -> Recipe:
         if self.task not in TASK_NAMES:
             raise ValueError(f"unknown task {self.task!r}; choose from {', '.join(TASK_NAMES)}")
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
+        if self.width < 0:
+            raise ValueError(f"width must be >= 0 (0 = the model's own), got {self.width}")
         if self.lam < 0:
             raise ValueError(f"lam must be >= 0, got {self.lam}")
         if not 0 <= self.ratio < 1 or not 0 <= self.target_macs <= 1 or self.iterations < 1:
@@ -195,3 +201,13 @@ def demo_recipe(task: str = "semantic", overrides: dict | None = None) -> Recipe
     """The demo's recipe for ``task`` (the Recipe defaults, or :data:`INSTANCE_DEMO`) with ``overrides``."""
     base = INSTANCE_DEMO if task == "instance" else {}
     return recipe_from(None, {**base, **(overrides or {})})
+
+
+def with_model(path: str | Path | None, overrides: dict, model: str | None) -> dict:
+    """Overrides for ``--model NAME``: the model, at its own default width unless the recipe file or ``--set``
+    names one (the recipe default 0.25 belongs to the demo's PSPNet-R18, not to any model named on the CLI)."""
+    if not model:
+        return overrides
+    from_file = yaml.safe_load(Path(path).read_text()) if path else {}
+    named = "width" in overrides or (isinstance(from_file, dict) and "width" in from_file)
+    return {**overrides, "model": model, **({} if named else {"width": 0})}

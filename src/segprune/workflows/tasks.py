@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from segprune._utils import IGNORE_INDEX, eval_mode, unwrap
 from segprune.data import make_loader
 from segprune.data.instances import make_instance_loader
+from segprune.data.loader import size_groups, size_tolerant
 from segprune.eval.instances import evaluate_model
 from segprune.eval.metrics import evaluate, predict
 from segprune.models.yolact_loss import InstanceLoss, YolactLoss
@@ -129,6 +130,11 @@ class SemanticTask(Task):
     def samples(self, before, after, val, r, num_classes):
         return sample_predictions(before, after, val, r.report_samples, num_classes)
 
+    def config(self, r, model_kwargs, val, plain):
+        """Also the class names (for `segprune predict` and reports), where the data has them."""
+        names = list(getattr(base_dataset(getattr(val, "dataset", val)), "class_names", ()) or ())
+        return {**super().config(r, model_kwargs, val, plain), **({"class_names": names} if names else {})}
+
 
 class InstanceTask(Task):
     """Objects: YOLACT's detection loss, COCO box and mask AP; the seed's method (slimming of the backbone)."""
@@ -210,9 +216,10 @@ def ap_row(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
 def sample_predictions(before: nn.Module, after: nn.Module, loader, count: int, num_classes: int) -> dict | None:
     """The first ``count`` validation images, their targets and both models' predicted labels (the overlays)."""
     images, targets, count = [], [], max(count, 0)
-    for x, y in loader:
-        images += list(x[: count - len(images)])
-        targets += list(y[: count - len(targets)])
+    for batch in size_tolerant(loader):  # validation images may differ in size
+        for x, y in size_groups(batch):
+            images += list(x[: count - len(images)])
+            targets += list(y[: count - len(targets)])
         if len(images) >= count:
             break
     if not images:

@@ -44,7 +44,7 @@ def run_training(recipe: Recipe, out: str | Path, device="cpu", *, resume: bool 
     if recipe.batch_size % world:
         raise ValueError(f"batch_size {recipe.batch_size} (the global batch) does not split over {world} processes")
     train_loader, val, num_classes = task.shard_loaders(recipe, world, distributed.get_rank())
-    model_kwargs = {"num_classes": num_classes, "width": recipe.width}
+    model_kwargs = recipe.model_kwargs(num_classes)
     built = create_model(recipe.model, **model_kwargs)
     task.check_model(built, recipe.model)
     config = task.config(recipe, model_kwargs, val, plain)
@@ -55,9 +55,9 @@ def run_training(recipe: Recipe, out: str | Path, device="cpu", *, resume: bool 
     model = unwrap(net)
     reg = training_regularizer(recipe, task, model, device)
 
-    def say(line: str) -> None:
+    def say(line: str, *, always: bool = False) -> None:
         if main_rank:
-            rundir.RunLog(out / "log.txt", not quiet)(line)
+            rundir.RunLog(out / "log.txt", always or not quiet)(line)
 
     say(f"{'resuming' if resume else 'training'} {recipe.model} ({task.name}) on {recipe.data} for {recipe.epochs} "
         f"epochs ({world} process(es), device {device})")
@@ -78,7 +78,7 @@ def run_training(recipe: Recipe, out: str | Path, device="cpu", *, resume: bool 
         checkpoint.save(out / "model", model, config=config)
         # an instance run's file keeps COCOeval's own figures, as before the Task interface
         (out / "metrics.json").write_text(json.dumps(metrics.get("coco", metrics), indent=2))
-        say(f"{recipe.val_split} {task.summary(metrics)}; model in {out / 'model'}")
+        say(f"{recipe.val_split} {task.summary(metrics)}; model in {out / 'model'}", always=True)  # even --quiet
     distributed.barrier()
     return metrics
 
