@@ -1,7 +1,8 @@
 """segprune: structured pruning for segmentation networks, proven exact by a masked-equivalence oracle.
 
-`segprune.load` and `segprune.save` (checkpoint folders, which build models from the zoo) and `segprune.profile`
-(measurement) are imported on first use, so `import segprune.prune` loads the engine alone.
+`segprune.load` and `segprune.save` (checkpoint folders, which build models from the zoo), `segprune.profile`
+(measurement) and `segprune.predictor` (a checkpoint ready to predict images) are imported on first use, so
+`import segprune.prune` loads the engine alone.
 """
 
 from segprune.prune import (
@@ -18,8 +19,9 @@ from segprune.prune.api import prune  # after the line above: the function, not 
 
 __version__ = "0.1.0"
 __all__ = ["BNSparsity", "CAPSparsity", "ChannelGroup", "Plan", "PruneResult", "Taylor", "channel_groups", "load",
-           "profile", "prune", "register_surgery", "save"]
-_LAZY = {"load": "segprune.checkpoint", "save": "segprune.checkpoint", "profile": "segprune.eval.profile"}
+           "predictor", "profile", "prune", "register_surgery", "save"]
+_LAZY = {"load": "segprune.checkpoint", "save": "segprune.checkpoint", "profile": "segprune.eval.profile",
+         "predictor": "segprune.workflows.inference"}
 
 
 def __getattr__(name: str):

@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import copy
 from collections import Counter, defaultdict
-from functools import partial
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
-from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from segprune._utils import eval_mode
+from segprune.prune.record import OpRecorder, module_calls
 
 _T = torch.Tensor
 # Reads of metadata only: a BN checking ``input.dim()`` or a decoder reading ``x.shape`` does not use the values.
@@ -42,7 +41,7 @@ def _tensors(tree) -> list[torch.Tensor]:
     return [x for x in tree_flatten(tree)[0] if isinstance(x, torch.Tensor)]
 
 
-class _Trace(TorchFunctionMode):
+class _Trace(OpRecorder):
     """Records which module call each op that reads a tensor ran in, keyed by ``id(tensor)``.
 
     ``owners`` is the stack of conv/BN module calls in progress (kept by the hooks). Every tensor
@@ -58,15 +57,12 @@ class _Trace(TorchFunctionMode):
         self.inputs: dict[str, object] = {}  # BN name -> its first positional argument
         self.keep: list = []
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
+    def record(self, func, args, kwargs, out) -> None:
         if func not in _METADATA:
             owner = self.owners[-1] if self.owners else None
             for tensor in _tensors((args, kwargs)):
                 self.readers[id(tensor)].append(owner)
         self.keep.append((args, kwargs, out))
-        return out
 
     def enter(self, name: str, module: nn.Module, args) -> None:
         """Forward pre-hook: a conv or BN call starts."""
@@ -84,17 +80,10 @@ class _Trace(TorchFunctionMode):
 
 def _trace(model: nn.Module, example_input) -> tuple[_Trace, object]:
     """Run ``model`` once in eval mode under a :class:`_Trace`; returns the trace and the output."""
-    trace, handles = _Trace(), []
-    for name, module in model.named_modules():
-        if isinstance(module, (_ConvNd, _BatchNorm)):
-            handles.append(module.register_forward_pre_hook(partial(trace.enter, name)))
-            handles.append(module.register_forward_hook(partial(trace.leave, name)))
-    try:
-        with eval_mode(model), torch.no_grad(), trace:
-            output = model(example_input)
-    finally:
-        for handle in handles:
-            handle.remove()
+    trace = _Trace()
+    with module_calls(model, trace.enter, trace.leave, kinds=(_ConvNd, _BatchNorm)), eval_mode(model), \
+            torch.no_grad(), trace:
+        output = model(example_input)
     return trace, output
 
 

@@ -37,12 +37,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from segprune._utils import IGNORE_INDEX, eval_mode, logits
 from segprune.prune.api import PruneResult, _criterion
 from segprune.prune.graph import channel_groups
 from segprune.prune.plan import ACTIVATIONS, Plan
+from segprune.prune.record import OpRecorder, module_calls
 from segprune.prune.rules import op_name, tensors
 from segprune.prune.trace import as_call, trace
 
@@ -136,57 +136,42 @@ class _Graph:
         return self.current.get(id(t)) if isinstance(t, torch.Tensor) else None
 
 
-class _Recorder(TorchFunctionMode):
+class _Recorder(OpRecorder):
+    """Every op's input and output values, in order."""
+
     def __init__(self, graph: _Graph):
         super().__init__()
         self.g = graph
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
+    def record(self, func, args, kwargs, out) -> None:
         g = self.g
         inputs = [v for t in tensors((args, kwargs)) if (v := g.value(t)) is not None]
         index = len(g.ops)
         outputs = [g.new(t, index) for t in tensors(out)]
         if outputs:
             g.ops.append(_Op(op_name(func), inputs, outputs))
-        return out
 
 
 def _record(model: nn.Module, example_inputs) -> _Graph:
     """Run `model` once in eval mode, recording every op's values and every module call."""
-    g = _Graph()
-    names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
-    stack: list[_Call] = []
+    g, stack = _Graph(), []
 
-    def pre(module, args):
-        if id(module) in names:
-            ts = list(tensors(args))
-            stack.append(_Call(names[id(module)], len(g.ops), input=g.value(ts[0]) if len(ts) == 1 else None))
+    def enter(name, module, args):
+        ts = list(tensors(args))
+        stack.append(_Call(name, len(g.ops), input=g.value(ts[0]) if len(ts) == 1 else None))
 
-    def post(module, args, out):
-        if id(module) in names and stack:
+    def leave(name, module, args, out):
+        if stack:
             call = stack.pop()
             call.end = len(g.ops)
             call.output = g.value(out)
             g.calls.append(call)
 
-    from torch.nn.modules import module as m
-
     args, kwargs = as_call(example_inputs)
     for t in tensors((args, kwargs)):
         g.new(t, None)
-    modes = [(mod, mod.training) for mod in model.modules()]
-    handles = [m.register_module_forward_pre_hook(pre), m.register_module_forward_hook(post)]
-    try:
-        model.eval()
-        with torch.no_grad(), _Recorder(g):
-            model(*args, **kwargs)
-    finally:
-        for h in handles:
-            h.remove()
-        for mod, training in modes:
-            mod.training = training
+    with module_calls(model, enter, leave), eval_mode(model), torch.no_grad(), _Recorder(g):
+        model(*args, **kwargs)
     return g
 
 
