@@ -12,12 +12,12 @@ from segprune.eval.latency import layer_specs, measure_latency_table
 from segprune.prune.latency import LatencyTable, describe
 
 STEP = 8  # the fake runtime pads widths to multiples of this, as oneDNN pads to its channel block
-PER_ELEMENT, FIXED = 1e-4, 0.5
+PER_ELEMENT, INSIDE = 1e-4, 0.8  # a layer inside the model runs at 0.8 of its time alone
 
 
 class FakeRuntime:
-    """Cost of a layer = padded in × padded out × kernel area × output pixels × 1e-4 ms; a whole model = its layers
-    + a fixed 0.5 ms + 1e-4 ms per kept output element. `noise` scales repeated timings apart."""
+    """Cost of a layer = padded in × padded out × kernel area × output pixels × 1e-4 ms; a whole model = 0.8 × its
+    layers + 1e-4 ms per kept output element. `noise` scales repeated timings apart."""
 
     name = "fake"
 
@@ -39,7 +39,7 @@ class FakeRuntime:
 
     def model_ms(self, model, x):
         specs, widths = layer_specs(model, x), describe(model)
-        return FIXED + sum(self.cost(s, *widths[n][1:]) + PER_ELEMENT * widths[n][2] * math.prod(s.out_hw)
+        return sum(INSIDE * self.cost(s, *widths[n][1:]) + PER_ELEMENT * widths[n][2] * math.prod(s.out_hw)
                            for n, s in specs.items())
 
     def time_models(self, models, x, rounds, runs):

@@ -45,7 +45,7 @@ from segprune.prune.latency import (
 
 FRACTIONS = (0.1, 0.4, 0.7, 1.0)  # sampled widths, as fractions of the widest layer of a shape
 GRID_STEP = 16  # sampled widths are multiples of this (the widest kernel block seen on x86 CPUs)
-PROBE = (1, 2, 4, 8, 16, 32)  # candidate width steps
+PROBE = (1, 2, 4, 8, 16, 32, 64)  # candidate width steps (oneDNN on AVX-512 pads inputs to 64 at some shapes)
 
 
 @dataclass
@@ -224,16 +224,16 @@ def _entries(rt, specs, layers, prunable, old, runs, fractions, spreads) -> dict
         max_in, max_out = max(layers[n].cin for n in names), max(layers[n].cout for n in names)
         vary_in = any((n, "in") in prunable for n in names) and not layers[names[0]].depthwise
         vary_out = any((n, "out") in prunable for n in names)
-        ins = _grid(max_in, fractions) if vary_in else [max_in]
-        outs = _grid(max_out, fractions) if vary_out else [max_out]
         reuse = old.entries.get(key) if old is not None else None
-        if reuse is not None and set(ins) <= set(reuse.ins) and set(outs) <= set(reuse.outs):
+        if reuse is not None and max_in <= max(reuse.ins) and max_out <= max(reuse.outs):
             entries[key] = reuse
             continue
         spec = specs[names[0]]
-        ms = _monotone([[_median(rt.time_layer(spec, ci, co, runs), spreads) for co in outs] for ci in ins])
         step_in = _probe(rt, spec, max_in, max_out, "in", runs) if vary_in else 1
         step_out = _probe(rt, spec, max_in, max_out, "out", runs) if vary_out else 1
+        ins = _grid(max_in, fractions, step_in) if vary_in else [max_in]
+        outs = _grid(max_out, fractions, step_out) if vary_out else [max_out]
+        ms = _monotone([[_median(rt.time_layer(spec, ci, co, runs), spreads) for co in outs] for ci in ins])
         entries[key] = Entry(ins, outs, ms, step_in, step_out)
     return entries
 
@@ -245,23 +245,25 @@ def _monotone(ms: list[list[float]]) -> list[list[float]]:
     return grid.tolist()
 
 
-def _grid(widest: int, fractions) -> list[int]:
-    """Sampled widths: multiples of GRID_STEP (the widest itself at the top), at least one."""
-    return sorted({widest, *(min(widest, max(1, GRID_STEP * math.ceil(f * widest / GRID_STEP))) for f in fractions)})
+def _grid(widest: int, fractions, step: int = 1) -> list[int]:
+    """Sampled widths: multiples of the runtime's step (at least GRID_STEP), the widest itself at the top: the
+    widths a step-aligned pruning keeps are then sampled exactly."""
+    q = max(GRID_STEP, step)
+    return sorted({widest, *(min(widest, max(1, q * math.ceil(f * widest / q))) for f in fractions)})
 
 
-def _probe(rt, spec: LayerSpec, max_in: int, max_out: int, axis: str, runs: int, tol: float = 0.03) -> int:
-    """The runtime's width step along `axis`: the largest s such that s - 1 fewer channels than a multiple of 32
-    run no faster (within `tol`; minimum of repeated timings, the least disturbed by load)."""
+def _probe(rt, spec: LayerSpec, max_in: int, max_out: int, axis: str, runs: int, tol: float = 0.05) -> int:
+    """The runtime's width step along `axis`: the largest s such that s - 1 fewer channels than a multiple of 64
+    (or 32) run no faster (within `tol`; minimum of repeated timings, the least disturbed by load)."""
     widest = max_in if axis == "in" else max_out
-    top = min(64, (widest // 32) * 32)
+    top = 128 if widest >= 128 else (widest // 32) * 32
     if top < 32:
         return 1
     other = min(max_out if axis == "in" else max_in, 256)
     at = lambda w: min(rt.time_layer(spec, w, other, runs) if axis == "in" else  # noqa: E731
                        rt.time_layer(spec, other if not spec.depthwise else w, w, runs))
     ref, step = at(top), 1
-    for s in PROBE[1:]:
+    for s in (s for s in PROBE[1:] if s <= top // 2):
         if at(top - s + 1) < (1 - tol) * ref:
             break
         step = s
@@ -275,23 +277,31 @@ def _median(times: list[float], spreads: list[float]) -> float:
 
 
 def _fit_rest(table: LatencyTable, rt, model, x, rounds, calibrate, spreads) -> float:
-    """Fit rest_ms (+ rest_ms_per_element with `calibrate`) so the prediction meets the whole-model timings;
-    returns the largest spread of the whole-model timings."""
+    """Fit the table to whole-model timings: measured = scale × layers + rest_ms_per_element × kept activation
+    elements, on the unpruned model and (with `calibrate`) a uniform 50 % pruning; a scale alone with one point.
+    Returns the largest spread of the whole-model timings.
+
+    Why a scale and no constant: layers timed alone on a loaded machine run slower than inside the model, and an
+    additive constant fitted to that comes out negative and exaggerates every speed-up."""
     models = {"full": fuse_conv_bn(model.eval(), x)}
     if calibrate:
         half = prune(model, x, ratio=0.5, method="uniform", criterion="l1").model.eval()
         models["half"] = fuse_conv_bn(half, x)
     timed = rt.time_models(models, x, rounds, 1)
-    points = []
+    table.scale, table.rest_ms, table.rest_ms_per_element = 1.0, 0.0, 0.0
+    points = []  # (measured, layers, volume)
     for label, m in models.items():
         widths = layer_widths(m, table.layers)
         layers = sum(table.layer_ms(n, *widths[n]) for n in table.layers)
         volume = sum(widths[n][1] * table.layers[n].volume for n in table.layers)
-        points.append((timed[label]["median_ms"] - layers, volume))
-    (r_full, v_full), per = points[0], 0.0
-    if len(points) > 1 and points[1][1] != v_full:
-        per = max(0.0, (r_full - points[1][0]) / (v_full - points[1][1]))
-    table.rest_ms_per_element, table.rest_ms = per, r_full - per * v_full
+        points.append((timed[label]["median_ms"], layers, volume))
+    table.scale = points[0][0] / points[0][1]
+    if len(points) > 1:
+        (m1, l1, v1), (m2, l2, v2) = points
+        det = l1 * v2 - l2 * v1
+        scale, per = ((m1 * v2 - m2 * v1) / det, (l1 * m2 - l2 * m1) / det) if det else (0.0, -1.0)
+        if scale > 0 and per >= 0:
+            table.scale, table.rest_ms_per_element = scale, per
     table.measured_ms = timed["full"]["median_ms"]
     return max(_round_spread(t) for t in timed.values())
 

@@ -69,7 +69,9 @@ class LatencyTable:
 
     ``meta`` records runtime, threads, dtype, input shape, model name and fingerprint, torch / onnxruntime versions,
     CPU model and date; ``rest_ms`` + ``rest_ms_per_element`` × (kept output channels × H × W, summed over layers)
-    model everything that is not a table layer; ``measured_ms`` is the whole model's measured latency, unpruned.
+    model everything that is not a table layer; ``scale`` multiplies the layers' times (a layer timed alone does
+    not run at its speed inside the model: caches, load); both are fitted to whole-model timings.
+    ``measured_ms`` is the whole model's measured latency, unpruned.
     """
 
     meta: dict
@@ -78,6 +80,7 @@ class LatencyTable:
     rest_ms: float = 0.0
     rest_ms_per_element: float = 0.0
     measured_ms: float | None = None
+    scale: float = 1.0
 
     # --- prediction --------------------------------------------------------------------------------------------
     def full_widths(self) -> dict[str, tuple[int, int]]:
@@ -85,7 +88,7 @@ class LatencyTable:
 
     def layer_ms(self, name: str, cin: float, cout: float) -> float:
         layer = self.layers[name]
-        return self.entries[layer.key].predict(cout if layer.depthwise else cin, cout)
+        return self.scale * self.entries[layer.key].predict(cout if layer.depthwise else cin, cout)
 
     def volume_ms(self, name: str, cout: float) -> float:
         """The share of the rest term that follows this layer's kept outputs (activations, adds, upsampling)."""
@@ -132,7 +135,7 @@ class LatencyTable:
     # --- files -------------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {"schema": SCHEMA, "meta": self.meta, "measured_ms": self.measured_ms, "rest_ms": self.rest_ms,
-                "rest_ms_per_element": self.rest_ms_per_element,
+                "rest_ms_per_element": self.rest_ms_per_element, "scale": self.scale,
                 "entries": {k: asdict(e) for k, e in self.entries.items()},
                 "layers": {k: asdict(v) for k, v in self.layers.items()}}
 
@@ -142,7 +145,8 @@ class LatencyTable:
             raise ValueError(f"latency table schema {data.get('schema')!r} is not {SCHEMA}")
         return cls(meta=data["meta"], entries={k: Entry(**e) for k, e in data["entries"].items()},
                    layers={k: Layer(**v) for k, v in data["layers"].items()}, rest_ms=data["rest_ms"],
-                   rest_ms_per_element=data["rest_ms_per_element"], measured_ms=data.get("measured_ms"))
+                   rest_ms_per_element=data["rest_ms_per_element"], measured_ms=data.get("measured_ms"),
+                   scale=data.get("scale", 1.0))
 
     def save(self, path: str | Path) -> Path:
         """Write the table as JSON (atomically)."""
