@@ -7,8 +7,9 @@ For each model (random weights, seeded; latency does not depend on the values) a
    10 % floors, blocks on the table's width steps) to each target, and by MAC allocation (``target_macs``, one
    global L1 threshold) at the MAC target whose *predicted* latency matches, plus MAC allocation at the nominal
    target (``target_macs = target``);
-3. all of them and the unpruned model are fused and timed interleaved (rotating order, median of rounds), with
-   ``--threads`` threads; latency_ratio = measured after / before;
+3. all of them and the unpruned model are fused and timed interleaved (one pass each per round, rotating order),
+   with ``--threads`` threads; latency_ratio = median after / median before (latency_ratio_min: of the minima, the
+   timing least disturbed by the other processes of a shared machine);
 4. the table's prediction is checked against measurement on ``--prunings`` random prunings (random scores,
    global or uniform, ratio 0.1-0.6): relative error of the predicted latency ratio.
 
@@ -65,7 +66,7 @@ def matched_macs(base, x, groups, table, ratio: float) -> float:
     return round((lo + hi) / 2, 4)
 
 
-def variants(base, x, table, targets, groups) -> dict[str, tuple[str, float, torch.nn.Module]]:
+def variants(base, x, table, targets, groups, nominal: bool) -> dict[str, tuple[str, float, torch.nn.Module]]:
     """label -> (allocation, target, pruned model)."""
     out = {"unpruned": ("none", 1.0, base)}
     for t in targets:
@@ -74,29 +75,32 @@ def variants(base, x, table, targets, groups) -> dict[str, tuple[str, float, tor
         m = matched_macs(base, x, groups, table, table.predict_model(lat) / table.predict())
         out[f"macs{int(100 * t)}_matched"] = ("macs", m, segprune.prune(base, x, target_macs=m, criterion="l1",
                                                                           groups=groups).model)
-        out[f"macs{int(100 * t)}"] = ("macs", t, segprune.prune(base, x, target_macs=t, criterion="l1",
-                                                                  groups=groups).model)
+        if nominal:
+            out[f"macs{int(100 * t)}"] = ("macs", t, segprune.prune(base, x, target_macs=t, criterion="l1",
+                                                                      groups=groups).model)
     return out
 
 
 def timed(models: dict, x, runtime, threads, rounds, onnx_dir: Path | None) -> dict:
     rt = RUNTIMES[runtime](threads, onnx_dir) if runtime == "onnxruntime" else RUNTIMES[runtime](threads)
     fused = {label: fuse_conv_bn(m.eval(), x) for label, m in models.items()}
-    return rt.time_models(fused, x, rounds, 1)
+    return rt.time_models(fused, x, rounds)
 
 
 def rows_for(name, runtime, table, vs, lat, x) -> list[dict]:
-    base_ms, base_macs = lat["unpruned"]["median_ms"], count_macs(vs["unpruned"][2], x)
+    base, base_macs = lat["unpruned"], count_macs(vs["unpruned"][2], x)
     rows = []
     for label, (alloc, target, model) in vs.items():
         if label == "unpruned":
             continue
-        ratio = lat[label]["median_ms"] / base_ms
+        ratio = lat[label]["median_ms"] / base["median_ms"]
         row = {"model": name, "runtime": runtime, "label": label, "allocation": alloc, "target": target,
                "latency_ratio": round(ratio, 4), "macs_ratio": round(count_macs(model, x) / base_macs, 4),
+               "latency_ratio_min": round(lat[label]["min_ms"] / base["min_ms"], 4),
                "predicted_latency_ratio": round(table.predict_model(model) / table.predict(), 4),
-               "ms": round(lat[label]["median_ms"], 1), "unpruned_ms": round(base_ms, 1),
-               "p90_over_median": round(lat[label]["p90_ms"] / lat[label]["median_ms"] - 1, 3), "miou": None}
+               "median_ms": round(lat[label]["median_ms"], 1), "min_ms": round(lat[label]["min_ms"], 1),
+               "unpruned_median_ms": round(base["median_ms"], 1), "unpruned_min_ms": round(base["min_ms"], 1),
+               "spread": round(lat[label]["spread"], 3), "unpruned_spread": round(base["spread"], 3), "miou": None}
         if alloc == "latency":
             row["within_5pct"] = abs(ratio - target) <= WITHIN * target
         rows.append(row)
@@ -130,16 +134,21 @@ def prediction_check(name, base, x, table, runtime, threads, rounds, n, groups, 
                                          groups=groups).model
         plans.append({"ratio": round(ratio, 3), "method": method})
     lat = timed(models, x, runtime, threads, rounds, onnx_dir)
-    base_ms, errors = lat["unpruned"]["median_ms"], []
+    base, errors = lat["unpruned"], {"median_ms": [], "min_ms": []}
     for i, plan in enumerate(plans):
-        measured = lat[f"p{i}"]["median_ms"] / base_ms
         predicted = table.predict_model(models[f"p{i}"]) / table.predict()
-        plan.update(measured_ratio=round(measured, 4), predicted_ratio=round(predicted, 4),
-                    error=round(abs(predicted - measured) / measured, 4))
-        errors.append(plan["error"])
-    return {"model": name, "runtime": runtime, "prunings": plans, "median_error": round(statistics.median(errors), 4),
-            "max_error": round(max(errors), 4), "unpruned_ms": round(base_ms, 1),
-            "table_predicted_unpruned_ms": round(table.predict(), 1)}
+        plan["predicted_ratio"] = round(predicted, 4)
+        for stat, suffix in (("median_ms", ""), ("min_ms", "_min")):
+            measured = lat[f"p{i}"][stat] / base[stat]
+            plan[f"measured_ratio{suffix}"] = round(measured, 4)
+            plan[f"error{suffix}"] = round(abs(predicted - measured) / measured, 4)
+            errors[stat].append(plan[f"error{suffix}"])
+    return {"model": name, "runtime": runtime, "rounds": rounds, "prunings": plans,
+            "median_error": round(statistics.median(errors["median_ms"]), 4),
+            "max_error": round(max(errors["median_ms"]), 4),
+            "median_error_min": round(statistics.median(errors["min_ms"]), 4),
+            "max_error_min": round(max(errors["min_ms"]), 4), "unpruned_median_ms": round(base["median_ms"], 1),
+            "unpruned_min_ms": round(base["min_ms"], 1), "table_predicted_unpruned_ms": round(table.predict(), 1)}
 
 
 def run_model(name, runtime, args) -> tuple[list[dict], list[dict], dict | None, dict]:
@@ -155,13 +164,13 @@ def run_model(name, runtime, args) -> tuple[list[dict], list[dict], dict | None,
                 "layer_spread_median"), "steps": {k: [e.step_in, e.step_out] for k, e in table.entries.items()}}
     print(f"{name} {runtime}: table {path} ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
     groups = channel_groups(base, x)
-    vs = variants(base, x, table, args.targets, groups)
+    vs = variants(base, x, table, args.targets, groups, runtime in args.nominal_runtimes)
     lat = timed({label: m for label, (_, _, m) in vs.items()}, x, runtime, args.threads, args.rounds, onnx_dir)
     rows = rows_for(name, runtime, table, vs, lat, x)
     print(json.dumps(rows), file=sys.stderr, flush=True)
     check = None
     if args.prunings and runtime in args.check_runtimes:
-        check = prediction_check(name, base, x, table, runtime, args.threads, args.rounds, args.prunings, groups,
+        check = prediction_check(name, base, x, table, runtime, args.threads, args.check_rounds, args.prunings, groups,
                                  onnx_dir)
     info["seconds"] = round(time.perf_counter() - start, 1)
     return rows, at_equal_latency(rows), check, info
@@ -179,17 +188,27 @@ def main() -> None:
     p.add_argument("--runtimes", nargs="+", default=["eager", "onnxruntime"], choices=list(RUNTIMES))
     p.add_argument("--targets", type=float, nargs="+", default=[0.7, 0.5])
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--check-rounds", type=int, default=3, help="rounds of the prediction check")
     p.add_argument("--prunings", type=int, default=20, help="random prunings for the prediction check (0: none)")
     p.add_argument("--check-runtimes", nargs="+", default=["eager"], help="runtimes the prediction is checked on")
+    p.add_argument("--nominal-runtimes", nargs="*", default=["eager"],
+                   help="runtimes that also time MAC allocation at target_macs = target (onnxruntime exports cost "
+                        "minutes each)")
     p.add_argument("--tables", type=Path, default=RESULTS / "latency_tables")
     p.add_argument("--out", default="latency_aware")
+    p.add_argument("--append", action="store_true", help="add to the rows of an existing results file (a later run "
+                   "of other runtimes or models); its commands are kept")
     args = p.parse_args()
+    command = "python benchmarks/latency_aware.py " + " ".join(sys.argv[1:])
     data = {"benchmark": "latency_aware", "machine": {**machine(), "threads": args.threads}, "rounds": args.rounds,
-            "command": "python benchmarks/latency_aware.py " + " ".join(sys.argv[1:]), "rows": [],
-            "equal_latency": [], "prediction": [], "runs": []}
-    for name in args.models:
-        for runtime in args.runtimes:
+            "commands": [command], "rows": [], "equal_latency": [], "prediction": [], "runs": []}
+    previous = RESULTS / f"{args.out}.json"
+    if args.append and previous.exists():
+        data = json.loads(previous.read_text())
+        data["commands"].append(command)
+    for runtime in args.runtimes:
+        for name in args.models:
             rows, equal, check, info = run_model(name, runtime, args)
             data["rows"] += rows
             data["equal_latency"] += equal

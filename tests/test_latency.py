@@ -42,11 +42,11 @@ class FakeRuntime:
         return sum(INSIDE * self.cost(s, *widths[n][1:]) + PER_ELEMENT * widths[n][2] * math.prod(s.out_hw)
                            for n, s in specs.items())
 
-    def time_models(self, models, x, rounds, runs):
+    def time_models(self, models, x, rounds):
         out = {}
         for label, m in models.items():
             ms = self.model_ms(m, x)
-            out[label] = {"median_ms": ms, "p90_ms": ms * (1 + self.noise)}
+            out[label] = {"median_ms": ms, "min_ms": ms, "spread": self.noise}
         return out
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from segprune.eval.profile import compare_latency
+from segprune.eval.profile import as_runner
 from segprune.export.fuse import fuse_conv_bn
 from segprune.prune.api import prune
 from segprune.prune.graph import channel_groups
@@ -87,8 +87,8 @@ class EagerRuntime:
         with _threads(self.threads), torch.inference_mode():
             return _timed(lambda: module(x), runs)
 
-    def time_models(self, models: dict[str, nn.Module], x: torch.Tensor, rounds: int, runs: int) -> dict:
-        return compare_latency(models, x, rounds=rounds, runs=runs, warmup=1, threads=self.threads)
+    def time_models(self, models: dict[str, nn.Module], x: torch.Tensor, rounds: int) -> dict:
+        return time_interleaved(models, x, rounds=rounds, threads=self.threads)
 
 
 class OrtRuntime(EagerRuntime):
@@ -116,7 +116,7 @@ class OrtRuntime(EagerRuntime):
         feed = {session.get_inputs()[0].name: x.numpy()}
         return _timed(lambda: session.run(None, feed), runs)
 
-    def time_models(self, models: dict[str, nn.Module], x: torch.Tensor, rounds: int, runs: int) -> dict:
+    def time_models(self, models: dict[str, nn.Module], x: torch.Tensor, rounds: int) -> dict:
         from segprune.export.onnx import export_onnx
 
         with contextlib.ExitStack() as stack:
@@ -126,7 +126,7 @@ class OrtRuntime(EagerRuntime):
                 paths[label] = folder / f"{label}.onnx"
                 if not paths[label].exists():
                     export_onnx(model, x, paths[label], dynamic=False, check=False)
-            return compare_latency(paths, x, rounds=rounds, runs=runs, warmup=1, threads=self.threads)
+            return time_interleaved(paths, x, rounds=rounds, threads=self.threads)
 
 
 RUNTIMES = {"eager": EagerRuntime, "onnxruntime": OrtRuntime}
@@ -145,7 +145,7 @@ def measure_latency_table(model: nn.Module, example_input: torch.Tensor, *, runt
         runtime: "eager", "onnxruntime", or a runtime object (see :class:`EagerRuntime`).
         threads: intra-op threads, as deployed (part of the conditions).
         name: the model's name, recorded and shown when a table is refused.
-        runs: timed runs per sampled width (median kept; one untimed run first).
+        runs: timed runs per sampled width (minimum kept; one untimed run first).
         rounds: interleaved rounds of the whole-model timings that fit the rest of the model.
         table: an earlier table of the same conditions: shapes it already holds are not measured again.
         calibrate: fit the non-layer term to the whole model and to a uniform 50 % pruning of it (two points);
@@ -233,7 +233,7 @@ def _entries(rt, specs, layers, prunable, old, runs, fractions, spreads) -> dict
         step_out = _probe(rt, spec, max_in, max_out, "out", runs) if vary_out else 1
         ins = _grid(max_in, fractions, step_in) if vary_in else [max_in]
         outs = _grid(max_out, fractions, step_out) if vary_out else [max_out]
-        ms = _monotone([[_median(rt.time_layer(spec, ci, co, runs), spreads) for co in outs] for ci in ins])
+        ms = _monotone([[_least(rt.time_layer(spec, ci, co, runs), spreads) for co in outs] for ci in ins])
         entries[key] = Entry(ins, outs, ms, step_in, step_out)
     return entries
 
@@ -270,10 +270,11 @@ def _probe(rt, spec: LayerSpec, max_in: int, max_out: int, axis: str, runs: int,
     return step
 
 
-def _median(times: list[float], spreads: list[float]) -> float:
+def _least(times: list[float], spreads: list[float]) -> float:
+    """The minimum of repeated timings (the least disturbed by other processes); their spread is recorded."""
     med = statistics.median(times)
     spreads.append((max(times) - min(times)) / med if med > 0 else 0.0)
-    return med
+    return min(times)
 
 
 def _fit_rest(table: LatencyTable, rt, model, x, rounds, calibrate, spreads) -> float:
@@ -283,18 +284,18 @@ def _fit_rest(table: LatencyTable, rt, model, x, rounds, calibrate, spreads) -> 
 
     Why a scale and no constant: layers timed alone on a loaded machine run slower than inside the model, and an
     additive constant fitted to that comes out negative and exaggerates every speed-up."""
-    models = {"full": fuse_conv_bn(model.eval(), x)}
+    models = {"unpruned": fuse_conv_bn(model.eval(), x)}  # the label names onnxruntime's export: reused by name
     if calibrate:
         half = prune(model, x, ratio=0.5, method="uniform", criterion="l1").model.eval()
-        models["half"] = fuse_conv_bn(half, x)
-    timed = rt.time_models(models, x, rounds, 1)
+        models["uniform50"] = fuse_conv_bn(half, x)
+    timed = rt.time_models(models, x, rounds)
     table.scale, table.rest_ms, table.rest_ms_per_element = 1.0, 0.0, 0.0
     points = []  # (measured, layers, volume)
     for label, m in models.items():
         widths = layer_widths(m, table.layers)
         layers = sum(table.layer_ms(n, *widths[n]) for n in table.layers)
         volume = sum(widths[n][1] * table.layers[n].volume for n in table.layers)
-        points.append((timed[label]["median_ms"], layers, volume))
+        points.append((timed[label]["min_ms"], layers, volume))
     table.scale = points[0][0] / points[0][1]
     if len(points) > 1:
         (m1, l1, v1), (m2, l2, v2) = points
@@ -302,13 +303,37 @@ def _fit_rest(table: LatencyTable, rt, model, x, rounds, calibrate, spreads) -> 
         scale, per = ((m1 * v2 - m2 * v1) / det, (l1 * m2 - l2 * m1) / det) if det else (0.0, -1.0)
         if scale > 0 and per >= 0:
             table.scale, table.rest_ms_per_element = scale, per
-    table.measured_ms = timed["full"]["median_ms"]
+    table.measured_ms = timed["unpruned"]["min_ms"]
     return max(_round_spread(t) for t in timed.values())
 
 
 def _round_spread(summary: dict) -> float:
-    """How far the slow tail (p90) of a whole-model timing lies above its median."""
-    return (summary["p90_ms"] - summary["median_ms"]) / summary["median_ms"]
+    return summary["spread"]
+
+
+def time_interleaved(models: dict, x: torch.Tensor, *, rounds: int, threads: int, warmup: int = 1) -> dict:
+    """One timed pass of every model per round, the order rotating from round to round, so that load drift hits
+    all alike. Per name: ``median_ms``, ``min_ms`` (the least disturbed by other processes: what the table fits),
+    ``spread`` ((max - min) / median) and the ``times``.
+
+    Models are ``nn.Module`` s, ``.onnx`` paths or runners, as :func:`segprune.eval.profile.compare_latency` takes.
+    """
+    names, times = list(models), {name: [] for name in models}
+    with _threads(threads), contextlib.ExitStack() as stack:
+        runners, feeds = {n: as_runner(m, threads) for n, m in models.items()}, {}
+        for name, runner in runners.items():
+            stack.enter_context(runner.active())
+            feeds[name] = runner.prepare(x)
+            for _ in range(warmup):
+                runner(feeds[name])
+        for r in range(rounds):
+            for name in names[r % len(names):] + names[: r % len(names)]:
+                start = time.perf_counter()
+                runners[name](feeds[name])
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return {n: {"median_ms": statistics.median(t), "min_ms": min(t), "p90_ms": float(np.percentile(t, 90)),
+                "spread": (max(t) - min(t)) / statistics.median(t), "times": [round(v, 2) for v in t]}
+            for n, t in times.items()}
 
 
 def _warn_spread(spreads: list[float], whole: float, limit: float) -> None:
