@@ -142,3 +142,16 @@ def test_a_second_model_reuses_the_shapes_already_measured(setup):
 def test_spread_under_load_warns():
     with pytest.warns(UserWarning, match="spread more than 10%"):
         measure_latency_table(Net(16).eval(), torch.randn(1, 3, 8, 8), runtime=FakeRuntime(noise=0.2))
+
+
+def test_onnxruntime_times_the_layer_it_was_asked_for(tmp_path):
+    """The one-node graph onnxruntime times computes what the layer computes (no timing asserted)."""
+    pytest.importorskip("onnxruntime")
+    from segprune.eval.latency import _layer, _one_node_onnx
+    from segprune.eval.profile import ort_session
+
+    spec = layer_specs(Net(8).eval(), torch.randn(1, 3, 8, 8))["a.0"]
+    module, x = _layer(spec, 3, 5)
+    _one_node_onnx(module, x, [1, 5, *spec.out_hw], tmp_path / "layer.onnx")
+    (y,) = ort_session(tmp_path / "layer.onnx", 1).run(None, {"x": x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(y), module(x).detach(), rtol=1e-4, atol=1e-5)
