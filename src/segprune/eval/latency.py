@@ -215,27 +215,41 @@ def cpu_model() -> str:
 
 # --- sampling ----------------------------------------------------------------------------------------------------
 def _entries(rt, specs, layers, prunable, old, runs, fractions, spreads) -> dict[str, Entry]:
-    """One entry per shape key: the grid over the widest layer's widths along the sides that can be pruned."""
+    """One entry per shape key: the grid over the widest layer's widths along the sides that can be pruned.
+
+    Every point is timed once per round, all keys in turn, and keeps its minimum over the rounds: load that comes
+    and goes on a shared machine then hits every shape alike instead of whichever shape was being timed."""
     by_key: dict[str, list[str]] = {}
     for n, layer in layers.items():
         by_key.setdefault(layer.key, []).append(n)
+    todo = {}  # key -> (spec, max_in, max_out, vary_in, vary_out)
     entries = {}
     for key, names in by_key.items():
         max_in, max_out = max(layers[n].cin for n in names), max(layers[n].cout for n in names)
-        vary_in = any((n, "in") in prunable for n in names) and not layers[names[0]].depthwise
-        vary_out = any((n, "out") in prunable for n in names)
         reuse = old.entries.get(key) if old is not None else None
         if reuse is not None and max_in <= max(reuse.ins) and max_out <= max(reuse.outs):
             entries[key] = reuse
             continue
-        spec = specs[names[0]]
-        step_in = _probe(rt, spec, max_in, max_out, "in", runs) if vary_in else 1
-        step_out = _probe(rt, spec, max_in, max_out, "out", runs) if vary_out else 1
-        ins = _grid(max_in, fractions, step_in) if vary_in else [max_in]
-        outs = _grid(max_out, fractions, step_out) if vary_out else [max_out]
-        ms = _monotone([[_least(rt.time_layer(spec, ci, co, runs), spreads) for co in outs] for ci in ins])
-        entries[key] = Entry(ins, outs, ms, step_in, step_out)
+        vary_in = any((n, "in") in prunable for n in names) and not layers[names[0]].depthwise
+        todo[key] = (specs[names[0]], max_in, max_out, vary_in, any((n, "out") in prunable for n in names))
+    steps = _probe_all(rt, todo, runs)
+    grids = {key: (_grid(mi, fractions, steps[key][0]) if vi else [mi], _grid(mo, fractions, steps[key][1]) if vo
+                   else [mo]) for key, (_, mi, mo, vi, vo) in todo.items()}
+    points = [(todo[key][0], ci, co) for key, (ins, outs) in grids.items() for ci in ins for co in outs]
+    times = iter(_least(t, spreads) for t in _sweep(rt, points, runs))
+    for key, (ins, outs) in grids.items():
+        ms = _monotone([[next(times) for _ in outs] for _ in ins])
+        entries[key] = Entry(ins, outs, ms, *steps[key])
     return entries
+
+
+def _sweep(rt, points: list[tuple[LayerSpec, int, int]], rounds: int) -> list[list[float]]:
+    """Time every (spec, in, out) point once per round, in turn; the times of each point."""
+    times = [[] for _ in points]
+    for _ in range(rounds):
+        for k, (spec, ci, co) in enumerate(points):
+            times[k] += rt.time_layer(spec, ci, co, 1)
+    return times
 
 
 def _monotone(ms: list[list[float]]) -> list[list[float]]:
@@ -252,22 +266,36 @@ def _grid(widest: int, fractions, step: int = 1) -> list[int]:
     return sorted({widest, *(min(widest, max(1, q * math.ceil(f * widest / q))) for f in fractions)})
 
 
-def _probe(rt, spec: LayerSpec, max_in: int, max_out: int, axis: str, runs: int, tol: float = 0.05) -> int:
-    """The runtime's width step along `axis`: the largest s such that s - 1 fewer channels than a multiple of 64
-    (or 32) run no faster (within `tol`; minimum of repeated timings, the least disturbed by load)."""
+def _probe_points(spec: LayerSpec, max_in: int, max_out: int, axis: str) -> list[tuple[int, int]]:
+    """(in, out) widths probing `axis`: a multiple of 64 (or 32), then s - 1 fewer for each candidate step s."""
     widest = max_in if axis == "in" else max_out
     top = 128 if widest >= 128 else (widest // 32) * 32
     if top < 32:
-        return 1
+        return []
     other = min(max_out if axis == "in" else max_in, 256)
-    at = lambda w: min(rt.time_layer(spec, w, other, runs) if axis == "in" else  # noqa: E731
-                       rt.time_layer(spec, other if not spec.depthwise else w, w, runs))
-    ref, step = at(top), 1
-    for s in (s for s in PROBE[1:] if s <= top // 2):
-        if at(top - s + 1) < (1 - tol) * ref:
-            break
-        step = s
-    return step
+    widths = [top] + [top - s + 1 for s in PROBE[1:] if s <= top // 2]
+    if axis == "in":
+        return [(w, other) for w in widths]
+    return [(w if spec.depthwise else other, w) for w in widths]
+
+
+def _probe_all(rt, todo: dict, runs: int, tol: float = 0.05) -> dict[str, tuple[int, int]]:
+    """Each key's width steps (in, out): the largest candidate s such that s - 1 fewer channels than the probe's
+    multiple run no faster (within `tol`; minimum over rounds)."""
+    probes = {(key, axis): _probe_points(spec, mi, mo, axis) for key, (spec, mi, mo, vi, vo) in todo.items()
+              for axis, vary in (("in", vi), ("out", vo)) if vary}
+    points = [(todo[key][0], ci, co) for (key, _), pts in probes.items() for ci, co in pts]
+    least = iter(min(t) for t in _sweep(rt, points, max(runs, 5)))  # small layers: rounds are cheap, noise is not
+    steps = {key: [1, 1] for key in todo}
+    for (key, axis), pts in probes.items():
+        times = [next(least) for _ in pts]
+        step = 1
+        for s, t in zip(PROBE[1:], times[1:]):
+            if t < (1 - tol) * times[0]:
+                break
+            step = s
+        steps[key][0 if axis == "in" else 1] = step
+    return {key: tuple(v) for key, v in steps.items()}
 
 
 def _least(times: list[float], spreads: list[float]) -> float:
