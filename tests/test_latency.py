@@ -155,3 +155,18 @@ def test_onnxruntime_times_the_layer_it_was_asked_for(tmp_path):
     _one_node_onnx(module, x, [1, 5, *spec.out_hw], tmp_path / "layer.onnx")
     (y,) = ort_session(tmp_path / "layer.onnx", 1).run(None, {"x": x.numpy()})
     torch.testing.assert_close(torch.from_numpy(y), module(x).detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_the_engine_side_imports_no_runtime_or_model():
+    """prune/latency.py predicts and allocates; measuring (runtimes, exports, models) stays above it."""
+    import ast
+    import inspect
+
+    import segprune.prune.latency as engine
+
+    tree = ast.parse(inspect.getsource(engine))
+    names = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)] + [
+        a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert not [n for n in names if n.split(".")[:2] in (["segprune", p] for p in ("models", "eval", "export",
+                                                                                      "report", "train"))]
+    assert not [n for n in names if n.startswith(("onnx", "onnxruntime"))]

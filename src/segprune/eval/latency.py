@@ -29,8 +29,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from segprune.eval.profile import as_runner
+from segprune.eval.profile import as_runner, ort_session
 from segprune.export.fuse import fuse_conv_bn
+from segprune.export.onnx import export_onnx
 from segprune.prune.api import prune
 from segprune.prune.graph import channel_groups
 from segprune.prune.latency import (
@@ -101,13 +102,11 @@ class OrtRuntime(EagerRuntime):
         self.folder = folder
 
     def versions(self) -> dict:
-        import onnxruntime
+        import onnxruntime  # optional (segprune[onnx]): imported only when this runtime is used
 
         return {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
 
     def time_layer(self, spec: LayerSpec, cin: int, cout: int, runs: int) -> list[float]:
-        from segprune.eval.profile import ort_session
-
         module, x = _layer(spec, cin, cout)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "layer.onnx"
@@ -117,8 +116,6 @@ class OrtRuntime(EagerRuntime):
         return _timed(lambda: session.run(None, feed), runs)
 
     def time_models(self, models: dict[str, nn.Module], x: torch.Tensor, rounds: int) -> dict:
-        from segprune.export.onnx import export_onnx
-
         with contextlib.ExitStack() as stack:
             folder = self.folder or Path(stack.enter_context(tempfile.TemporaryDirectory()))
             paths = {}
