@@ -176,6 +176,36 @@ def run_model(name, runtime, args) -> tuple[list[dict], list[dict], dict | None,
     return rows, at_equal_latency(rows), check, info
 
 
+def markdown(data: dict) -> str:
+    """The rows, MACs at equal latency and prediction errors as Markdown tables."""
+    m = data["machine"]
+    lines = [f"# Latency-aware pruning ({m['cpu']}, {m['threads']} thread, batch 1, random weights; {data['rounds']} "
+             "interleaved rounds, one pass per model per round)", "",
+             "| model | runtime | allocation | target | latency ratio (median) | (min) | predicted | MACs ratio | "
+             "within 5 % |", "|---|---|---|---:|---:|---:|---:|---:|:---:|"]
+    for r in data["rows"]:
+        met = {True: "met", False: "**missed**", None: ""}[r.get("within_5pct")]
+        lines.append(f"| {r['model']} | {r['runtime']} | {r['label']} | {r['target']:.3g} | {r['latency_ratio']:.3f} | "
+                     f"{r['latency_ratio_min']:.3f} | {r['predicted_latency_ratio']:.3f} | {r['macs_ratio']:.3f} | "
+                     f"{met} |")
+    lines += ["", "At equal measured latency (MAC allocation's MACs interpolated between its rows; where the "
+              "latency lies below them, the nearest row is given, and MAC allocation needs fewer MACs than that):", "",
+              "| model | runtime | latency ratio | MACs kept, latency allocation | MACs kept, MAC allocation | "
+              "more MACs kept |", "|---|---|---:|---:|---:|---:|"]
+    for r in data["equal_latency"]:
+        note = "" if r["interpolated"] else " (nearest row: needs fewer)"
+        lines.append(f"| {r['model']} | {r['runtime']} | {r['latency_ratio']:.3f} | "
+                     f"{r['latency_allocation_macs_ratio']:.3f} | {r['mac_allocation_macs_ratio']:.3f}{note} | "
+                     f"{r['macs_kept_more']:+.3f} |")
+    lines += ["", "Prediction of the latency ratio over random prunings (relative error):", "",
+              "| model | runtime | prunings | median error (median timings) | max | median error (min timings) | max |",
+              "|---|---|---:|---:|---:|---:|---:|"]
+    for c in data["prediction"]:
+        lines.append(f"| {c['model']} | {c['runtime']} | {len(c['prunings'])} | {c['median_error']:.1%} | "
+                     f"{c['max_error']:.1%} | {c['median_error_min']:.1%} | {c['max_error_min']:.1%} |")
+    return "\n".join(lines + ["", "Commands: " + "; ".join(f"`{c}`" for c in data["commands"])]) + "\n"
+
+
 def _shown(path: Path) -> str:
     """The table's path relative to the repository when it lies inside it."""
     root = RESULTS.parent.parent.resolve()
@@ -197,6 +227,7 @@ def main() -> None:
                         "minutes each)")
     p.add_argument("--tables", type=Path, default=RESULTS / "latency_tables")
     p.add_argument("--out", default="latency_aware")
+    p.add_argument("--render", action="store_true", help="only write the Markdown of the existing results file")
     p.add_argument("--append", action="store_true", help="add to the rows of an existing results file (a later run "
                    "of other runtimes or models); its commands are kept")
     args = p.parse_args()
@@ -204,6 +235,9 @@ def main() -> None:
     data = {"benchmark": "latency_aware", "machine": {**machine(), "threads": args.threads}, "rounds": args.rounds,
             "commands": [command], "rows": [], "equal_latency": [], "prediction": [], "runs": []}
     previous = RESULTS / f"{args.out}.json"
+    if args.render:
+        (RESULTS / f"{args.out}.md").write_text(markdown(json.loads(previous.read_text())))
+        return
     if args.append and previous.exists():
         data = json.loads(previous.read_text())
         data["commands"].append(command)
@@ -215,6 +249,7 @@ def main() -> None:
             data["prediction"] += [check] if check else []
             data["runs"].append(info)
             write_result(args.out, data)  # after every model: a long run keeps what it measured
+            (RESULTS / f"{args.out}.md").write_text(markdown(data))
 
 
 if __name__ == "__main__":
