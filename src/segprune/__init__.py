@@ -16,10 +16,11 @@ from segprune.prune import (
                             register_surgery,
 )
 from segprune.prune.api import prune  # after the line above: the function, not the subpackage, is `segprune.prune`
+from segprune.prune.latency import LatencyTable
 
 __version__ = "0.1.0"
-__all__ = ["BNSparsity", "CAPSparsity", "ChannelGroup", "Plan", "PruneResult", "Taylor", "channel_groups", "load",
-           "predictor", "profile", "prune", "register_surgery", "save"]
+__all__ = ["BNSparsity", "CAPSparsity", "ChannelGroup", "LatencyTable", "Plan", "PruneResult", "Taylor",
+           "channel_groups", "load", "predictor", "profile", "prune", "register_surgery", "save"]
 _LAZY = {"load": "segprune.checkpoint", "save": "segprune.checkpoint", "profile": "segprune.eval.profile",
          "predictor": "segprune.workflows.inference"}
 

@@ -13,6 +13,7 @@ from torch import nn
 from segprune.prune.cost import CostModel
 from segprune.prune.criteria import CRITERIA
 from segprune.prune.graph import ChannelGroup, ChannelGroups, channel_groups
+from segprune.prune.latency import LatencyTable, latency_removal
 from segprune.prune.methods import METHODS, select_target
 from segprune.prune.plan import Plan
 
@@ -38,7 +39,8 @@ class PruneResult:
 def prune(model: nn.Module, example_inputs, *, ratio: float | None = None, target_macs: float | None = None,
           target_params: float | None = None, criterion: str | Callable = "bn_scale", method: str = "global",
           ignore: Sequence[str] = (), min_keep: float = 0.1, round_to: int | None = None, seed: int = 0,
-          groups: ChannelGroups | None = None, inplace: bool = False) -> PruneResult:
+          groups: ChannelGroups | None = None, inplace: bool = False, target_latency: float | None = None,
+          latency: LatencyTable | None = None) -> PruneResult:
     """Remove the channels with the lowest `criterion` scores: a `ratio` of them, or as few as reach a target.
 
     Args:
@@ -58,9 +60,13 @@ def prune(model: nn.Module, example_inputs, *, ratio: float | None = None, targe
         seed: for the "random" criterion.
         groups: channel groups already computed by `channel_groups` for this model (skips the trace).
         inplace: cut `model` itself instead of a copy.
+        target_latency: instead of `ratio`, remove channel blocks by least importance per millisecond saved until
+            the latency predicted by `latency` is at most this fraction of the unpruned model's; `round_to`
+            defaults to each group's width step measured in the table.
+        latency: the `LatencyTable` of this model on the deployment runtime (segprune.eval.latency measures one).
     """
-    if sum(v is not None for v in (ratio, target_macs, target_params)) != 1:
-        raise ValueError("give exactly one of ratio, target_macs, target_params")
+    if sum(v is not None for v in (ratio, target_macs, target_params, target_latency)) != 1:
+        raise ValueError("give exactly one of ratio, target_macs, target_params, target_latency")
     for name, value in (("target_macs", target_macs), ("target_params", target_params)):
         if value is not None and not 0 < value <= 1:
             raise ValueError(f"{name} must be in (0, 1], got {value}")
@@ -74,7 +80,10 @@ def prune(model: nn.Module, example_inputs, *, ratio: float | None = None, targe
     scores = {g.id: s for g in groups if not g.frozen and (s := score(g, model)) is not None}
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
-    if ratio is not None:
+    if target_latency is not None:
+        removed = latency_removal(model, groups, scores, table=latency, target=target_latency, min_keep=min_keep,
+                                  round_to=round_to)
+    elif ratio is not None:
         removed = METHODS[method](groups, scores, ratio=ratio, min_keep=min_keep, round_to=round_to)
     else:
         metric, target = ("macs", target_macs) if target_macs is not None else ("params", target_params)

@@ -1,0 +1,429 @@
+"""Measure a :class:`segprune.prune.latency.LatencyTable`: time every layer shape of a model on the deployment
+runtime at sampled kept widths, probe the runtime's width steps, and fit the rest of the model to whole-model
+timings.
+
+Why per shape, not per layer: ResNet-50 repeats a handful of shapes (one key serves every 3×3 conv of layer3), so a
+table costs minutes, not hours, and serves any model with the same shapes. Layers are timed alone on random
+inputs, as the fused model runs them (a convolution with bias; BN folded), with the thread count of the
+deployment. A machine under load makes timings spread: the spread of repeated timings is recorded, and a warning
+says when it exceeds ``spread_warn``.
+
+Runtimes: ``"eager"`` (PyTorch on CPU), ``"onnxruntime"`` (CPU; each layer a one-node ONNX graph, each whole model
+exported), or any object with the methods of :class:`EagerRuntime` (tests use one of known cost).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import platform
+import statistics
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from segprune.eval.profile import as_runner, ort_session
+from segprune.export.fuse import fuse_conv_bn
+from segprune.export.onnx import export_onnx
+from segprune.prune.api import prune
+from segprune.prune.graph import channel_groups
+from segprune.prune.latency import (
+    LAYER_TYPES,
+    Entry,
+    LatencyTable,
+    Layer,
+    describe,
+    fingerprint,
+    layer_widths,
+)
+
+FRACTIONS = (0.1, 0.4, 0.7, 1.0)  # sampled widths, as fractions of the widest layer of a shape
+GRID_STEP = 16  # sampled widths are multiples of this (the widest kernel block seen on x86 CPUs)
+PROBE = (1, 2, 4, 8, 16, 32, 64)  # candidate width steps (oneDNN on AVX-512 pads inputs to 64 at some shapes)
+
+
+@dataclass
+class LayerSpec:
+    """What a layer's latency depends on, besides its widths."""
+
+    kind: str
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    depthwise: bool
+    in_shape: tuple[int, ...]  # (N, H, W) for a conv, leading dims for a linear layer
+    out_hw: tuple[int, ...]
+
+    @property
+    def key(self) -> str:
+        dims = lambda t: "x".join(map(str, t))  # noqa: E731
+        if self.kind == "Linear":
+            return f"Linear n{dims(self.in_shape)}"
+        return (f"Conv2d k{dims(self.kernel)} s{dims(self.stride)} p{dims(self.padding)} d{dims(self.dilation)}"
+                f"{' dw' if self.depthwise else ''} n{self.in_shape[0]} in{dims(self.in_shape[1:])}")
+
+
+# --- runtimes ----------------------------------------------------------------------------------------------------
+class EagerRuntime:
+    """PyTorch eager on CPU with `threads` intra-op threads."""
+
+    name = "eager"
+
+    def __init__(self, threads: int):
+        self.threads = threads
+
+    def versions(self) -> dict:
+        return {"torch": torch.__version__}
+
+    def time_layer(self, spec: LayerSpec, cin: int, cout: int, runs: int) -> list[float]:
+        module, x = _layer(spec, cin, cout)
+        with _threads(self.threads), torch.inference_mode():
+            return _timed(lambda: module(x), runs)
+
+    def time_models(self, models: dict[str, nn.Module], x: torch.Tensor, rounds: int) -> dict:
+        return time_interleaved(models, x, rounds=rounds, threads=self.threads)
+
+
+class OrtRuntime(EagerRuntime):
+    """onnxruntime on CPU: a layer is a one-node ONNX graph; a whole model is exported (static shapes)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, threads: int, folder: Path | None = None):
+        super().__init__(threads)
+        self.folder = folder
+
+    def versions(self) -> dict:
+        import onnxruntime  # optional (segprune[onnx]): imported only when this runtime is used
+
+        return {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
+
+    def time_layer(self, spec: LayerSpec, cin: int, cout: int, runs: int) -> list[float]:
+        module, x = _layer(spec, cin, cout)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "layer.onnx"
+            _one_node_onnx(module, x, [spec.in_shape[0], cout, *spec.out_hw], path)
+            session = ort_session(path, self.threads)
+        feed = {session.get_inputs()[0].name: x.numpy()}
+        return _timed(lambda: session.run(None, feed), runs)
+
+    def time_models(self, models: dict[str, nn.Module], x: torch.Tensor, rounds: int) -> dict:
+        with contextlib.ExitStack() as stack:
+            folder = self.folder or Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            paths = {}
+            for label, model in models.items():
+                paths[label] = folder / f"{label}.onnx"
+                if not paths[label].exists():
+                    export_onnx(model, x, paths[label], dynamic=False, check=False)
+            return time_interleaved(paths, x, rounds=rounds, threads=self.threads)
+
+
+RUNTIMES = {"eager": EagerRuntime, "onnxruntime": OrtRuntime}
+
+
+# --- the table ---------------------------------------------------------------------------------------------------
+def measure_latency_table(model: nn.Module, example_input: torch.Tensor, *, runtime="eager", threads: int = 1,
+                          name: str | None = None, runs: int = 3, rounds: int = 3, table: LatencyTable | None = None,
+                          calibrate: bool = True, spread_warn: float = 0.10, onnx_dir: Path | None = None,
+                          fractions=FRACTIONS) -> LatencyTable:
+    """Measure the latency table of `model` at `example_input`'s shape on `runtime`.
+
+    Args:
+        model: the unpruned model (eval mode is used); it is not modified.
+        example_input: the deployment input (N, C, H, W); its shape is part of the table's conditions.
+        runtime: "eager", "onnxruntime", or a runtime object (see :class:`EagerRuntime`).
+        threads: intra-op threads, as deployed (part of the conditions).
+        name: the model's name, recorded and shown when a table is refused.
+        runs: timed runs per sampled width (minimum kept; one untimed run first).
+        rounds: interleaved rounds of the whole-model timings that fit the rest of the model.
+        table: an earlier table of the same conditions: shapes it already holds are not measured again.
+        calibrate: fit the non-layer term to the whole model and to a uniform 50 % pruning of it (two points);
+            False: to the whole model only (the rest is then a constant).
+        spread_warn: warn when the spread (max - min) / median of repeated timings exceeds this.
+        onnx_dir: keep onnxruntime's whole-model exports here (reused by name).
+        fractions: sampled widths, as fractions of the widest layer of each shape.
+    """
+    rt = RUNTIMES[runtime](threads, onnx_dir) if runtime == "onnxruntime" else (
+        RUNTIMES[runtime](threads) if isinstance(runtime, str) else runtime)
+    start, x = time.perf_counter(), example_input
+    found, specs = describe(model), layer_specs(model, x)
+    conditions = {"runtime": rt.name, "threads": threads, "dtype": str(x.dtype).removeprefix("torch."),
+                  "input": list(x.shape)}
+    if table is not None:
+        table.check(**conditions)
+    prunable = prunable_sides(model, x)
+    out = LatencyTable(meta={**conditions, "model": name or type(model).__name__, "fingerprint": fingerprint(found),
+                             **rt.versions(), "cpu": cpu_model(), "runs": runs, "fractions": list(fractions),
+                             "not_run": sorted(set(found) - set(specs))})
+    out.layers = {n: Layer(s.key, found[n][1], found[n][2], int(math.prod(s.out_hw)), s.depthwise)
+                  for n, s in specs.items()}
+    spreads = []
+    out.entries = _entries(rt, specs, out.layers, prunable, table, runs, fractions, spreads)
+    fitted = _fit_rest(out, rt, model, x, rounds, calibrate, spreads)
+    out.meta.update({"layer_spread_median": round(statistics.median(spreads), 4) if spreads else None,
+                     "whole_model_spread": fitted, "seconds": round(time.perf_counter() - start, 1),
+                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
+    _warn_spread(spreads, fitted, spread_warn)
+    return out
+
+
+def layer_specs(model: nn.Module, x: torch.Tensor) -> dict[str, LayerSpec]:
+    """The shape of every conv / linear layer's call in one eval-mode forward pass."""
+    specs, hooks = {}, []
+
+    def record(name, module, args, out) -> None:  # returns None: a hook's return value would replace the output
+        specs.setdefault(name, _spec(module, args[0], out))
+
+    for name, m in model.named_modules():
+        if isinstance(m, LAYER_TYPES):
+            hooks.append(m.register_forward_hook(functools.partial(record, name)))
+    try:
+        with torch.inference_mode():
+            was = model.training
+            model.eval()(x)
+            model.train(was)
+    finally:
+        for h in hooks:
+            h.remove()
+    return specs
+
+
+def prunable_sides(model: nn.Module, x: torch.Tensor) -> set[tuple[str, str]]:
+    """(layer, "in" | "out") sides that some pruning can narrow: other sides are sampled at full width only."""
+    return {(m.module, m.role) for g in channel_groups(model, x) if not g.frozen for m in g.members}
+
+
+def cpu_model() -> str:
+    path = Path("/proc/cpuinfo")
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+# --- sampling ----------------------------------------------------------------------------------------------------
+def _entries(rt, specs, layers, prunable, old, runs, fractions, spreads) -> dict[str, Entry]:
+    """One entry per shape key: the grid over the widest layer's widths along the sides that can be pruned.
+
+    Every point is timed once per round, all keys in turn, and keeps its minimum over the rounds: load that comes
+    and goes on a shared machine then hits every shape alike instead of whichever shape was being timed."""
+    by_key: dict[str, list[str]] = {}
+    for n, layer in layers.items():
+        by_key.setdefault(layer.key, []).append(n)
+    todo = {}  # key -> (spec, max_in, max_out, vary_in, vary_out)
+    entries = {}
+    for key, names in by_key.items():
+        max_in, max_out = max(layers[n].cin for n in names), max(layers[n].cout for n in names)
+        reuse = old.entries.get(key) if old is not None else None
+        if reuse is not None and max_in <= max(reuse.ins) and max_out <= max(reuse.outs):
+            entries[key] = reuse
+            continue
+        vary_in = any((n, "in") in prunable for n in names) and not layers[names[0]].depthwise
+        todo[key] = (specs[names[0]], max_in, max_out, vary_in, any((n, "out") in prunable for n in names))
+    steps = _probe_all(rt, todo, runs)
+    grids = {key: (_grid(mi, fractions, steps[key][0]) if vi else [mi], _grid(mo, fractions, steps[key][1]) if vo
+                   else [mo]) for key, (_, mi, mo, vi, vo) in todo.items()}
+    points = [(todo[key][0], ci, co) for key, (ins, outs) in grids.items() for ci in ins for co in outs]
+    times = iter(_least(t, spreads) for t in _sweep(rt, points, runs))
+    for key, (ins, outs) in grids.items():
+        ms = _monotone([[next(times) for _ in outs] for _ in ins])
+        entries[key] = Entry(ins, outs, ms, *steps[key])
+    return entries
+
+
+def _sweep(rt, points: list[tuple[LayerSpec, int, int]], rounds: int) -> list[list[float]]:
+    """Time every (spec, in, out) point once per round, in turn; the times of each point."""
+    times = [[] for _ in points]
+    for _ in range(rounds):
+        for k, (spec, ci, co) in enumerate(points):
+            times[k] += rt.time_layer(spec, ci, co, 1)
+    return times
+
+
+def _monotone(ms: list[list[float]]) -> list[list[float]]:
+    """Never cheaper with more channels: a noisy sample below a narrower one is raised to it, so that the
+    prediction is monotone in width and no removal is predicted to cost time."""
+    grid = np.maximum.accumulate(np.maximum.accumulate(np.asarray(ms, dtype=float), axis=0), axis=1)
+    return grid.tolist()
+
+
+def _grid(widest: int, fractions, step: int = 1) -> list[int]:
+    """Sampled widths: multiples of the runtime's step (at least GRID_STEP), the widest itself at the top: the
+    widths a step-aligned pruning keeps are then sampled exactly."""
+    q = max(GRID_STEP, step)
+    return sorted({widest, *(min(widest, max(1, q * math.ceil(f * widest / q))) for f in fractions)})
+
+
+def _probe_points(spec: LayerSpec, max_in: int, max_out: int, axis: str) -> list[tuple[int, int]]:
+    """(in, out) widths probing `axis`: a multiple of 64 (or 32), then s - 1 fewer for each candidate step s."""
+    widest = max_in if axis == "in" else max_out
+    top = 128 if widest >= 128 else (widest // 32) * 32
+    if top < 32:
+        return []
+    other = min(max_out if axis == "in" else max_in, 256)
+    widths = [top] + [top - s + 1 for s in PROBE[1:] if s <= top // 2]
+    if axis == "in":
+        return [(w, other) for w in widths]
+    return [(w if spec.depthwise else other, w) for w in widths]
+
+
+def _probe_all(rt, todo: dict, runs: int, tol: float = 0.05) -> dict[str, tuple[int, int]]:
+    """Each key's width steps (in, out): the largest candidate s such that s - 1 fewer channels than the probe's
+    multiple run no faster (within `tol`; minimum over rounds)."""
+    probes = {(key, axis): _probe_points(spec, mi, mo, axis) for key, (spec, mi, mo, vi, vo) in todo.items()
+              for axis, vary in (("in", vi), ("out", vo)) if vary}
+    points = [(todo[key][0], ci, co) for (key, _), pts in probes.items() for ci, co in pts]
+    least = iter(min(t) for t in _sweep(rt, points, max(runs, 5)))  # small layers: rounds are cheap, noise is not
+    steps = {key: [1, 1] for key in todo}
+    for (key, axis), pts in probes.items():
+        times = [next(least) for _ in pts]
+        step = 1
+        for s, t in zip(PROBE[1:], times[1:]):
+            if t < (1 - tol) * times[0]:
+                break
+            step = s
+        steps[key][0 if axis == "in" else 1] = step
+    return {key: tuple(v) for key, v in steps.items()}
+
+
+def _least(times: list[float], spreads: list[float]) -> float:
+    """The minimum of repeated timings (the least disturbed by other processes); their spread is recorded."""
+    med = statistics.median(times)
+    spreads.append((max(times) - min(times)) / med if med > 0 else 0.0)
+    return min(times)
+
+
+def _fit_rest(table: LatencyTable, rt, model, x, rounds, calibrate, spreads) -> float:
+    """Fit the table to whole-model timings: measured = scale × layers + rest_ms_per_element × kept activation
+    elements, on the unpruned model and (with `calibrate`) a uniform 50 % pruning; a scale alone with one point.
+    Returns the largest spread of the whole-model timings.
+
+    Why a scale and no constant: layers timed alone on a loaded machine run slower than inside the model, and an
+    additive constant fitted to that comes out negative and exaggerates every speed-up."""
+    models = {"unpruned": fuse_conv_bn(model.eval(), x)}  # the label names onnxruntime's export: reused by name
+    if calibrate:
+        half = prune(model, x, ratio=0.5, method="uniform", criterion="l1").model.eval()
+        models["uniform50"] = fuse_conv_bn(half, x)
+    timed = rt.time_models(models, x, rounds)
+    table.scale, table.rest_ms, table.rest_ms_per_element = 1.0, 0.0, 0.0
+    points = []  # (measured, layers, volume)
+    for label, m in models.items():
+        widths = layer_widths(m, table.layers)
+        layers = sum(table.layer_ms(n, *widths[n]) for n in table.layers)
+        volume = sum(widths[n][1] * table.layers[n].volume for n in table.layers)
+        points.append((timed[label]["min_ms"], layers, volume))
+    table.scale = points[0][0] / points[0][1]
+    if len(points) > 1:
+        (m1, l1, v1), (m2, l2, v2) = points
+        det = l1 * v2 - l2 * v1
+        scale, per = ((m1 * v2 - m2 * v1) / det, (l1 * m2 - l2 * m1) / det) if det else (0.0, -1.0)
+        if scale > 0 and per >= 0:
+            table.scale, table.rest_ms_per_element = scale, per
+    table.measured_ms = timed["unpruned"]["min_ms"]
+    return max(_round_spread(t) for t in timed.values())
+
+
+def _round_spread(summary: dict) -> float:
+    return summary["spread"]
+
+
+def time_interleaved(models: dict, x: torch.Tensor, *, rounds: int, threads: int, warmup: int = 1) -> dict:
+    """One timed pass of every model per round, the order rotating from round to round, so that load drift hits
+    all alike. Per name: ``median_ms``, ``min_ms`` (the least disturbed by other processes: what the table fits),
+    ``spread`` ((max - min) / median) and the ``times``.
+
+    Models are ``nn.Module`` s, ``.onnx`` paths or runners, as :func:`segprune.eval.profile.compare_latency` takes.
+    """
+    names, times = list(models), {name: [] for name in models}
+    with _threads(threads), contextlib.ExitStack() as stack:
+        runners, feeds = {n: as_runner(m, threads) for n, m in models.items()}, {}
+        for name, runner in runners.items():
+            stack.enter_context(runner.active())
+            feeds[name] = runner.prepare(x)
+            for _ in range(warmup):
+                runner(feeds[name])
+        for r in range(rounds):
+            for name in names[r % len(names):] + names[: r % len(names)]:
+                start = time.perf_counter()
+                runners[name](feeds[name])
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return {n: {"median_ms": statistics.median(t), "min_ms": min(t), "p90_ms": float(np.percentile(t, 90)),
+                "spread": (max(t) - min(t)) / statistics.median(t), "times": [round(v, 2) for v in t]}
+            for n, t in times.items()}
+
+
+def _warn_spread(spreads: list[float], whole: float, limit: float) -> None:
+    noisy = [s for s in spreads if s > limit]
+    if len(noisy) > len(spreads) / 4 or whole > limit:
+        warnings.warn(f"segprune: latency timings spread more than {limit:.0%} ({len(noisy)} of {len(spreads)} "
+                      f"layer timings; whole model {whole:.0%}): the machine is probably under load, and the table "
+                      "is as noisy as it was", stacklevel=3)
+
+
+# --- one layer ---------------------------------------------------------------------------------------------------
+def _spec(m: nn.Module, x: torch.Tensor, out: torch.Tensor) -> LayerSpec:
+    if isinstance(m, nn.Linear):
+        return LayerSpec("Linear", (), (), (), (), False, tuple(x.shape[:-1]), ())
+    depthwise = m.groups > 1 and m.groups == m.in_channels == m.out_channels
+    if m.groups > 1 and not depthwise:
+        raise ValueError(f"grouped (not depthwise) convolutions are not in latency tables yet: {m}")
+    return LayerSpec("Conv2d", tuple(m.kernel_size), tuple(m.stride), tuple(m.padding), tuple(m.dilation),
+                     depthwise, (x.shape[0], *x.shape[2:]), tuple(out.shape[2:]))
+
+
+def _layer(spec: LayerSpec, cin: int, cout: int) -> tuple[nn.Module, torch.Tensor]:
+    """A fused-like layer (with bias) of these widths and a random input of its shape."""
+    if spec.kind == "Linear":
+        return nn.Linear(cin, cout).eval(), torch.randn(*spec.in_shape, cin)
+    cin = cout if spec.depthwise else cin
+    conv = nn.Conv2d(cin, cout, spec.kernel, spec.stride, spec.padding, spec.dilation,
+                     groups=cout if spec.depthwise else 1).eval()
+    return conv, torch.randn(spec.in_shape[0], cin, *spec.in_shape[1:])
+
+
+def _one_node_onnx(module: nn.Module, x: torch.Tensor, y_shape: list[int], path: Path) -> None:
+    """A Conv (or Gemm) node with its weights: an ONNX graph made directly, in milliseconds, with no exporter."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w, b = module.weight.detach().numpy(), module.bias.detach().numpy()
+    if isinstance(module, nn.Linear):
+        node = helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1)
+        y_shape = [*x.shape[:-1], w.shape[0]]  # Gemm takes 2-D inputs only: what a classifier's linear sees
+    else:
+        node = helper.make_node("Conv", ["x", "w", "b"], ["y"], kernel_shape=list(module.kernel_size),
+                                strides=list(module.stride), dilations=list(module.dilation),
+                                pads=list(module.padding) * 2, group=module.groups)
+    graph = helper.make_graph([node], "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)],
+                              [numpy_helper.from_array(np.ascontiguousarray(w), "w"), numpy_helper.from_array(b, "b")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def _timed(fn, runs: int) -> list[float]:
+    fn()  # warm-up: allocation, kernel selection
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+@contextlib.contextmanager
+def _threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
