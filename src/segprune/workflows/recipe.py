@@ -63,6 +63,10 @@ class Recipe:
     cap_temperature: float = 0.1
     ratio: float = 0.5  # fraction of prunable channels removed (when target_macs is 0)
     target_macs: float = 0.0  # if > 0: remove until MACs <= this fraction of the original
+    target_latency: float = 0.0  # if > 0: remove until the predicted latency <= this fraction (a latency table's)
+    latency_table: str = ""  # the table file (segprune.LatencyTable); "" = measure it into the run folder
+    latency_runtime: str = "eager"  # the deployment runtime the table is measured on: eager or onnxruntime
+    latency_threads: int = 1  # ... and its intra-op threads
     min_keep: float = 0.1
     round_to: int = 0
     iterations: int = 1  # prune/fine-tune passes
@@ -123,6 +127,14 @@ class Recipe:
             raise ValueError(f"lam must be >= 0, got {self.lam}")
         if not 0 <= self.ratio < 1 or not 0 <= self.target_macs <= 1 or self.iterations < 1:
             raise ValueError("ratio must be in [0, 1), target_macs in [0, 1] (0 = use ratio), iterations >= 1")
+        if not 0 <= self.target_latency <= 1 or (self.target_latency and self.target_macs):
+            raise ValueError(f"target_latency must be in [0, 1] and excludes target_macs, got {self.target_latency}")
+        if self.target_latency and (self.iterations > 1 or self.schedule != "iterative"):
+            raise ValueError("target_latency prunes in one pass (iterations 1, schedule iterative): the latency "
+                             "table is measured on the unpruned model")
+        if self.latency_runtime not in ("eager", "onnxruntime") or self.latency_threads < 1:
+            raise ValueError(f"latency_runtime must be eager or onnxruntime and latency_threads >= 1, got "
+                             f"{self.latency_runtime!r}, {self.latency_threads}")
         if self.accumulate < 1 or self.checkpoint_every < 0 or self.num_workers < 0:
             raise ValueError("accumulate must be >= 1, checkpoint_every >= 0 and num_workers >= 0")
         if self.path_delta < 0 or self.path_step <= 0 or self.path_batches < 1:

@@ -11,11 +11,14 @@ import dataclasses
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from segprune import checkpoint
+from segprune.eval.latency import measure_latency_table
 from segprune.eval.metrics import evaluate
 from segprune.prune import prune
+from segprune.prune.latency import LatencyTable
 from segprune.train.loop import fit
 from segprune.workflows import rundir
 from segprune.workflows.data import evaluation_dataset, instance_dataset
@@ -39,9 +42,13 @@ def task_name(config: dict) -> str:
 
 def prune_checkpoint(folder: str | Path, out: str | Path, *, method_name: str = "bn_scale", ratio: float = 0.5,
                      target_macs: float | None = None, round_to: int | None = None, min_keep: float = 0.1,
-                     size: tuple[int, int] = (256, 256), force: bool = False):
+                     size: tuple[int, int] = (256, 256), force: bool = False, target_latency: float | None = None,
+                     latency_table_path: str | Path = "", latency_runtime: str = "eager", latency_threads: int = 1):
     """Prune the model in checkpoint ``folder`` by the criterion of ``method_name`` into checkpoint ``out``
-    (the plan composed with the one it had); returns the :class:`~segprune.prune.PruneResult`."""
+    (the plan composed with the one it had); returns the :class:`~segprune.prune.PruneResult`.
+
+    ``target_latency``: prune to that fraction of the latency a table predicts (``latency_table_path``, or measured
+    at ``size`` on ``latency_runtime`` and kept in ``out``)."""
     if method(method_name).needs_data:
         raise ValueError(f"method {method_name} needs training data: run a recipe with `method: {method_name}` "
                          f"(segprune run); on a checkpoint choose from {', '.join(checkpoint_methods())}")
@@ -50,6 +57,10 @@ def prune_checkpoint(folder: str | Path, out: str | Path, *, method_name: str = 
     x = torch.zeros(1, 3, *size)
     example = model.prune_inputs(x) if hasattr(model, "prune_inputs") else x  # YOLACT: prototypes <-> coefficients
     target = dict(target_macs=target_macs) if target_macs else dict(ratio=ratio)
+    if target_latency:
+        table = latency_table(model, x, path=latency_table_path, cache=out, runtime=latency_runtime,
+                              threads=latency_threads, name=config.get("model"))
+        target = dict(target_latency=target_latency, latency=table)
     result = prune(model, example, criterion=method(method_name).criterion, round_to=round_to, min_keep=min_keep,
                    **target)
     checkpoint.save(out, result.model, config=config, plan=plan.then(result.plan))
@@ -119,3 +130,21 @@ def _evaluate_instances(folder, config: dict, data: str, *, split, samples, batc
     model = checkpoint.load(folder).to(device)
     recipe = dataclasses.replace(Recipe(), batch_size=batch_size)
     return task_of("instance").evaluate(model, dataset, recipe, num_classes=num_classes, device=device)
+
+
+def latency_table(model: nn.Module, example: torch.Tensor, *, path: str | Path = "", cache: Path | None = None,
+                  runtime: str = "eager", threads: int = 1, name: str | None = None) -> LatencyTable:
+    """The latency table of ``model`` at ``example``'s shape on ``runtime``: read from ``path`` (refused, with what
+    differs, when measured on another runtime, thread count, input or model), else measured once and kept in the
+    folder ``cache`` as ``latency_table_<runtime>_t<threads>.json`` for the next run."""
+    cached = cache / f"latency_table_{runtime}_t{threads}.json" if cache is not None else None
+    source = Path(path) if path else cached
+    if source is not None and source.is_file():
+        return LatencyTable.load(source, runtime=runtime, threads=threads, input=tuple(example.shape), model=model)
+    if path:
+        raise FileNotFoundError(f"{path}: no such latency table")
+    table = measure_latency_table(model, example, runtime=runtime, threads=threads, name=name)
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        table.save(cached)
+    return table
