@@ -15,6 +15,8 @@ from segprune.prune.criteria import CRITERIA
 from segprune.prune.graph import ChannelGroup, ChannelGroups, channel_groups
 from segprune.prune.methods import METHODS, select_target
 from segprune.prune.plan import Plan
+from segprune.prune.fold import apply_folds, with_biases
+from segprune.prune.verify import Verification, unfolded, verify_removal
 
 
 @dataclass
@@ -25,6 +27,7 @@ class PruneResult:
     plan: Plan
     groups: list[ChannelGroup]
     removed: dict[int, np.ndarray]
+    verification: Verification | None = None  # what `verify` checked and froze (None: not verified)
 
     @property
     def channels_removed(self) -> int:
@@ -38,7 +41,7 @@ class PruneResult:
 def prune(model: nn.Module, example_inputs, *, ratio: float | None = None, target_macs: float | None = None,
           target_params: float | None = None, criterion: str | Callable = "bn_scale", method: str = "global",
           ignore: Sequence[str] = (), min_keep: float = 0.1, round_to: int | None = None, seed: int = 0,
-          groups: ChannelGroups | None = None, inplace: bool = False) -> PruneResult:
+          groups: ChannelGroups | None = None, inplace: bool = False, verify: bool | str = True) -> PruneResult:
     """Remove the channels with the lowest `criterion` scores: a `ratio` of them, or as few as reach a target.
 
     Args:
@@ -58,6 +61,10 @@ def prune(model: nn.Module, example_inputs, *, ratio: float | None = None, targe
         seed: for the "random" criterion.
         groups: channel groups already computed by `channel_groups` for this model (skips the trace).
         inplace: cut `model` itself instead of a copy.
+        verify: check the result against the masked model (float64, on copies) on a 32-pixel crop of
+            `example_inputs` (the full inputs if the model does not run on it; "full": always the full inputs);
+            groups whose cut is not exact are frozen with a warning and the model is cut again (see
+            `result.verification`). False skips the check.
     """
     if sum(v is not None for v in (ratio, target_macs, target_params)) != 1:
         raise ValueError("give exactly one of ratio, target_macs, target_params")
@@ -74,16 +81,30 @@ def prune(model: nn.Module, example_inputs, *, ratio: float | None = None, targe
     scores = {g.id: s for g in groups if not g.frozen and (s := score(g, model)) is not None}
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
-    if ratio is not None:
-        removed = METHODS[method](groups, scores, ratio=ratio, min_keep=min_keep, round_to=round_to)
+    select = functools.partial(_select, model=model, scores=scores, method=method, ratio=ratio,
+                               target_macs=target_macs, target_params=target_params, min_keep=min_keep,
+                               round_to=round_to)
+    removed, verification, checked, folds = select(groups), None, None, []
+    if verify:
+        modes = ("eval", "train") if getattr(groups, "train_only", True) else ("eval",)
+        groups, removed, verification, checked, folds = verify_removal(
+            model, example_inputs, groups, removed, select, modes=modes, probe=None if verify == "full" else 32)
     else:
-        metric, target = ("macs", target_macs) if target_macs is not None else ("params", target_params)
-        cost = CostModel(model, groups)
-        removed = select_target(groups, scores, cost=lambda r: cost.relative(r, metric), target=target,
-                                min_keep=min_keep, round_to=round_to)
-    plan = Plan.from_removal(model, groups, removed)
-    pruned = plan.apply(model if inplace else copy.deepcopy(model))
-    return PruneResult(pruned, plan, groups, removed)
+        groups, removed = unfolded(groups, removed, select)
+    plan = with_biases(Plan.from_removal(model, groups, removed), model, folds)
+    pruned = checked if checked is not None and not inplace else plan.apply(
+        apply_folds(model if inplace else copy.deepcopy(model), folds))
+    return PruneResult(pruned, plan, groups, removed, verification)
+
+
+def _select(groups, *, model, scores, method, ratio, target_macs, target_params, min_keep, round_to):
+    """What to cut from `groups` (their frozen channels excluded): a ratio, or the fewest cuts reaching a target."""
+    if ratio is not None:
+        return METHODS[method](groups, scores, ratio=ratio, min_keep=min_keep, round_to=round_to)
+    metric, target = ("macs", target_macs) if target_macs is not None else ("params", target_params)
+    cost = CostModel(model, groups)
+    return select_target(groups, scores, cost=lambda r: cost.relative(r, metric), target=target,
+                         min_keep=min_keep, round_to=round_to)
 
 
 def _criterion(criterion, seed):

@@ -23,9 +23,16 @@ from segprune.prune.trace import trace
 class ChannelGroups(list):
     """The groups of a model (a list), with the MACs of each layer in one eval-mode pass, for cost targets."""
 
-    def __init__(self, groups=(), *, module_macs: dict[str, int] | None = None):
+    def __init__(self, groups=(), *, module_macs: dict[str, int] | None = None, train_only: bool = True,
+                 offsets: dict[str, str] | None = None):
         super().__init__(groups)
         self.module_macs = dict(module_macs or {})
+        self.train_only = train_only  # whether some layer runs only in train mode (an auxiliary head)
+        self.offsets = dict(offsets or {})  # consumer -> op that may feed it f(0) != 0 (zeros.py, fold.py)
+
+    def like(self, groups) -> ChannelGroups:
+        """Other groups of the same model (some frozen since), with this trace's MACs."""
+        return ChannelGroups(groups, module_macs=self.module_macs, train_only=self.train_only, offsets=self.offsets)
 
     @property
     def total_macs(self) -> int:
@@ -111,7 +118,8 @@ def build_groups(st: TraceState, *, ignore: Sequence[str] = ()) -> ChannelGroups
     for members in _connected(classes):
         groups.append(_make_group(len(groups), [keys[k] for k in members], [classes[k] for k in members],
                                   frozen, made))
-    return ChannelGroups(groups, module_macs=st.macs)
+    train_only = "train" in st.bound_in.values()
+    return ChannelGroups(groups, module_macs=st.macs, train_only=train_only, offsets=st.offsets)
 
 
 def _frozen_classes(st, roots, keys, classes, ignore) -> dict[int, str]:

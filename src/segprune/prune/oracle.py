@@ -8,6 +8,7 @@ from the groups alone, independently of the surgery, so a missed coupling shows 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import numpy as np
@@ -30,6 +31,26 @@ def masked_copy(model: nn.Module, groups: list[ChannelGroup], removed: dict[int,
             for m in group.members if drop is not None and len(drop) else ():
                 _zero(masked.get_submodule(m.module), m.role, torch.from_numpy(np.isin(m.index, drop)))
     return masked
+
+
+@contextlib.contextmanager
+def masked_in_place(model: nn.Module, groups: list[ChannelGroup], removed: dict[int, np.ndarray]):
+    """`model` itself with the removed channels zeroed, as in `masked_copy`, restored on exit (no copy made)."""
+    saved = []
+    with torch.no_grad():
+        for group in groups:
+            drop = removed.get(group.id)
+            for m in group.members if drop is not None and len(drop) else ():
+                module = model.get_submodule(m.module)
+                saved += [(t, t.detach().clone()) for t in (getattr(module, "weight", None),
+                                                             getattr(module, "bias", None)) if t is not None]
+                _zero(module, m.role, torch.from_numpy(np.isin(m.index, drop)))
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for t, value in reversed(saved):  # a weight saved twice is restored from its first save
+                t.copy_(value)
 
 
 def _zero(module: nn.Module, role: str, dead: torch.Tensor) -> None:

@@ -69,6 +69,9 @@ class Plan:
             _bypass(model, name, entry)
         for name, entry in self.modules.items():
             module = _checked_module(model, name, entry)
+            if entry.get("bias") and module.bias is None:  # a constant was folded into it (fold.py)
+                module.bias = nn.Parameter(torch.zeros(width(module, "out"), dtype=module.weight.dtype,
+                                                       device=module.weight.device))
             keep = {role: torch.as_tensor(entry[role], dtype=torch.long) for role in ("out", "in") if role in entry}
             surgery_for(module)(module, out=keep.get("out"), in_=keep.get("in"))
         return model
@@ -79,6 +82,8 @@ class Plan:
         merged = {name: dict(entry) for name, entry in self.modules.items() if not _inside(name, later.bypass)}
         for name, entry in later.modules.items():
             first = merged.setdefault(name, {"type": entry["type"]})
+            if entry.get("bias"):
+                first["bias"] = True
             for role in ("out", "in"):
                 if role not in entry:
                     continue

@@ -66,8 +66,6 @@ def unknown(st: TraceState, name: str, args, kwargs, out) -> None:
     """No rule: freeze every channel the op touches, loudly. Never a silently wrong model."""
     reason = f"op '{name}' has no channel rule (in {st.where})"
     touched = [st.get(t) for t in tensors((args, kwargs))]
-    if any(info is not None for info in touched):
-        st.warn(f"{reason}: its channels are frozen")
     for info in touched:
         if info is not None:
             st.freeze(info.ids, reason)
@@ -158,9 +156,8 @@ def _freeze_constants(st, args, kwargs, out_t, pos, info):
     for t in tensors((args, kwargs)):
         offset = pos - (ndim - t.dim())
         if st.get(t) is None and 0 <= offset < t.dim() and t.shape[offset] > 1:
-            st.freeze(info.ids, f"a tensor that is not traced meets these channels (in {st.where})")
-            st.warn(f"an untraced tensor of shape {tuple(t.shape)} meets traced channels in "
-                    f"{st.where}: those channels are frozen")
+            st.freeze(info.ids, f"an untraced tensor of shape {tuple(t.shape)} (a constant or a raw parameter) "
+                                f"meets these channels (in {st.where})")
 
 
 # --- producers and consumers ------------------------------------------------------------------------
@@ -170,6 +167,12 @@ def _owner(st, param, name):
     if owner is None or surgery_for(owner[1]) is None:
         return None
     return owner
+
+
+def _note_offset(st, consumer, info):
+    """A consumer reading channels that an op between made nonzero: prune measures and folds (fold.py)."""
+    if info is not None and info.nonzero:
+        st.offsets.setdefault(consumer, info.nonzero)
 
 
 def _produce(st, module_name, n):
@@ -193,6 +196,7 @@ def conv(st, args, kwargs, out):
     in_ids = info.ids if info is not None else st.fresh(x.shape[1])
     if groups == 1:
         st.bind(name, "in", in_ids)
+        _note_offset(st, name, info)
     else:  # a conv group's inputs and outputs live and die together (depthwise: one in, k outs)
         for g_in, g_out in zip(np.split(in_ids, groups), np.split(out_ids, groups)):
             st.union_all(np.concatenate([g_in, g_out]))
@@ -212,6 +216,7 @@ def linear(st, args, kwargs, out):
         return unknown(st, "linear with a computed weight", args, kwargs, out)
     if info is not None and info.cdim == x.dim() - 1:
         st.bind(owner[0], "in", info.ids)
+        _note_offset(st, owner[0], info)
     elif info is not None:  # the traced dim passes through; the features are not a traced channel
         st.freeze(info.ids, f"{owner[0]} consumes a dim other than the traced channels")
     out_ids = _produce(st, owner[0], out.shape[-1])
@@ -570,7 +575,6 @@ def setitem(st, args, kwargs, out):
         info = st.get(t)
         if info is not None:
             st.freeze(info.ids, f"in-place write into a slice (in {st.where})")
-            st.warn(f"in-place slice assignment in {st.where}: channels frozen")
 
 
 # --- contractions: einsum, matmul, bmm ------------------------------------------------------------------------

@@ -15,12 +15,16 @@ import numpy as np
 import torch
 
 
+_EXPECTED = {"a model input", "reaches the model's output"}  # freezes nobody needs to hear about
+
+
 @dataclass
 class TensorInfo:
     """The channel elements a traced tensor carries along its channel dim `cdim`."""
 
     ids: np.ndarray
     cdim: int
+    nonzero: str | None = None  # the op that makes a removed (zero) channel nonzero here, e.g. "sigmoid (in a.b)"
 
 
 class TraceState:
@@ -32,8 +36,10 @@ class TraceState:
         self.created: set[int] = set()  # elements made by a producer (conv/linear output)
         self.info: dict[int, TensorInfo] = {}  # id(tensor) -> what it carries, while the tensor lives
         self.bindings: dict[tuple[str, str], np.ndarray] = {}  # (module name, role) -> elements
+        self.bound_in: dict[tuple[str, str], str] = {}  # (module name, role) -> the mode that first bound it
         self.producers: dict[str, np.ndarray] = {}  # module name -> its output elements (shared modules)
         self.warnings: list[str] = []
+        self.offsets: dict[str, str] = {}  # consumer module -> the op that may feed it f(0) != 0 on removed channels
         self.module_path = ""  # innermost module running now, for messages
         self.current_op = ""  # the op whose rule runs now
         self.shape_only = True  # conv/linear compute shapes only (see trace.py)
@@ -69,8 +75,14 @@ class TraceState:
             self.union(np.full(len(ids) - 1, ids[0]), ids[1:])
 
     def freeze(self, ids: np.ndarray, reason: str) -> None:
-        for e in ids.tolist():
-            self.frozen.setdefault(e, reason)
+        """Never prune these elements; say so unless they are the model's inputs or outputs (a frozen channel costs
+        compression, and the user should know why)."""
+        fresh = [e for e in ids.tolist() if e not in self.frozen]
+        for e in fresh:
+            self.frozen[e] = reason
+        if fresh and reason not in _EXPECTED:
+            self.warn(f"{reason}: {len(fresh)} channel(s) frozen (never pruned). If they should be prunable, rewrite "
+                      "that code with whole-tensor ops or register a rule for the op (segprune.prune.rules.RULES)")
 
     @property
     def where(self) -> str:
@@ -121,3 +133,4 @@ class TraceState:
             self.union(old, ids)
         else:
             self.bindings[key] = ids
+            self.bound_in[key] = self.mode

@@ -21,6 +21,7 @@ from torch.utils._pytree import tree_map
 
 from segprune.prune.rules import RULES, constant, op_name, tensors, unknown
 from segprune.prune.state import TraceState
+from segprune.prune.zeros import nonzero_tag
 
 
 class _Recorder(TorchFunctionMode):
@@ -42,7 +43,17 @@ class _Recorder(TorchFunctionMode):
             RULES.get(name, lambda *a: unknown(st, name, *a[1:]))(st, args, kwargs, out)
             if name not in RULES or RULES[name] is not constant:
                 _untracked_outputs(st, name, args, kwargs, out)
+            _tag_nonzero(st, name, args, kwargs, out)
         return out
+
+
+def _tag_nonzero(st, name, args, kwargs, out):
+    """Mark outputs where a removed channel is no longer zero (see zeros.py)."""
+    tag = nonzero_tag(st, name, args, kwargs)
+    for t in tensors(out):
+        info = st.get(t)
+        if info is not None:
+            info.nonzero = tag
 
 
 # Channel structure depends on shapes, not values: convolutions and linear layers (nearly all the time of a
