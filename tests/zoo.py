@@ -165,3 +165,95 @@ class ChannelsLast(nn.Module):
 
 ZOO = {cls.__name__: cls for cls in (FPNShared, AttentionGate, GroupNormDecoder, DiscardedStage, SplitSliceLinear,
                                        DepthwiseResidual, UnknownOp, ChannelsLast)}
+
+
+# --- soundness cases (issue #13): ops between producer and consumer that do not map 0 to 0, saved shapes, splits
+class Between(nn.Module):
+    """stem -> p (16 channels, the ones cut) -> `op` -> q -> cls; `kernel` 1 lets q take the constant into its bias,
+    3 (zero-padded) does not."""
+
+    def __init__(self, op, kernel=1, padding=None, num_classes=3, norm=True):
+        super().__init__()
+        self.op = op
+        self.stem = cbr(3, 8)
+        self.p = nn.Sequential(nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16)) if norm else nn.Conv2d(8, 16, 1)
+        self.q = nn.Conv2d(16, 8, kernel, padding=kernel // 2 if padding is None else padding)
+        self.cls = nn.Conv2d(8, num_classes, 1)
+
+    def forward(self, x):
+        y = self.q(self.op(self, self.p(self.stem(x))))
+        return self.cls(F.interpolate(y, size=x.shape[-2:]))
+
+
+def _between(name, op, **kw):
+    return type(name, (Between,), {"__init__": lambda self, num_classes=3: Between.__init__(self, op, **kw)})
+
+
+class _AffineFree(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.p = nn.Sequential(nn.Conv2d(8, 16, 1), nn.BatchNorm2d(16, affine=False))
+
+
+SOUNDNESS = {
+    "SigmoidThen1x1": _between("SigmoidThen1x1", lambda m, y: torch.sigmoid(y)),
+    "SigmoidThen3x3": _between("SigmoidThen3x3", lambda m, y: torch.sigmoid(y), kernel=3),
+    "HardsigmoidThen3x3": _between("HardsigmoidThen3x3", lambda m, y: F.hardsigmoid(y), kernel=3),
+    "AddConst": _between("AddConst", lambda m, y: y + 1.0),
+    "OnesLike": _between("OnesLike", lambda m, y: y + torch.ones_like(y)),
+    "Exp": _between("Exp", lambda m, y: torch.exp(y)),
+    "Softplus": _between("Softplus", lambda m, y: F.softplus(y), kernel=3, padding=0),
+    "PadValue": _between("PadValue", lambda m, y: F.pad(y, (1, 1, 1, 1), value=1.0), kernel=3, padding=0),
+    "AffineFreeBN": _between("AffineFreeBN", lambda m, y: F.relu(m.free(y)), norm=False),
+    "ParamAdd": _between("ParamAdd", lambda m, y: y + m.shift),
+}
+
+
+def _with_parts(cls, **parts):
+    init = cls.__init__
+
+    def __init__(self, num_classes=3):
+        init(self, num_classes)
+        for name, make in parts.items():
+            setattr(self, name, make())
+
+    return type(cls.__name__, (cls,), {"__init__": __init__})
+
+
+SOUNDNESS["AffineFreeBN"] = _with_parts(SOUNDNESS["AffineFreeBN"], free=lambda: nn.BatchNorm2d(16, affine=False))
+SOUNDNESS["ParamAdd"] = _with_parts(SOUNDNESS["ParamAdd"], shift=lambda: nn.Parameter(torch.ones(1)))
+
+
+class SavedShape(nn.Module):
+    """transformers' DPT reassemble: a shape saved before a token projection, reused to fold the tokens back."""
+
+    def __init__(self, num_classes=3):
+        super().__init__()
+        self.stem = cbr(3, 16)
+        self.proj = nn.Linear(16, 16)
+        self.other = cbr(3, 8)
+        self.cls, self.side = nn.Conv2d(16, num_classes, 1), nn.Conv2d(8, num_classes, 1)
+
+    def forward(self, x):
+        y = self.stem(x)
+        shape = y.shape
+        z = self.proj(y.flatten(2).transpose(1, 2))
+        return self.cls(z.transpose(1, 2).reshape(shape)) + self.side(self.other(x))
+
+
+class IntSplit(nn.Module):
+    """res2net's split into fixed-size pieces, each through its own conv."""
+
+    def __init__(self, num_classes=3):
+        super().__init__()
+        self.stem = cbr(3, 16)
+        self.branches = nn.ModuleList([cbr(8, 8), cbr(8, 8)])
+        self.cls = nn.Conv2d(16, num_classes, 1)
+
+    def forward(self, x):
+        parts = torch.split(self.stem(x), 8, dim=1)
+        return self.cls(torch.cat([b(p) for b, p in zip(self.branches, parts)], 1))
+
+
+SOUNDNESS.update({"SavedShape": SavedShape, "IntSplit": IntSplit})
+ZOO.update(SOUNDNESS)

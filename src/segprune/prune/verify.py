@@ -295,7 +295,9 @@ class _Where:
         self.names, self.stack = {}, []
 
     def at(self) -> str:
-        return f" in {self.stack[-1]}" if self.stack and self.stack[-1] else ""
+        if not self.stack:
+            return ""
+        return f" in {self.stack[-1]}" if self.stack[-1] else " in the model's top-level forward"
 
     def __enter__(self):
         self.handles = [module_hooks.register_module_forward_pre_hook(self._pre),
