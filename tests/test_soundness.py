@@ -54,3 +54,29 @@ def test_a_folded_bias_replays_with_the_plan():
     fresh.load_state_dict(result.model.state_dict())
     x = torch.randn(1, 3, 16, 16, dtype=torch.float64)
     assert torch.equal(outputs(fresh, x)[0], outputs(result.model, x)[0])
+
+
+@pytest.mark.parametrize("name", ["ConvNeXtTiny", "ConvNeXtConvMLP"])
+def test_convnext_hidden_channels_are_exact_and_the_stream_waits_for_allow_approximate(name):
+    from tests.zoo import MODERN
+
+    torch.manual_seed(0)
+    model = randomize_norms(MODERN[name]()).double().eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        exact = segprune.prune(model, x, ratio=0.5, criterion="random")
+    messages = " | ".join(str(w.message) for w in caught)
+    assert "unsupported weight or layout" not in messages and "allow_approximate=('layer_norm',)" in messages
+    hidden = [g for g in exact.groups if "stage1.0.fc1" in g.modules("out")]
+    assert hidden and hidden[0].prunable.all() and not exact.verification.frozen
+    masked = outputs(masked_copy(model, exact.groups, exact.removed), x)
+    assert relative_error(masked, outputs(exact.model, x)) < 1e-9
+
+    loose = segprune.prune(model, x, ratio=0.5, criterion="random", allow_approximate=("layer_norm",))
+    assert loose.channels_prunable > exact.channels_prunable and loose.verification.approximate
+    assert loose.verification.error > loose.verification.tolerance  # measured, reported, not frozen
+    assert loose.model.stage1[0].gamma.numel() < 8 and loose.model.stage1[0].norm.weight.numel() < 8
+    fresh = segprune.Plan.from_json(loose.plan.to_json()).apply(MODERN[name]().double().eval())
+    fresh.load_state_dict(loose.model.state_dict())
+    assert torch.equal(outputs(fresh, x)[0], outputs(loose.model, x)[0])

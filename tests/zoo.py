@@ -257,3 +257,64 @@ class IntSplit(nn.Module):
 
 SOUNDNESS.update({"SavedShape": SavedShape, "IntSplit": IntSplit})
 ZOO.update(SOUNDNESS)
+
+
+# --- modern blocks (issue #13): channels-last LayerNorm, ConvNeXt's MLP, layer scale
+class LayerNorm2d(nn.LayerNorm):
+    """timm's / smp's LayerNorm2d: a LayerNorm over the channels of NCHW, through two permutes."""
+
+    def forward(self, x):
+        x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class ConvNeXtBlock(nn.Module):
+    """ConvNeXt: depthwise 7x7, channels-last LayerNorm, Linear MLP (hidden channels: no norm between the two
+    Linears, so they prune exactly), layer scale, residual. `conv_mlp`: timm's variant with 1x1 convs and a
+    LayerNorm2d."""
+
+    def __init__(self, dim, conv_mlp=False):
+        super().__init__()
+        self.conv_mlp = conv_mlp
+        self.conv_dw = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = LayerNorm2d(dim) if conv_mlp else nn.LayerNorm(dim)
+        mlp = (lambda a, b: nn.Conv2d(a, b, 1)) if conv_mlp else nn.Linear
+        self.fc1, self.act, self.fc2 = mlp(dim, 4 * dim), nn.GELU(), mlp(4 * dim, dim)
+        self.gamma = nn.Parameter(torch.rand(dim) + 0.5)
+
+    def forward(self, x):
+        shortcut = x
+        x = self.conv_dw(x)
+        if self.conv_mlp:
+            x = self.fc2(self.act(self.fc1(self.norm(x)))) * self.gamma.reshape(1, -1, 1, 1)
+        else:
+            x = self.gamma * self.fc2(self.act(self.fc1(self.norm(x.permute(0, 2, 3, 1)))))
+            x = x.permute(0, 3, 1, 2)
+        return shortcut + x
+
+
+class ConvNeXtTiny(nn.Module):
+    """Stem (patchify conv + LayerNorm2d), two stages with a LayerNorm2d + strided-conv downsample, a UPerNet-like
+    LayerNorm2d + 3x3 conv head."""
+
+    def __init__(self, num_classes=3, conv_mlp=False):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 2, stride=2), LayerNorm2d(8))
+        self.stage1 = nn.Sequential(ConvNeXtBlock(8, conv_mlp), ConvNeXtBlock(8, conv_mlp))
+        self.down = nn.Sequential(LayerNorm2d(8), nn.Conv2d(8, 16, 2, stride=2))
+        self.stage2 = nn.Sequential(ConvNeXtBlock(16, conv_mlp))
+        self.head = nn.Sequential(nn.Conv2d(16, 12, 3, padding=1), LayerNorm2d(12), nn.ReLU(), nn.Conv2d(12, 12, 1))
+        self.cls = nn.Conv2d(12, num_classes, 1)
+
+    def forward(self, x):
+        y = self.head(self.stage2(self.down(self.stage1(self.stem(x)))))
+        return F.interpolate(self.cls(y), size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+class ConvNeXtConvMLP(ConvNeXtTiny):
+    def __init__(self, num_classes=3):
+        super().__init__(num_classes, conv_mlp=True)
+
+
+MODERN = {"ConvNeXtTiny": ConvNeXtTiny, "ConvNeXtConvMLP": ConvNeXtConvMLP}
+ZOO.update(MODERN)

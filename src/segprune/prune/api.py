@@ -41,7 +41,8 @@ class PruneResult:
 def prune(model: nn.Module, example_inputs, *, ratio: float | None = None, target_macs: float | None = None,
           target_params: float | None = None, criterion: str | Callable = "bn_scale", method: str = "global",
           ignore: Sequence[str] = (), min_keep: float = 0.1, round_to: int | None = None, seed: int = 0,
-          groups: ChannelGroups | None = None, inplace: bool = False, verify: bool | str = True) -> PruneResult:
+          groups: ChannelGroups | None = None, inplace: bool = False, verify: bool | str = True,
+          allow_approximate: Sequence[str] = ()) -> PruneResult:
     """Remove the channels with the lowest `criterion` scores: a `ratio` of them, or as few as reach a target.
 
     Args:
@@ -65,6 +66,8 @@ def prune(model: nn.Module, example_inputs, *, ratio: float | None = None, targe
             `example_inputs` (the full inputs if the model does not run on it; "full": always the full inputs);
             groups whose cut is not exact are frozen with a warning and the model is cut again (see
             `result.verification`). False skips the check.
+        allow_approximate: ops whose channels may be removed although that is not exact, e.g. ("layer_norm",);
+            `result.verification.error` is then the output change measured against the masked model.
     """
     if sum(v is not None for v in (ratio, target_macs, target_params)) != 1:
         raise ValueError("give exactly one of ratio, target_macs, target_params")
@@ -74,7 +77,8 @@ def prune(model: nn.Module, example_inputs, *, ratio: float | None = None, targe
     ratio_ok = ratio is None or 0 <= ratio < 1
     if not ratio_ok:
         raise ValueError(f"ratio must be in [0, 1), got {ratio}")
-    groups = groups if groups is not None else channel_groups(model, example_inputs, ignore=ignore)
+    groups = groups if groups is not None else channel_groups(model, example_inputs, ignore=ignore,
+                                                              allow_approximate=allow_approximate)
     if not any(g.prunable.any() for g in groups):
         raise ValueError("the model has no prunable channel (every channel group is frozen)")
     score = _criterion(criterion, seed)

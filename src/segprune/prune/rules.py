@@ -150,14 +150,31 @@ def _single_channel(st, args, kwargs, out_t):
 
 
 def _freeze_constants(st, args, kwargs, out_t, pos, info):
-    """An untraced operand with C values along the channel dim (a constant, a raw parameter) would keep
-    its C values after pruning: those channels cannot be cut."""
+    """An untraced operand with C values along the channel dim would keep its C values after pruning: a raw
+    per-channel parameter (layer scale, `x * gamma`) is bound and cut with the channels; anything else (a
+    constant) freezes them."""
     ndim = out_t.dim()
     for t in tensors((args, kwargs)):
         offset = pos - (ndim - t.dim())
         if st.get(t) is None and 0 <= offset < t.dim() and t.shape[offset] > 1:
+            param = _per_channel_parameter(st, t, offset)
+            if param is not None:
+                st.bind(param[0], f"param:{param[1]}", info.ids)
+                continue
             st.freeze(info.ids, f"an untraced tensor of shape {tuple(t.shape)} (a constant or a raw parameter) "
                                 f"meets these channels (in {st.where})")
+
+
+def _per_channel_parameter(st, t, dim):
+    """(module, parameter name) when `t` is a registered parameter, or a view of one, holding one value per channel
+    along `dim` and nothing else (its other dims are 1)."""
+    if any(size != 1 for d, size in enumerate(t.shape) if d != dim):
+        return None
+    for name, module in st.params_by_ptr.get(t.data_ptr(), ()):
+        param = getattr(module, name)
+        if param.numel() == t.numel() and sum(size != 1 for size in param.shape) == 1:
+            return st.owners[id(param)][0], name
+    return None
 
 
 # --- producers and consumers ------------------------------------------------------------------------
@@ -257,6 +274,34 @@ def group_norm(st, args, kwargs, out):
     if owner is not None:
         st.bind(owner[0], "out", info.ids)
     st.set(out, info.ids, 1)
+
+
+@rule("layer_norm", "rms_norm")
+def layer_norm(st, args, kwargs, out):
+    """A norm over the last dims. Over the channels alone (a transformer's LayerNorm, ConvNeXt's channels-last
+    LayerNorm2d) removing a channel changes the mean and variance the others are normalised with: not exact, so
+    frozen unless the user allows it (allow_approximate=("layer_norm",)); verify then measures the change."""
+    x, shape = args[0], _arg(args, kwargs, 1, "normalized_shape")
+    info = st.get(x)
+    if info is None:
+        return
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    weight = _arg(args, kwargs, 2, "weight")
+    owner = st.owners.get(id(weight)) if weight is not None else None
+    if info.cdim < x.dim() - len(shape):  # normalises other dims: the channels pass through
+        return st.set(out, info.ids, info.cdim)
+    if len(shape) != 1 or (weight is not None and (owner is None or surgery_for(owner[1]) is None)):
+        return unknown(st, f"{st.current_op} over the channels and other dims, or with a computed weight", args,
+                       kwargs, out)
+    if owner is not None:
+        st.bind(owner[0], "out", info.ids)
+    name = st.current_op
+    if name in st.allow_approximate:
+        st.approximate.update((e, f"{name} (in {st.where})") for e in info.ids.tolist())
+    else:
+        st.freeze(info.ids, f"{name} over the channels (in {st.where}) makes their removal inexact (the others' "
+                            f"statistics change); pass allow_approximate=('{name}',) to prune them anyway")
+    st.set(out, info.ids, info.cdim)
 
 
 @rule("prelu")

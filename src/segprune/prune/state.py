@@ -39,6 +39,8 @@ class TraceState:
         self.bound_in: dict[tuple[str, str], str] = {}  # (module name, role) -> the mode that first bound it
         self.producers: dict[str, np.ndarray] = {}  # module name -> its output elements (shared modules)
         self.warnings: list[str] = []
+        self.allow_approximate: tuple[str, ...] = ()  # ops whose inexact removal the user accepts (layer_norm)
+        self.approximate: dict[int, str] = {}  # element -> the inexact op it passes (allowed, measured by verify)
         self.offsets: dict[str, str] = {}  # consumer module -> the op that may feed it f(0) != 0 on removed channels
         self.module_path = ""  # innermost module running now, for messages
         self.current_op = ""  # the op whose rule runs now
@@ -46,6 +48,7 @@ class TraceState:
         self.mode = "eval"  # the pass running now
         self.macs: dict[str, int] = {}  # module -> multiply-accumulates of its calls in the eval pass
         self.owners: dict[int, tuple[str, torch.nn.Module]] = {}  # id(parameter or buffer) -> owner
+        self.params_by_ptr: dict[int, list[tuple[str, torch.nn.Module]]] = {}  # data_ptr -> (name, owning module)
 
     # elements -----------------------------------------------------------------------------------
     def fresh(self, n: int) -> np.ndarray:

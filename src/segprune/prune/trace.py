@@ -105,7 +105,7 @@ def param_owners(model: nn.Module) -> dict[int, tuple[str, nn.Module]]:
 
 
 def trace(model: nn.Module, example_inputs, *, modes: Sequence[str] = ("eval", "train"),
-          shape_only: bool = True) -> TraceState:
+          shape_only: bool = True, allow_approximate: Sequence[str] = ()) -> TraceState:
     """Run `model` once per mode on `example_inputs` and return the channel facts the rules recorded.
 
     With `shape_only`, convolutions and linear layers compute only their output shape (zeros come out):
@@ -114,7 +114,11 @@ def trace(model: nn.Module, example_inputs, *, modes: Sequence[str] = ("eval", "
     """
     st = TraceState()
     st.shape_only = shape_only
+    st.allow_approximate = tuple(allow_approximate)
     st.owners = param_owners(model)
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            st.params_by_ptr.setdefault(param.data_ptr(), []).append((name, module))
     args, kwargs = as_call(example_inputs)
     for t in tensors((args, kwargs)):
         st.set_opaque(t, "a model input")

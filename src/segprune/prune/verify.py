@@ -49,6 +49,8 @@ class Verification:
         checks: how many pruned models were built and compared (1 when the first cut was right).
         inputs: the shapes of the inputs checked (a crop of the example inputs unless verify="full").
         folded: consumers whose bias took the constant a removed channel still sent them (fold.py).
+        approximate: the allowed inexact ops (allow_approximate) that made `error` exceed `tolerance`; `error` is
+            then the measured output change of the pruned model against the masked one.
         seconds: the wall time verification took.
     """
 
@@ -62,6 +64,7 @@ class Verification:
     seconds: float = 0.0
     inputs: list[list[int]] = field(default_factory=list)
     folded: list[str] = field(default_factory=list)
+    approximate: list[str] = field(default_factory=list)
 
 
 def verify_removal(model: nn.Module, example_inputs, groups: Sequence[ChannelGroup], removed: Removal,
@@ -86,7 +89,9 @@ def verify_removal(model: nn.Module, example_inputs, groups: Sequence[ChannelGro
     record.inputs = checker.shapes
     record.seconds = time.perf_counter() - start
     record.folded = sorted({f.consumer for f in folds})
-    return groups, removed, record, _back(checker.passed, model) if checker.ready else None, folds
+    last, pruned = checker.last
+    reuse = checker.ready and removed and last is removed
+    return groups, removed, record, _back(pruned, model) if reuse else None, folds
 
 
 def _back(pruned, model):
@@ -104,13 +109,13 @@ def _back(pruned, model):
 def _settle(checker, groups, removed, select, record, offsets):
     """Measure folds, check, bisect, freeze, re-select, until the removal passes (each round freezes a group)."""
     while True:
-        outcome = checker.check(groups, removed, offsets=offsets)
-        ok, error, why, folds, bad = outcome
+        ok, error, why, folds, bad = checker.check(groups, removed, offsets=offsets)
+        allowed = {gid: op for gid, op in getattr(groups, "approximate", {}).items() if gid in removed}
         if not bad and not ok:
-            subset = lambda ids: checker.check(groups, {g: removed[g] for g in ids}, folds=folds)[:3]  # noqa: E731
-            bad = _find_bad(subset, sorted(removed), (ok, error, why))
+            bad = _blame(checker, groups, removed, folds, allowed, (ok, error, why))
         if not bad:
             record.error = error
+            record.approximate = sorted({op for op in allowed.values()}) if error > checker.tolerance else []
             return groups, removed, folds
         groups = _like(groups, [_frozen(g, bad[g.id]) if g.id in bad else g for g in groups])
         for gid, why in bad.items():
@@ -120,16 +125,34 @@ def _settle(checker, groups, removed, select, record, offsets):
         removed = select(groups)
 
 
-def _find_bad(check, ids: list[int], known=None) -> dict[int, str]:
-    """The groups whose cut alone fails (bisection); all of `ids` when only their combination fails."""
+def _blame(checker, groups, removed, folds, allowed, known) -> dict[int, str]:
+    """The groups to freeze after a failed check. Groups whose inexact removal the user allowed
+    (allow_approximate) are blamed only for a crash: when the rest alone is exact, nothing is."""
+
+    def check(ids):
+        ok, error, why = checker.check(groups, {g: removed[g] for g in ids}, folds=folds)[:3]
+        lenient = not ok and error != float("inf") and all(g in allowed for g in ids)
+        return ok or lenient, error, why
+
+    exact = [g for g in sorted(removed) if g not in allowed]
+    if allowed and known[1] != float("inf"):
+        return _find_bad(check, exact) if exact else {}
+    return _find_bad(check, sorted(removed), known, allowed)
+
+
+def _find_bad(check, ids: list[int], known=None, allowed=()) -> dict[int, str]:
+    """The groups whose cut alone fails (bisection); all of `ids` when only their combination fails (unless some
+    are allowed to be inexact: their combination is then what differs)."""
     ok, error, why = known or check(ids)
     if ok:
         return {}
     if len(ids) == 1:
         return {ids[0]: why}
     half = len(ids) // 2
-    bad = _find_bad(check, ids[:half]) | _find_bad(check, ids[half:])
-    return bad or {gid: f"{why} (only when cut together with groups {ids})" for gid in ids}
+    bad = _find_bad(check, ids[:half], None, allowed) | _find_bad(check, ids[half:], None, allowed)
+    if bad or (any(g in allowed for g in ids) and error != float("inf")):
+        return bad
+    return {gid: f"{why} (only when cut together with groups {ids})" for gid in ids}
 
 
 class _Checker:
@@ -142,7 +165,7 @@ class _Checker:
     def __init__(self, model, example_inputs, tolerance, modes, probe, offsets):
         self.offsets = offsets
         self.model, self.modes, self.checks, self.tolerance, self.ready = model, tuple(modes), 0, tolerance, True
-        self.passed = None  # the pruned copy of the last check, when it passed
+        self.last = (None, None)  # (removal, pruned copy) of the last check that built a model
         self.example_inputs = example_inputs
         crop = cropped(example_inputs, probe) if probe else example_inputs
         self.probes = [example_inputs] if crop is example_inputs else [crop, example_inputs]
@@ -218,7 +241,7 @@ class _Checker:
             return False, float("inf"), f"the pruned model fails{where.at()}: {type(err).__name__}: {err}", folds, {}
         error = relative_error(reference, out)
         ok = error <= self.tolerance
-        self.passed = pruned if ok else None
+        self.last = (removed, pruned)
         why = "" if ok else f"the pruned model differs from the masked model by {error:.2e} (relative)"
         return ok, error, why, folds, {}
 
