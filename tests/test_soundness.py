@@ -80,3 +80,20 @@ def test_convnext_hidden_channels_are_exact_and_the_stream_waits_for_allow_appro
     fresh = segprune.Plan.from_json(loose.plan.to_json()).apply(MODERN[name]().double().eval())
     fresh.load_state_dict(loose.model.state_dict())
     assert torch.equal(outputs(fresh, x)[0], outputs(loose.model, x)[0])
+
+
+@pytest.mark.parametrize("kind", ["sdpa", "explicit", "mha"])
+def test_attention_is_exact_or_frozen_with_a_warning(kind):
+    from tests.zoo import ATTENTION
+
+    torch.manual_seed(0)
+    model = randomize_norms(ATTENTION[f"Attention_{kind}"]()).double().eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = segprune.prune(model, x, ratio=0.5, criterion="random")
+    masked = outputs(masked_copy(model, result.groups, result.removed), x)
+    assert relative_error(masked, outputs(result.model, x)) < 1e-9
+    assert any("frozen" in str(w.message) for w in caught)
+    hidden = next(g for g in result.groups if "fc1" in g.modules("out"))
+    assert hidden.prunable.all() and hidden.id in result.removed  # the MLP still prunes

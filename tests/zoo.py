@@ -318,3 +318,50 @@ class ConvNeXtConvMLP(ConvNeXtTiny):
 
 MODERN = {"ConvNeXtTiny": ConvNeXtTiny, "ConvNeXtConvMLP": ConvNeXtConvMLP}
 ZOO.update(MODERN)
+
+
+# --- attention (issue #13): heads are not cut yet; what cannot be followed must be frozen, with a warning
+class TokenAttention(nn.Module):
+    """conv stem -> tokens -> multi-head self-attention (timm's fused qkv + SDPA, transformers' separate q/k/v +
+    explicit softmax(q kᵀ) v, or nn.MultiheadAttention) -> MLP -> back to NCHW. The MLP hidden channels are
+    prunable; attention's inner dims are frozen."""
+
+    def __init__(self, num_classes=3, kind="sdpa", dim=16, heads=2):
+        super().__init__()
+        self.kind, self.heads = kind, heads
+        self.stem = cbr(3, dim)
+        if kind == "mha":
+            self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        elif kind == "sdpa":
+            self.qkv = nn.Linear(dim, 3 * dim)
+        else:
+            self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
+        self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+        self.cls = nn.Conv2d(dim, num_classes, 1)
+
+    def attend(self, t):
+        b, n, c = t.shape
+        if self.kind == "mha":
+            return self.attn(t, t, t, need_weights=False)[0]
+        if self.kind == "sdpa":
+            q, k, v = self.qkv(t).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+            return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
+        split = lambda x: x.view(b, n, self.heads, c // self.heads).permute(0, 2, 1, 3)  # noqa: E731
+        q, k, v = split(self.q(t)), split(self.k(t)), split(self.v(t))
+        attn = torch.softmax(q @ k.transpose(-2, -1) * (c // self.heads) ** -0.5, dim=-1)
+        return self.proj((attn @ v).permute(0, 2, 1, 3).reshape(b, n, c))
+
+    def forward(self, x):
+        y = self.stem(x)
+        b, c, h, w = y.shape
+        t = y.flatten(2).transpose(1, 2)
+        t = t + self.attend(t)
+        t = t + self.fc2(F.gelu(self.fc1(t)))
+        return self.cls(t.transpose(1, 2).reshape(b, c, h, w))
+
+
+ATTENTION = {f"Attention_{kind}": type(f"Attention_{kind}", (TokenAttention,), {
+    "__init__": (lambda k: lambda self, num_classes=3: TokenAttention.__init__(self, num_classes, k))(kind)})
+    for kind in ("sdpa", "explicit", "mha")}
+ZOO.update(ATTENTION)

@@ -69,9 +69,10 @@ def unknown(st: TraceState, name: str, args, kwargs, out) -> None:
     for info in touched:
         if info is not None:
             st.freeze(info.ids, reason)
+    layouts = {t.dim(): st.get(t).cdim for t in tensors((args, kwargs)) if st.get(t) is not None}
     for t in tensors(out):
         if st.get(t) is None or any(t is a for a in tensors((args, kwargs))):
-            st.set_opaque(t, reason)
+            st.set_opaque(t, reason, layouts.get(t.dim(), 1))
 
 
 # --- pass-through: same channels in and out --------------------------------------------------------

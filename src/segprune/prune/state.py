@@ -109,12 +109,14 @@ class TraceState:
             weakref.finalize(t, self.info.pop, id(t), None)
         self.info[id(t)] = TensorInfo(ids, cdim)
 
-    def set_opaque(self, t, reason: str) -> None:
-        """Give an output whose channels relate to nothing known fresh, frozen elements."""
+    def set_opaque(self, t, reason: str, cdim: int = 1) -> None:
+        """Give an output whose channels relate to nothing known fresh, frozen elements along `cdim` (the layout
+        of the op's input, so that a channels-last tensor stays channels-last)."""
         if isinstance(t, torch.Tensor) and t.dim() >= 2:
-            ids = self.fresh(t.shape[1])
+            cdim = cdim if cdim < t.dim() else 1
+            ids = self.fresh(t.shape[cdim])
             self.freeze(ids, reason)
-            self.set(t, ids, 1)
+            self.set(t, ids, cdim)
 
     def set_free(self, t: torch.Tensor, cdim: int) -> None:
         """Channels tied to nothing (a size-1 channel broadcast onto C): they couple nothing."""
