@@ -97,3 +97,21 @@ def test_attention_is_exact_or_frozen_with_a_warning(kind):
     assert any("frozen" in str(w.message) for w in caught)
     hidden = next(g for g in result.groups if "fc1" in g.modules("out"))
     assert hidden.prunable.all() and hidden.id in result.removed  # the MLP still prunes
+
+
+@pytest.mark.parametrize("name, attr", [("AttrSplit", "width"), ("ListSplit", "splits")])
+def test_split_sizes_held_in_an_attribute_are_rewritten(name, attr):
+    from tests.zoo import ZOO
+
+    torch.manual_seed(0)
+    model = randomize_norms(ZOO[name]()).double().eval()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    result = segprune.prune(model, x, ratio=0.5, criterion="random")
+    stem = next(g for g in result.groups if "stem.0" in g.modules("out"))
+    assert stem.prunable.all() and stem.id in result.removed and not result.verification.frozen
+    assert getattr(result.model, attr) != getattr(model, attr)
+    masked = outputs(masked_copy(model, result.groups, result.removed), x)
+    assert relative_error(masked, outputs(result.model, x)) < 1e-9
+    fresh = segprune.Plan.from_json(result.plan.to_json()).apply(ZOO[name]().double().eval())
+    fresh.load_state_dict(result.model.state_dict())
+    assert getattr(fresh, attr) == getattr(result.model, attr)

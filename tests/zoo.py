@@ -365,3 +365,40 @@ ATTENTION = {f"Attention_{kind}": type(f"Attention_{kind}", (TokenAttention,), {
     "__init__": (lambda k: lambda self, num_classes=3: TokenAttention.__init__(self, num_classes, k))(kind)})
     for kind in ("sdpa", "explicit", "mha")}
 ZOO.update(ATTENTION)
+
+
+class AttrSplit(nn.Module):
+    """res2net (int `self.width`, pieces chained: sp = sp + spx[i]) or mixnet (list `self.splits`, one conv per
+    piece): the sizes live in an attribute, which pruning rewrites."""
+
+    def __init__(self, num_classes=3, sizes=None):
+        super().__init__()
+        self.stem = cbr(3, 12)
+        if sizes is None:
+            self.width = 4
+            self.convs = nn.ModuleList([cbr(4, 4) for _ in range(2)])
+        else:
+            self.splits = sizes
+            self.convs = nn.ModuleList([cbr(n, n, k=2 * i + 1) for i, n in enumerate(sizes)])
+        self.cls = nn.Conv2d(12, num_classes, 1)
+
+    def forward(self, x):
+        y = self.stem(x)
+        if hasattr(self, "width"):
+            spx = torch.split(y, self.width, 1)
+            sp, outs = spx[0], []
+            for i, conv in enumerate(self.convs):
+                sp = conv(sp if i == 0 else sp + spx[i])
+                outs.append(sp)
+            y = torch.cat([*outs, spx[-1]], 1)
+        else:
+            y = torch.cat([conv(p) for conv, p in zip(self.convs, torch.split(y, self.splits, 1))], 1)
+        return self.cls(y)
+
+
+class ListSplit(AttrSplit):
+    def __init__(self, num_classes=3):
+        super().__init__(num_classes, sizes=[6, 4, 2])
+
+
+ZOO.update({"AttrSplit": AttrSplit, "ListSplit": ListSplit})

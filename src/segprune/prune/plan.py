@@ -77,8 +77,10 @@ class Plan:
             keep = {role: torch.as_tensor(entry[role], dtype=torch.long) for role in _roles(entry)}
             if "out" in keep or "in" in keep:
                 surgery_for(module)(module, out=keep.get("out"), in_=keep.get("in"))
-            for role in keep.keys() - {"out", "in"}:  # "param:gamma": a raw per-channel parameter (layer scale)
-                _keep_parameter(module, role.removeprefix("param:"), keep[role], entry[f"{role}_size"])
+            for role in keep.keys() - {"out", "in"}:  # a raw per-channel parameter (layer scale), split sizes
+                kind, _, attr = role.partition(":")
+                cut = _keep_parameter if kind == "param" else _keep_sizes
+                cut(module, attr, keep[role], entry[f"{role}_size"])
         return model
 
     def then(self, later: Plan) -> Plan:
@@ -125,7 +127,7 @@ class Plan:
 
 
 def _roles(entry: dict) -> list[str]:
-    """The dims an entry cuts: "out", "in", and "param:NAME" for raw per-channel parameters."""
+    """The dims an entry cuts: "out", "in", "param:NAME" (a raw per-channel parameter), "attr:NAME" (split sizes)."""
     return [k for k in entry if k not in ("type", "bias") and not k.endswith("_size")]
 
 
@@ -135,6 +137,16 @@ def _keep_parameter(module: nn.Module, name: str, keep: torch.Tensor, size: int)
     dim = next(d for d, n in enumerate(param.shape) if n == size)
     new = param.detach().index_select(dim, keep.to(param.device)).clone()
     setattr(module, name, nn.Parameter(new, requires_grad=param.requires_grad))
+
+
+def _keep_sizes(module: nn.Module, name: str, keep: torch.Tensor, size: int) -> None:
+    """Rewrite the split sizes an attribute holds (an int: equal pieces; a list: one size per piece) to count the
+    channels kept in each piece."""
+    value = getattr(module, name)
+    sizes = [value] * (size // value) if isinstance(value, int) else list(value)
+    bounds = np.cumsum([0, *sizes])
+    kept = [int(((keep >= lo) & (keep < hi)).sum()) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    setattr(module, name, kept[0] if isinstance(value, int) else type(value)(kept))
 
 
 def _checked_module(model: nn.Module, name: str, entry: dict) -> nn.Module:

@@ -386,13 +386,32 @@ def split(st, args, kwargs, out):
     if op == "unbind":
         return unknown(st, "unbind along the channels", args, kwargs, out)
     pieces = np.split(info.ids, np.cumsum([t.shape[dim] for t in parts])[:-1])
-    if op == "chunk" and all(len(p) == len(pieces[0]) for p in pieces):
-        for piece in pieces[1:]:
+    equal = all(len(p) == len(pieces[0]) for p in pieces)
+    attribute = _size_attribute(st, args, kwargs) if op in ("split", "split_with_sizes") else None
+    if attribute is not None and (equal or not isinstance(attribute[1], int)):
+        st.bind(st.module_path, f"attr:{attribute[0]}", info.ids)  # surgery rewrites the sizes (plan.py)
+    if (op == "chunk" or attribute is not None) and equal and not isinstance(attribute and attribute[1], list):
+        for piece in pieces[1:]:  # equal pieces stay equal only if each loses the same channels
             st.union(pieces[0], piece)
-    else:
+    elif attribute is None or (isinstance(attribute[1], int) and not equal):
         _freeze_positional(st, info, op)
     for t, piece in zip(parts, pieces):
         st.set(t, piece, dim)
+
+
+def _size_attribute(st, args, kwargs):
+    """(name, value) of the attribute of the running module that holds the split sizes (res2net's `self.width`,
+    mixnet's `self.splits`), when exactly one does: pruning can then rewrite it. None otherwise."""
+    size = _arg(args, kwargs, 1, "split_size_or_sections", _arg(args, kwargs, 1, "split_size"))
+    module = st.modules.get(st.module_path)
+    if module is None or size is None or isinstance(size, torch.Tensor):
+        return None
+    if isinstance(size, (list, tuple)):
+        found = [(n, v) for n, v in vars(module).items() if isinstance(v, (list, tuple)) and list(v) == list(size)]
+        found = [(n, list(v)) for n, v in found]
+    else:
+        found = [(n, v) for n, v in vars(module).items() if type(v) is int and v == size]
+    return found[0] if len(found) == 1 else None
 
 
 def _freeze_positional(st, info, op):

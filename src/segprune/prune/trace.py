@@ -116,6 +116,7 @@ def trace(model: nn.Module, example_inputs, *, modes: Sequence[str] = ("eval", "
     st.shape_only = shape_only
     st.allow_approximate = tuple(allow_approximate)
     st.owners = param_owners(model)
+    st.modules = dict(model.named_modules())
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
             st.params_by_ptr.setdefault(param.data_ptr(), []).append((name, module))
