@@ -103,3 +103,21 @@ def test_verify_false_skips_the_check():
     model, x = Seg().eval(), torch.randn(1, 3, 8, 8)
     assert segprune.prune(model, x, ratio=0.5, verify=False).verification is None
     assert np.isfinite(segprune.prune(model, x, ratio=0.5).verification.error)
+
+
+def test_compensate_folds_what_slimmed_channels_still_emit():
+    """After slimming, a channel with gamma ~ 0 emits ReLU(beta): compensate keeps it in the consumer's bias."""
+    model, x = randomize_norms(Seg()).eval(), torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        model.other[1].weight[:4] = 1e-4  # slimmed: these four are the ones bn_scale removes
+        model.other[1].bias[:4] = torch.tensor([0.5, 1.0, -0.5, 2.0])
+    plain = segprune.prune(model, x, ratio=0.17, criterion="bn_scale")
+    kept = segprune.prune(model, x, ratio=0.17, criterion="bn_scale", compensate=True)
+    assert kept.removed.keys() == plain.removed.keys()
+    assert all(np.array_equal(kept.removed[g], plain.removed[g]) for g in plain.removed)
+    assert "side" in kept.verification.compensated and kept.verification.error < 1e-6
+    reference = model(x)
+    assert (kept.model(x) - reference).abs().max() < 1e-2 * (plain.model(x) - reference).abs().max()
+    fresh = segprune.Plan.from_json(kept.plan.to_json()).apply(Seg().eval())
+    fresh.load_state_dict(kept.model.state_dict())
+    assert torch.equal(fresh(x), kept.model(x))

@@ -42,7 +42,7 @@ def prune(model: nn.Module, example_inputs, *, ratio: float | None = None, targe
           target_params: float | None = None, criterion: str | Callable = "bn_scale", method: str = "global",
           ignore: Sequence[str] = (), min_keep: float = 0.1, round_to: int | None = None, seed: int = 0,
           groups: ChannelGroups | None = None, inplace: bool = False, verify: bool | str = True,
-          allow_approximate: Sequence[str] = ()) -> PruneResult:
+          allow_approximate: Sequence[str] = (), compensate: bool = False) -> PruneResult:
     """Remove the channels with the lowest `criterion` scores: a `ratio` of them, or as few as reach a target.
 
     Args:
@@ -68,12 +68,16 @@ def prune(model: nn.Module, example_inputs, *, ratio: float | None = None, targe
             `result.verification`). False skips the check.
         allow_approximate: ops whose channels may be removed although that is not exact, e.g. ("layer_norm",);
             `result.verification.error` is then the output change measured against the masked model.
+        compensate: fold what each removed channel still emits on average (ReLU(beta) of a slimmed BN channel) into
+            its consumers' biases, measured on the example inputs; needs `verify`.
     """
     if sum(v is not None for v in (ratio, target_macs, target_params)) != 1:
         raise ValueError("give exactly one of ratio, target_macs, target_params")
     for name, value in (("target_macs", target_macs), ("target_params", target_params)):
         if value is not None and not 0 < value <= 1:
             raise ValueError(f"{name} must be in (0, 1], got {value}")
+    if compensate and not verify:
+        raise ValueError("compensate=True measures on the example inputs, which needs verify=True")
     ratio_ok = ratio is None or 0 <= ratio < 1
     if not ratio_ok:
         raise ValueError(f"ratio must be in [0, 1), got {ratio}")
@@ -92,7 +96,8 @@ def prune(model: nn.Module, example_inputs, *, ratio: float | None = None, targe
     if verify:
         modes = ("eval", "train") if getattr(groups, "train_only", True) else ("eval",)
         groups, removed, verification, checked, folds = verify_removal(
-            model, example_inputs, groups, removed, select, modes=modes, probe=None if verify == "full" else 32)
+            model, example_inputs, groups, removed, select, modes=modes, probe=None if verify == "full" else 32,
+            compensate=compensate)
     else:
         groups, removed = unfolded(groups, removed, select)
     plan = with_biases(Plan.from_removal(model, groups, removed), model, folds)

@@ -13,6 +13,7 @@ see that they do not depend on it), with hooks reading each consumer's input on 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -39,15 +40,16 @@ class Fold:
         return columns @ self.values.to(columns)
 
 
-def consumers(groups, removed, offsets: dict[str, str]) -> list[tuple[int, str, torch.Tensor]]:
-    """(group, consumer, removed input positions) for every consumer that reads a possibly nonzero channel."""
+def consumers(groups, removed, offsets: dict[str, str] | None) -> list[tuple[int, str, torch.Tensor]]:
+    """(group, consumer, removed input positions) for every consumer that reads a possibly nonzero channel (every
+    consumer when `offsets` is None)."""
     found = []
     for g in groups:
         drop = removed.get(g.id)
         if drop is None or not len(drop):
             continue
         for m in g.members:
-            if m.role == "in" and m.module in offsets:
+            if m.role == "in" and (offsets is None or m.module in offsets):
                 positions = np.flatnonzero(np.isin(m.index, drop))
                 if len(positions):
                     found.append((g.id, m.module, torch.from_numpy(positions)))
@@ -77,6 +79,33 @@ def measure(model: nn.Module, run: Callable[[nn.Module, int], object], wanted, o
         elif values.abs().max() > 0:
             folds.append(Fold(gid, name, positions, values))
     return folds, bad
+
+
+def means(model: nn.Module, run: Callable[[nn.Module, int], object], wanted) -> list[Fold]:
+    """compensate=True: what each removed channel carries into its consumers in the unpruned model, on average
+    (after network slimming a channel with gamma near 0 still emits about ReLU(beta)), as folds for the consumers
+    that can hold it in their bias."""
+    seen: dict[tuple[str, int], list[torch.Tensor]] = {}
+    hooks = [model.get_submodule(name).register_forward_pre_hook(_reader(seen, name, positions, k))
+             for k, (gid, name, positions) in enumerate(wanted) if foldable(model.get_submodule(name))]
+    try:
+        run(model, 0)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [Fold(gid, name, positions, torch.cat(seen[(name, k)], dim=1).mean(dim=1).double())
+            for k, (gid, name, positions) in enumerate(wanted) if (name, k) in seen]
+
+
+@contextlib.contextmanager
+def folded_in_place(model: nn.Module, folds: list[Fold], groups=None):
+    """`model` with `folds` (of `groups`) added to its consumers' biases, put back on exit."""
+    saved = [(name, model.get_submodule(name).bias) for name in {f.consumer for f in folds}]
+    try:
+        yield apply_folds(model, folds, groups)
+    finally:
+        for name, bias in saved:
+            model.get_submodule(name).bias = bias
 
 
 def _reader(seen, name, positions, k):

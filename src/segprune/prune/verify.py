@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.modules import module as module_hooks
 from torch.utils._pytree import tree_map
 
-from segprune.prune.fold import apply_folds, consumers, measure
+from segprune.prune.fold import apply_folds, consumers, folded_in_place, means, measure
 from segprune.prune.graph import ChannelGroup, ChannelGroups
 from segprune.prune.oracle import masked_in_place, relative_error
 from segprune.prune.plan import Plan
@@ -49,6 +49,7 @@ class Verification:
         checks: how many pruned models were built and compared (1 when the first cut was right).
         inputs: the shapes of the inputs checked (a crop of the example inputs unless verify="full").
         folded: consumers whose bias took the constant a removed channel still sent them (fold.py).
+        compensated: consumers whose bias took the mean of the removed channels (prune(compensate=True)).
         approximate: the allowed inexact ops (allow_approximate) that made `error` exceed `tolerance`; `error` is
             then the measured output change of the pruned model against the masked one.
         seconds: the wall time verification took.
@@ -65,11 +66,12 @@ class Verification:
     inputs: list[list[int]] = field(default_factory=list)
     folded: list[str] = field(default_factory=list)
     approximate: list[str] = field(default_factory=list)
+    compensated: list[str] = field(default_factory=list)
 
 
 def verify_removal(model: nn.Module, example_inputs, groups: Sequence[ChannelGroup], removed: Removal,
                    select: Callable[[list[ChannelGroup]], Removal], *, tolerance: float = 1e-6,
-                   modes: Sequence[str] = ("eval",), probe: int | None = 64
+                   modes: Sequence[str] = ("eval",), probe: int | None = 64, compensate: bool = False
                    ) -> tuple[list[ChannelGroup], Removal, Verification, nn.Module | None]:
     """Check `removed` against the masked model; freeze failing groups and re-`select` until it passes.
 
@@ -77,11 +79,13 @@ def verify_removal(model: nn.Module, example_inputs, groups: Sequence[ChannelGro
     model that passed, in the model's own precision, when that conversion is exact (else None: cut again).
 
     `probe`: check on a crop of the example inputs with this smallest side (None: on the inputs as given).
+    `compensate`: fold what removed channels carry on average in the unpruned model into their consumers' biases
+    (fold.means); the reference is then the masked model with the same biases.
 
     """
     start = time.perf_counter()
     offsets = getattr(groups, "offsets", {})
-    checker = _Checker(model, example_inputs, tolerance, modes, probe, offsets)
+    checker = _Checker(model, example_inputs, tolerance, modes, probe, offsets, compensate)
     record = Verification(modes=tuple(modes))
     groups, removed, folds = _settle(checker, groups, removed, select, record, offsets)
     record.checked, record.tolerance = checker.ready, checker.tolerance
@@ -89,9 +93,10 @@ def verify_removal(model: nn.Module, example_inputs, groups: Sequence[ChannelGro
     record.inputs = checker.shapes
     record.seconds = time.perf_counter() - start
     record.folded = sorted({f.consumer for f in folds})
+    record.compensated = sorted({f.consumer for f in checker.comp})
     last, pruned = checker.last
     reuse = checker.ready and removed and last is removed
-    return groups, removed, record, _back(pruned, model) if reuse else None, folds
+    return groups, removed, record, _back(pruned, model) if reuse else None, folds + checker.comp
 
 
 def _back(pruned, model):
@@ -162,8 +167,8 @@ class _Checker:
     copy is cut from the original (in its own precision, the cheaper copy) and then converted.
     """
 
-    def __init__(self, model, example_inputs, tolerance, modes, probe, offsets):
-        self.offsets = offsets
+    def __init__(self, model, example_inputs, tolerance, modes, probe, offsets, compensate=False):
+        self.offsets, self.compensate, self.comp = offsets, compensate, []
         self.model, self.modes, self.checks, self.tolerance, self.ready = model, tuple(modes), 0, tolerance, True
         self.last = (None, None)  # (removal, pruned copy) of the last check that built a model
         self.example_inputs = example_inputs
@@ -176,11 +181,13 @@ class _Checker:
         self.base = converted_copy(self.model, dtype, lambda m: m)
         self.inputs = _cast(self.probes[0], dtype)
 
-    def reference(self, groups, removed, wanted=()):
+    def reference(self, groups, removed, wanted=(), full=False):
         """(the masked model's outputs, folds, unfoldable groups); float64 unless the model cannot run in it, on the
         crop unless the model cannot run on it; None if the model cannot run at all."""
         try:
-            with masked_in_place(self.base, groups, removed):
+            if self.compensate and full:  # measured on the unpruned model, once per removal
+                self.comp = means(self.base, self._run_on, consumers(groups, removed, None))
+            with folded_in_place(self.base, self.comp, removed), masked_in_place(self.base, groups, removed):
                 folds, bad = measure(self.base, self._run_on, wanted, self.offsets) if wanted else ([], {})
                 return self.run(self.base), folds, bad
         except Exception as err:  # noqa: BLE001 - any failure of user code means: try the next setting
@@ -195,7 +202,7 @@ class _Checker:
                 self.ready = False
                 return None
             self._use(self.dtype)
-            return self.reference(groups, removed, wanted)
+            return self.reference(groups, removed, wanted, full)
 
     def _run_on(self, model, which):
         """Input 0: the inputs checked; input 1: the same, scaled and shifted (constants must not depend on it)."""
@@ -223,7 +230,7 @@ class _Checker:
             return True, 0.0, "", [], {}
         self.checks += 1
         wanted = consumers(groups, removed, offsets or {})
-        reference = self.reference(groups, removed, wanted)
+        reference = self.reference(groups, removed, wanted, full=folds is None)
         if reference is None:
             return True, float("nan"), "not checked", [], {gid: "verify could not run the model" for gid, *_ in wanted}
         reference, measured, bad = reference
@@ -232,7 +239,8 @@ class _Checker:
             return False, float("inf"), "", folds, bad
         where = _Where()
         try:
-            cut = lambda m: Plan.from_removal(self.model, groups, removed).apply(apply_folds(m, folds, removed))  # noqa: E731
+            plan, added = Plan.from_removal(self.model, groups, removed), folds + self.comp
+            cut = lambda m: plan.apply(apply_folds(m, added, removed))  # noqa: E731
             pruned = converted_copy(self.model, self.dtype, cut)
             where.names = _names(pruned)
             with where, _Restore(pruned):
