@@ -210,7 +210,8 @@ def markdown(rows: dict) -> str:
         if "exact" not in o:
             lines.append(f"| {name} | {o.get('status', 'failed')} | | | | | | | {_peer(p)} |")
             continue
-        lines.append(f"| {name} | {'yes' if o['exact'] else 'NO (%.1e)' % o['error']} | {o['prunable']:.0%} | "
+        exact = "yes" if o["exact"] else f"NO ({o['error']:.1e})"
+        lines.append(f"| {name} | {exact} | {o['prunable']:.0%} | "
                      f"{o['params_ratio']:.2f}× | {o['macs_ratio']:.2f}× | {o['seconds']:.1f} | {o['verify_frozen']} | "
                      f"{o['warnings']} | {_peer(p)} |")
     return "\n".join(lines) + "\n"
@@ -223,8 +224,10 @@ def _peer(p: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default="", help="comma-separated model names")
-    parser.add_argument("--timeout", type=int, default=600)
+    parser.add_argument("--timeout", type=int, default=900, help="seconds for our prune of one model")
+    parser.add_argument("--peer-timeout", type=int, default=300, help="seconds for the peer's prune of one model")
     parser.add_argument("--no-peer", action="store_true")
+    parser.add_argument("--reuse-peer", action="store_true", help="take the peer's columns from the last results")
     parser.add_argument("--one", choices=["ours", "peer"], help=argparse.SUPPRESS)
     parser.add_argument("--name", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -232,10 +235,14 @@ def main() -> None:
         print(json.dumps(ours(args.name) if args.one == "ours" else peer(args.name)))
         return
     names = [n for n in args.only.split(",") if n] or list(MODELS)
-    rows = {}
+    last = json.loads((RESULTS / "third_party.json").read_text())["models"] if args.reuse_peer else {}
+    rows = dict(last) if args.only else {}  # --only updates those rows of the last results
     for name in names:
-        rows[name] = {"ours": child("ours", name, args.timeout),
-                      "peer": {"status": "not run"} if args.no_peer else child("peer", name, args.timeout)}
+        if name in last:
+            peer_row = last[name]["peer"]
+        else:
+            peer_row = {"status": "not run"} if args.no_peer else child("peer", name, args.peer_timeout)
+        rows[name] = {"ours": child("ours", name, args.timeout), "peer": peer_row}
         print(name, json.dumps(rows[name])[:400], flush=True)
     ok = [r["ours"] for r in rows.values() if "exact" in r["ours"]]
     summary = {"models": len(rows), "exact": sum(r["exact"] for r in ok),

@@ -12,10 +12,10 @@ from torch import nn
 
 from segprune.prune.cost import CostModel
 from segprune.prune.criteria import CRITERIA
+from segprune.prune.fold import apply_folds, with_biases
 from segprune.prune.graph import ChannelGroup, ChannelGroups, channel_groups
 from segprune.prune.methods import METHODS, select_target
 from segprune.prune.plan import Plan
-from segprune.prune.fold import apply_folds, with_biases
 from segprune.prune.verify import Verification, unfolded, verify_removal
 
 

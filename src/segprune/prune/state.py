@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-
 _EXPECTED = {"a model input", "reaches the model's output"}  # freezes nobody needs to hear about
 
 

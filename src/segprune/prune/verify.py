@@ -106,7 +106,7 @@ def _back(pruned, model):
     if pruned is None or len(floating) != 1:
         return None
     pruned.to(floating.pop())
-    for (_, a), (_, b) in zip(model.named_modules(remove_duplicate=False), pruned.named_modules(remove_duplicate=False)):
+    for a, b in zip(model.modules(), pruned.modules()):  # same structure: surgery replaces tensors, not modules
         b.training = a.training
     return pruned
 
