@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.modules import module as module_hooks
 from torch.utils._pytree import tree_map
 
-from segprune.prune.fold import apply_folds, consumers, folded_in_place, means, measure
+from segprune.prune.fold import Fold, apply_folds, consumers, folded_in_place, means, measure
 from segprune.prune.graph import ChannelGroup, ChannelGroups
 from segprune.prune.oracle import masked_in_place, relative_error
 from segprune.prune.plan import Plan
@@ -72,16 +72,16 @@ class Verification:
 def verify_removal(model: nn.Module, example_inputs, groups: Sequence[ChannelGroup], removed: Removal,
                    select: Callable[[list[ChannelGroup]], Removal], *, tolerance: float = 1e-6,
                    modes: Sequence[str] = ("eval",), probe: int | None = 64, compensate: bool = False
-                   ) -> tuple[list[ChannelGroup], Removal, Verification, nn.Module | None]:
+                   ) -> tuple[list[ChannelGroup], Removal, Verification, nn.Module | None, list[Fold]]:
     """Check `removed` against the masked model; freeze failing groups and re-`select` until it passes.
 
-    Returns the groups (copies, with failing ones frozen), the removal that passed, the record, and the pruned
-    model that passed, in the model's own precision, when that conversion is exact (else None: cut again).
+    Returns the groups (copies, with failing ones frozen), the removal that passed, the record, the pruned model
+    that passed in the model's own precision when that conversion is exact (else None: cut again), and the folds
+    (constants into consumers' biases) the cut must apply before surgery.
 
     `probe`: check on a crop of the example inputs with this smallest side (None: on the inputs as given).
     `compensate`: fold what removed channels carry on average in the unpruned model into their consumers' biases
     (fold.means); the reference is then the masked model with the same biases.
-
     """
     start = time.perf_counter()
     offsets = getattr(groups, "offsets", {})
