@@ -147,7 +147,10 @@ def ours(name) -> dict:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         start = time.perf_counter()
-        result = segprune.prune(model, x, ratio=0.5, criterion="l1")
+        try:
+            result = segprune.prune(model, x, ratio=0.5, criterion="l1")
+        except ValueError as err:  # every channel frozen: the model is returned as it is, and the warnings say why
+            return _nothing_prunable(err, caught)
         seconds = time.perf_counter() - start
     groups, removed = result.groups, result.removed
     error = relative_error(outputs(masked_copy(model, groups, removed), x), outputs(result.model, x))
@@ -160,6 +163,13 @@ def ours(name) -> dict:
             "macs_ratio": CostModel(model, groups).relative(removed, "macs"), "seconds": seconds,
             "verify_seconds": v.seconds, "verify_frozen": len(v.frozen), "folded": len(v.folded),
             "warnings": len(messages), "warning_samples": [m[:300] for m in messages[:5]]}
+
+
+def _nothing_prunable(err, caught) -> dict:
+    messages = sorted({str(w.message) for w in caught if "segprune" in str(w.message)})
+    return {"exact": True, "error": 0.0, "prunable": 0.0, "channels": 0, "removed": 0, "params_ratio": 1.0,
+            "macs_ratio": 1.0, "seconds": 0.0, "verify_seconds": 0.0, "verify_frozen": 0, "folded": 0,
+            "warnings": len(messages), "note": str(err), "warning_samples": [m[:300] for m in messages[:5]]}
 
 
 def peer(name) -> dict:

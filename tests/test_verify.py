@@ -93,8 +93,16 @@ def test_verify_runs_train_only_heads_and_keyword_inputs_and_restores_modes():
 
     model, x = randomize_norms(WithAux()).train(), torch.randn(2, 3, 8, 8)
     result = segprune.prune(model, x, ratio=0.4, criterion="l1")
-    assert result.verification.modes == ("eval", "train") and not result.verification.frozen
+    assert result.verification.modes == ("train",) and not result.verification.frozen  # train covers eval's ops
     assert model.training and all(m.training for m in model.modules())
+
+    class EvalSoftmax(WithAux):
+        def forward(self, x):
+            out = super().forward(x)
+            return out if self.training else {"out": out["out"].softmax(1)}
+
+    result = segprune.prune(randomize_norms(EvalSoftmax()), x, ratio=0.4, criterion="l1")
+    assert result.verification.modes == ("eval", "train")
     result = segprune.prune(KwargsTuple().eval(), {"image": x, "scale": 2.0}, ratio=0.4, criterion="l1")
     assert result.verification.modes == ("eval",) and result.verification.checks == 1
 

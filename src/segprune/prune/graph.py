@@ -24,17 +24,19 @@ class ChannelGroups(list):
     """The groups of a model (a list), with the MACs of each layer in one eval-mode pass, for cost targets."""
 
     def __init__(self, groups=(), *, module_macs: dict[str, int] | None = None, train_only: bool = True,
-                 offsets: dict[str, str] | None = None, approximate: dict[int, str] | None = None):
+                 offsets: dict[str, str] | None = None, approximate: dict[int, str] | None = None,
+                 eval_in_train: bool = False):
         super().__init__(groups)
         self.module_macs = dict(module_macs or {})
         self.train_only = train_only  # whether some layer runs only in train mode (an auxiliary head)
         self.offsets = dict(offsets or {})  # consumer -> op that may feed it f(0) != 0 (zeros.py, fold.py)
         self.approximate = dict(approximate or {})  # group id -> the allowed inexact op its channels pass
+        self.eval_in_train = eval_in_train  # every (module, op) of the eval pass also runs in the train pass
 
     def like(self, groups) -> ChannelGroups:
         """Other groups of the same model (some frozen since), with this trace's MACs."""
         return ChannelGroups(groups, module_macs=self.module_macs, train_only=self.train_only, offsets=self.offsets,
-                             approximate=self.approximate)
+                             approximate=self.approximate, eval_in_train=self.eval_in_train)
 
     @property
     def total_macs(self) -> int:
@@ -124,11 +126,12 @@ def build_groups(st: TraceState, *, ignore: Sequence[str] = ()) -> ChannelGroups
         groups.append(_make_group(len(groups), [keys[k] for k in members], [classes[k] for k in members],
                                   frozen, made))
     train_only = "train" in st.bound_in.values()
+    eval_in_train = st.calls.get("eval", set()) <= st.calls.get("train", set())
     approx = {int(roots[e]): op for e, op in st.approximate.items()}
     approximate = {g.id: op for g, cls in zip(groups, _group_classes(groups, keys, classes)) for c in cls
                    if (op := approx.get(c))}
     return ChannelGroups(groups, module_macs=st.macs, train_only=train_only, offsets=st.offsets,
-                         approximate=approximate)
+                         approximate=approximate, eval_in_train=eval_in_train)
 
 
 def _group_classes(groups, keys, classes):

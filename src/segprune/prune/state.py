@@ -47,6 +47,7 @@ class TraceState:
         self.mode = "eval"  # the pass running now
         self.macs: dict[str, int] = {}  # module -> multiply-accumulates of its calls in the eval pass
         self.owners: dict[int, tuple[str, torch.nn.Module]] = {}  # id(parameter or buffer) -> owner
+        self.calls: dict[str, set[tuple[str, str]]] = {}  # mode -> (module, op) pairs that ran in it
         self.modules: dict[str, torch.nn.Module] = {}  # qualified name -> module (split sizes held in attributes)
         self.params_by_ptr: dict[int, list[tuple[str, torch.nn.Module]]] = {}  # data_ptr -> (name, owning module)
 

@@ -38,6 +38,7 @@ class _Recorder(TorchFunctionMode):
             args, kwargs = _batch_norm_without_update(args, kwargs)
         st = self.st
         out = _shape_only(func, args, kwargs) if name in _SHAPE_ONLY and st.shape_only else func(*args, **kwargs)
+        st.calls.setdefault(st.mode, set()).add((st.module_path, name))
         if any(st.get(t) is not None for t in tensors((args, kwargs))):
             st.current_op = name
             RULES.get(name, lambda *a: unknown(st, name, *a[1:]))(st, args, kwargs, out)
