@@ -135,7 +135,7 @@ def _keep_parameter(module: nn.Module, name: str, keep: torch.Tensor, size: int)
     """Slice a per-channel parameter along its one dim of `size` values."""
     param = getattr(module, name)
     dim = next(d for d, n in enumerate(param.shape) if n == size)
-    new = param.detach().index_select(dim, keep.to(param.device)).clone()
+    new = param.detach().index_select(dim, keep.to(param.device))
     setattr(module, name, nn.Parameter(new, requires_grad=param.requires_grad))
 
 

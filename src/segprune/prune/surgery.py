@@ -37,7 +37,7 @@ def _keep(module: nn.Module, name: str, index: torch.Tensor, dim: int) -> None:
     old = getattr(module, name)
     if old is None:
         return
-    new = old.detach().index_select(dim, index.to(old.device)).clone()
+    new = old.detach().index_select(dim, index.to(old.device))  # a new tensor already: no clone
     if isinstance(old, nn.Parameter):
         new = nn.Parameter(new, requires_grad=old.requires_grad)
     setattr(module, name, new)
