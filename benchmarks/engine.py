@@ -10,6 +10,7 @@ so that machine drift cancels; the medians are reported with their ratio.
 adding the variant `ours_noverify` (prune(verify=False)) and writing elsewhere, without the peer:
 
     python benchmarks/engine.py --variants ours,ours_noverify --name engine_verify
+    python benchmarks/engine.py --variants ours_full,ours_noverify --rounds 1 --name engine_verify_full
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ def ours(model, x, verify=True) -> dict:
     return {"params_after": sum(p.numel() for p in result.model.parameters()), "groups": len(result.groups), **checked}
 
 
-VARIANTS = {"ours": ours, "ours_noverify": lambda model, x: ours(model, x, verify=False)}
+VARIANTS = {"ours": ours, "ours_noverify": lambda model, x: ours(model, x, verify=False),
+            "ours_full": lambda model, x: ours(model, x, verify="full")}
 
 
 def peer(model, x) -> dict:
@@ -76,9 +78,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--model", default="pspnet_resnet101")
-    parser.add_argument("--variants", default="ours,peer", help="comma-separated: ours, ours_noverify, peer")
+    parser.add_argument("--variants", default="ours,peer",
+                        help="comma-separated: ours, ours_noverify (verify=False), ours_full (verify='full'), peer")
     parser.add_argument("--name", default="engine", help="results/<name>.json")
-    parser.add_argument("--one", choices=["ours", "ours_noverify", "peer"], help=argparse.SUPPRESS)
+    parser.add_argument("--one", choices=["ours", "ours_noverify", "ours_full", "peer"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         import json
@@ -96,8 +99,10 @@ def main() -> None:
         summary["ratio_time_ours_over_peer"] = summary["ours"]["median_seconds"] / summary["peer"]["median_seconds"]
         summary["ratio_memory_ours_over_peer"] = (summary["ours"]["median_peak_extra_mb"]
                                                   / summary["peer"]["median_peak_extra_mb"])
-    if "ours_noverify" in summary:  # what verify=True adds to the time of prune
-        summary["verify_overhead"] = summary["ours"]["median_seconds"] / summary["ours_noverify"]["median_seconds"] - 1
+    for variant in ("ours", "ours_full"):  # what verify=True (a crop) or verify="full" adds to the time of prune
+        if variant in summary and "ours_noverify" in summary:
+            base = summary["ours_noverify"]["median_seconds"]
+            summary[f"verify_overhead_{variant}"] = summary[variant]["median_seconds"] / base - 1
     write_result(args.name, {"benchmark": "engine", "model": args.model, "input": [1, 3, args.size, args.size],
                             "ratio": 0.5, "criterion": "bn_scale", "device": "cpu", "machine": machine(), **summary})
 
