@@ -208,7 +208,8 @@ def conv(st, args, kwargs, out):
     groups = _arg(args, kwargs, 6, "groups", 1)
     info, owner = st.get(x), _owner(st, weight, "weight")
     if owner is None or (info is not None and info.cdim != 1) or (transposed and groups > 1):
-        return unknown(st, f"{st.current_op} with an unsupported weight or layout", args, kwargs, out)
+        return unknown(st, f"{st.current_op} with an unsupported weight or layout ({_conv_trouble(owner, info)})",
+                       args, kwargs, out)
     name = owner[0]
     out_ids = _produce(st, name, out.shape[1])
     in_ids = info.ids if info is not None else st.fresh(x.shape[1])
@@ -224,6 +225,16 @@ def conv(st, args, kwargs, out):
     # for a transposed conv), whatever the groups
     side = x if transposed else out
     st.count_macs(name, side.numel() // side.shape[1] * weight.numel())
+
+
+def _conv_trouble(owner, info) -> str:
+    """Say which: a computed weight (weight standardisation: removing an input channel would change the others'
+    standardised weights), a layer without surgery, channels not on dim 1, or a grouped transposed conv."""
+    if owner is None:
+        return "a computed weight, e.g. weight standardisation, or a layer type without surgery"
+    if info is not None and info.cdim != 1:
+        return f"its input's channels are on dim {info.cdim}, not 1"
+    return "grouped transposed convolution"
 
 
 @rule("linear")
