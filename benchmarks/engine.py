@@ -5,6 +5,12 @@ Each measurement runs in a fresh child process (peak memory is per process), int
 so that machine drift cancels; the medians are reported with their ratio.
 
     python benchmarks/engine.py [--rounds 3] [--size 512] [--model pspnet_resnet101]
+
+`prune` verifies its own result by default (see segprune.prune.verify); the cost of that check is measured by
+adding the variant `ours_noverify` (prune(verify=False)) and writing elsewhere, without the peer:
+
+    python benchmarks/engine.py --variants ours,ours_noverify --name engine_verify
+    python benchmarks/engine.py --variants ours_full,ours_noverify --rounds 1 --name engine_verify_full
 """
 
 from __future__ import annotations
@@ -33,11 +39,17 @@ def build(name: str, size: int):
     return model, torch.randn(1, 3, size, size)
 
 
-def ours(model, x) -> dict:
+def ours(model, x, verify=True) -> dict:
     import segprune
 
-    result = segprune.prune(model, x, ratio=0.5, criterion="bn_scale")
-    return {"params_after": sum(p.numel() for p in result.model.parameters()), "groups": len(result.groups)}
+    result = segprune.prune(model, x, ratio=0.5, criterion="bn_scale", verify=verify)
+    v = result.verification
+    checked = {"verify_seconds": v.seconds, "verify_error": v.error, "verify_inputs": v.inputs} if v else {}
+    return {"params_after": sum(p.numel() for p in result.model.parameters()), "groups": len(result.groups), **checked}
+
+
+VARIANTS = {"ours": ours, "ours_noverify": lambda model, x: ours(model, x, verify=False),
+            "ours_full": lambda model, x: ours(model, x, verify="full")}
 
 
 def peer(model, x) -> dict:
@@ -56,7 +68,7 @@ def one(which: str, name: str, size: int) -> dict:
     model, x = build(name, size)
     base = rss_mb()
     start = time.perf_counter()
-    info = (ours if which == "ours" else peer)(model, x)
+    info = VARIANTS.get(which, peer)(model, x)
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "peak_extra_mb": peak_rss_mb() - base, **info}
 
@@ -66,24 +78,32 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--model", default="pspnet_resnet101")
-    parser.add_argument("--one", choices=["ours", "peer"], help=argparse.SUPPRESS)
+    parser.add_argument("--variants", default="ours,peer",
+                        help="comma-separated: ours, ours_noverify (verify=False), ours_full (verify='full'), peer")
+    parser.add_argument("--name", default="engine", help="results/<name>.json")
+    parser.add_argument("--one", choices=["ours", "ours_noverify", "ours_full", "peer"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         import json
 
         print(json.dumps(one(args.one, args.model, args.size)))
         return
-    runs = {"ours": [], "peer": []}
+    runs = {w: [] for w in args.variants.split(",")}
     for _ in range(args.rounds):
         for which in runs:  # interleaved: ours, peer, ours, peer, ...
             runs[which].append(run_child(__file__, "--one", which, "--model", args.model, "--size", str(args.size)))
     summary = {w: {"median_seconds": statistics.median(r["seconds"] for r in rs),
                    "median_peak_extra_mb": statistics.median(r["peak_extra_mb"] for r in rs),
                    "params_after": rs[0]["params_after"], "runs": rs} for w, rs in runs.items()}
-    summary["ratio_time_ours_over_peer"] = summary["ours"]["median_seconds"] / summary["peer"]["median_seconds"]
-    summary["ratio_memory_ours_over_peer"] = (summary["ours"]["median_peak_extra_mb"]
-                                              / summary["peer"]["median_peak_extra_mb"])
-    write_result("engine", {"benchmark": "engine", "model": args.model, "input": [1, 3, args.size, args.size],
+    if "peer" in summary:
+        summary["ratio_time_ours_over_peer"] = summary["ours"]["median_seconds"] / summary["peer"]["median_seconds"]
+        summary["ratio_memory_ours_over_peer"] = (summary["ours"]["median_peak_extra_mb"]
+                                                  / summary["peer"]["median_peak_extra_mb"])
+    for variant in ("ours", "ours_full"):  # what verify=True (a crop) or verify="full" adds to the time of prune
+        if variant in summary and "ours_noverify" in summary:
+            base = summary["ours_noverify"]["median_seconds"]
+            summary[f"verify_overhead_{variant}"] = summary[variant]["median_seconds"] / base - 1
+    write_result(args.name, {"benchmark": "engine", "model": args.model, "input": [1, 3, args.size, args.size],
                             "ratio": 0.5, "criterion": "bn_scale", "device": "cpu", "machine": machine(), **summary})
 
 

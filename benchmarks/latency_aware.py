@@ -130,7 +130,7 @@ def prediction_check(name, base, x, table, runtime, threads, rounds, n, groups, 
     models, plans = {"unpruned": base}, []
     for i in range(n):
         ratio, method = float(rng.uniform(0.1, 0.6)), ("global", "uniform")[i % 2]
-        models[f"p{i}"] = segprune.prune(base, x, ratio=ratio, method=method, criterion="random", seed=i,
+        models[f"p{i}"] = segprune.prune(base, x, ratio=ratio, select=method, criterion="random", seed=i,
                                          groups=groups).model
         plans.append({"ratio": round(ratio, 3), "method": method})
     lat = timed(models, x, runtime, threads, rounds, onnx_dir)

@@ -121,7 +121,7 @@ def compress(model: nn.Module, x: torch.Tensor, scope: str, *, ratio: float, min
     info = {"backbone_removed": first.channels_removed, "backbone_prunable": first.channels_prunable}
     if scope == "seed":
         return first.model, first.plan, info
-    second = prune(first.model.eval(), first.model.prune_inputs(x), criterion=non_bn_l1, method="uniform",
+    second = prune(first.model.eval(), first.model.prune_inputs(x), criterion=non_bn_l1, select="uniform",
                    ratio=ratio, min_keep=min_keep)
     rest = [g for g in second.groups if not g.frozen and non_bn_l1(g, first.model) is not None]
     info.update(rest_removed=second.channels_removed, rest_prunable=sum(int(g.prunable.sum()) for g in rest))

@@ -116,3 +116,30 @@ def test_ctrl_c_ends_training_with_the_resume_command(tmp_path, monkeypatch, cap
     assert main(argv) == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].endswith(f"segprune train --model test_pspnet --out {out} --resume")
+
+
+def test_prune_a_checkpoint_to_a_latency_target_measures_and_keeps_the_table(trained, tmp_path, capsys):
+    out = tmp_path / "fast"
+    assert main(["prune", str(trained / "model"), "--target-latency", "0.9", "--size", "32", "32",
+                 "--out", str(out)]) == 0
+    table = out / "latency_table_eager_t1.json"
+    assert table.is_file() and "removed" in capsys.readouterr().out
+    again = tmp_path / "again"  # the table is reused, and one of other conditions is refused
+    assert main(["prune", str(trained / "model"), "--target-latency", "0.9", "--size", "32", "32",
+                 "--latency-table", str(table), "--latency-threads", "2", "--out", str(again)]) == 2
+    assert "threads" in capsys.readouterr().err
+
+
+def test_a_recipe_runs_to_a_latency_target(tmp_path):
+    from segprune.workflows import recipe_from, run
+
+    recipe = recipe_from(None, {"model": "test_pspnet", "width": "0.03125", "train_samples": "4", "val_samples": "2",
+                                "batch_size": "2", "epochs": "1", "finetune_epochs": "1", "size": "[32,32]",
+                                "threads": "1", "latency_rounds": "1", "latency_runs": "1", "method": "l1",
+                                "target_latency": "0.9", "report_samples": "0"})
+    report = run(recipe, tmp_path / "run", progress=False)
+    allocation = report["pruning"]["latency_allocation"]
+    assert allocation["target"] == 0.9 and allocation["runtime"] == "eager" and allocation["predicted_ratio"] <= 0.95
+    assert (tmp_path / "run" / "latency_table_eager_t1.json").is_file()
+    with pytest.raises(ValueError, match="excludes target_macs"):
+        recipe_from(None, {"target_latency": "0.5", "target_macs": "0.5"})

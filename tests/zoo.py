@@ -165,3 +165,240 @@ class ChannelsLast(nn.Module):
 
 ZOO = {cls.__name__: cls for cls in (FPNShared, AttentionGate, GroupNormDecoder, DiscardedStage, SplitSliceLinear,
                                        DepthwiseResidual, UnknownOp, ChannelsLast)}
+
+
+# --- soundness cases (issue #13): ops between producer and consumer that do not map 0 to 0, saved shapes, splits
+class Between(nn.Module):
+    """stem -> p (16 channels, the ones cut) -> `op` -> q -> cls; `kernel` 1 lets q take the constant into its bias,
+    3 (zero-padded) does not."""
+
+    def __init__(self, op, kernel=1, padding=None, num_classes=3, norm=True):
+        super().__init__()
+        self.op = op
+        self.stem = cbr(3, 8)
+        self.p = nn.Sequential(nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16)) if norm else nn.Conv2d(8, 16, 1)
+        self.q = nn.Conv2d(16, 8, kernel, padding=kernel // 2 if padding is None else padding)
+        self.cls = nn.Conv2d(8, num_classes, 1)
+
+    def forward(self, x):
+        y = self.q(self.op(self, self.p(self.stem(x))))
+        return self.cls(F.interpolate(y, size=x.shape[-2:]))
+
+
+def _between(name, op, **kw):
+    return type(name, (Between,), {"__init__": lambda self, num_classes=3: Between.__init__(self, op, **kw)})
+
+
+class _AffineFree(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.p = nn.Sequential(nn.Conv2d(8, 16, 1), nn.BatchNorm2d(16, affine=False))
+
+
+SOUNDNESS = {
+    "SigmoidThen1x1": _between("SigmoidThen1x1", lambda m, y: torch.sigmoid(y)),
+    "SigmoidThen3x3": _between("SigmoidThen3x3", lambda m, y: torch.sigmoid(y), kernel=3),
+    "HardsigmoidThen3x3": _between("HardsigmoidThen3x3", lambda m, y: F.hardsigmoid(y), kernel=3),
+    "AddConst": _between("AddConst", lambda m, y: y + 1.0),
+    "OnesLike": _between("OnesLike", lambda m, y: y + torch.ones_like(y)),
+    "Exp": _between("Exp", lambda m, y: torch.exp(y)),
+    "Softplus": _between("Softplus", lambda m, y: F.softplus(y), kernel=3, padding=0),
+    "PadValue": _between("PadValue", lambda m, y: F.pad(y, (1, 1, 1, 1), value=1.0), kernel=3, padding=0),
+    "AffineFreeBN": _between("AffineFreeBN", lambda m, y: F.relu(m.free(y)), norm=False),
+    "ParamAdd": _between("ParamAdd", lambda m, y: y + m.shift),
+}
+
+
+def _with_parts(cls, **parts):
+    init = cls.__init__
+
+    def __init__(self, num_classes=3):
+        init(self, num_classes)
+        for name, make in parts.items():
+            setattr(self, name, make())
+
+    return type(cls.__name__, (cls,), {"__init__": __init__})
+
+
+SOUNDNESS["AffineFreeBN"] = _with_parts(SOUNDNESS["AffineFreeBN"], free=lambda: nn.BatchNorm2d(16, affine=False))
+SOUNDNESS["ParamAdd"] = _with_parts(SOUNDNESS["ParamAdd"], shift=lambda: nn.Parameter(torch.ones(1)))
+
+
+class SavedShape(nn.Module):
+    """transformers' DPT reassemble: a shape saved before a token projection, reused to fold the tokens back."""
+
+    def __init__(self, num_classes=3):
+        super().__init__()
+        self.stem = cbr(3, 16)
+        self.proj = nn.Linear(16, 16)
+        self.other = cbr(3, 8)
+        self.cls, self.side = nn.Conv2d(16, num_classes, 1), nn.Conv2d(8, num_classes, 1)
+
+    def forward(self, x):
+        y = self.stem(x)
+        shape = y.shape
+        z = self.proj(y.flatten(2).transpose(1, 2))
+        return self.cls(z.transpose(1, 2).reshape(shape)) + self.side(self.other(x))
+
+
+class IntSplit(nn.Module):
+    """res2net's split into fixed-size pieces, each through its own conv."""
+
+    def __init__(self, num_classes=3):
+        super().__init__()
+        self.stem = cbr(3, 16)
+        self.branches = nn.ModuleList([cbr(8, 8), cbr(8, 8)])
+        self.cls = nn.Conv2d(16, num_classes, 1)
+
+    def forward(self, x):
+        parts = torch.split(self.stem(x), 8, dim=1)
+        return self.cls(torch.cat([b(p) for b, p in zip(self.branches, parts)], 1))
+
+
+SOUNDNESS.update({"SavedShape": SavedShape, "IntSplit": IntSplit})
+ZOO.update(SOUNDNESS)
+
+
+# --- modern blocks (issue #13): channels-last LayerNorm, ConvNeXt's MLP, layer scale
+class LayerNorm2d(nn.LayerNorm):
+    """timm's / smp's LayerNorm2d: a LayerNorm over the channels of NCHW, through two permutes."""
+
+    def forward(self, x):
+        x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class ConvNeXtBlock(nn.Module):
+    """ConvNeXt: depthwise 7x7, channels-last LayerNorm, Linear MLP (hidden channels: no norm between the two
+    Linears, so they prune exactly), layer scale, residual. `conv_mlp`: timm's variant with 1x1 convs and a
+    LayerNorm2d."""
+
+    def __init__(self, dim, conv_mlp=False):
+        super().__init__()
+        self.conv_mlp = conv_mlp
+        self.conv_dw = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = LayerNorm2d(dim) if conv_mlp else nn.LayerNorm(dim)
+        mlp = (lambda a, b: nn.Conv2d(a, b, 1)) if conv_mlp else nn.Linear
+        self.fc1, self.act, self.fc2 = mlp(dim, 4 * dim), nn.GELU(), mlp(4 * dim, dim)
+        self.gamma = nn.Parameter(torch.rand(dim) + 0.5)
+
+    def forward(self, x):
+        shortcut = x
+        x = self.conv_dw(x)
+        if self.conv_mlp:
+            x = self.fc2(self.act(self.fc1(self.norm(x)))) * self.gamma.reshape(1, -1, 1, 1)
+        else:
+            x = self.gamma * self.fc2(self.act(self.fc1(self.norm(x.permute(0, 2, 3, 1)))))
+            x = x.permute(0, 3, 1, 2)
+        return shortcut + x
+
+
+class ConvNeXtTiny(nn.Module):
+    """Stem (patchify conv + LayerNorm2d), two stages with a LayerNorm2d + strided-conv downsample, a UPerNet-like
+    LayerNorm2d + 3x3 conv head."""
+
+    def __init__(self, num_classes=3, conv_mlp=False):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 2, stride=2), LayerNorm2d(8))
+        self.stage1 = nn.Sequential(ConvNeXtBlock(8, conv_mlp), ConvNeXtBlock(8, conv_mlp))
+        self.down = nn.Sequential(LayerNorm2d(8), nn.Conv2d(8, 16, 2, stride=2))
+        self.stage2 = nn.Sequential(ConvNeXtBlock(16, conv_mlp))
+        self.head = nn.Sequential(nn.Conv2d(16, 12, 3, padding=1), LayerNorm2d(12), nn.ReLU(), nn.Conv2d(12, 12, 1))
+        self.cls = nn.Conv2d(12, num_classes, 1)
+
+    def forward(self, x):
+        y = self.head(self.stage2(self.down(self.stage1(self.stem(x)))))
+        return F.interpolate(self.cls(y), size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+class ConvNeXtConvMLP(ConvNeXtTiny):
+    def __init__(self, num_classes=3):
+        super().__init__(num_classes, conv_mlp=True)
+
+
+MODERN = {"ConvNeXtTiny": ConvNeXtTiny, "ConvNeXtConvMLP": ConvNeXtConvMLP}
+ZOO.update(MODERN)
+
+
+# --- attention (issue #13): heads are not cut yet; what cannot be followed must be frozen, with a warning
+class TokenAttention(nn.Module):
+    """conv stem -> tokens -> multi-head self-attention (timm's fused qkv + SDPA, transformers' separate q/k/v +
+    explicit softmax(q kᵀ) v, or nn.MultiheadAttention) -> MLP -> back to NCHW. The MLP hidden channels are
+    prunable; attention's inner dims are frozen."""
+
+    def __init__(self, num_classes=3, kind="sdpa", dim=16, heads=2):
+        super().__init__()
+        self.kind, self.heads = kind, heads
+        self.stem = cbr(3, dim)
+        if kind == "mha":
+            self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        elif kind == "sdpa":
+            self.qkv = nn.Linear(dim, 3 * dim)
+        else:
+            self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
+        self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+        self.cls = nn.Conv2d(dim, num_classes, 1)
+
+    def attend(self, t):
+        b, n, c = t.shape
+        if self.kind == "mha":
+            return self.attn(t, t, t, need_weights=False)[0]
+        if self.kind == "sdpa":
+            q, k, v = self.qkv(t).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+            return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
+        split = lambda x: x.view(b, n, self.heads, c // self.heads).permute(0, 2, 1, 3)  # noqa: E731
+        q, k, v = split(self.q(t)), split(self.k(t)), split(self.v(t))
+        attn = torch.softmax(q @ k.transpose(-2, -1) * (c // self.heads) ** -0.5, dim=-1)
+        return self.proj((attn @ v).permute(0, 2, 1, 3).reshape(b, n, c))
+
+    def forward(self, x):
+        y = self.stem(x)
+        b, c, h, w = y.shape
+        t = y.flatten(2).transpose(1, 2)
+        t = t + self.attend(t)
+        t = t + self.fc2(F.gelu(self.fc1(t)))
+        return self.cls(t.transpose(1, 2).reshape(b, c, h, w))
+
+
+ATTENTION = {f"Attention_{kind}": type(f"Attention_{kind}", (TokenAttention,), {
+    "__init__": (lambda k: lambda self, num_classes=3: TokenAttention.__init__(self, num_classes, k))(kind)})
+    for kind in ("sdpa", "explicit", "mha")}
+ZOO.update(ATTENTION)
+
+
+class AttrSplit(nn.Module):
+    """res2net (int `self.width`, pieces chained: sp = sp + spx[i]) or mixnet (list `self.splits`, one conv per
+    piece): the sizes live in an attribute, which pruning rewrites."""
+
+    def __init__(self, num_classes=3, sizes=None):
+        super().__init__()
+        self.stem = cbr(3, 12)
+        if sizes is None:
+            self.width = 4
+            self.convs = nn.ModuleList([cbr(4, 4) for _ in range(2)])
+        else:
+            self.splits = sizes
+            self.convs = nn.ModuleList([cbr(n, n, k=2 * i + 1) for i, n in enumerate(sizes)])
+        self.cls = nn.Conv2d(12, num_classes, 1)
+
+    def forward(self, x):
+        y = self.stem(x)
+        if hasattr(self, "width"):
+            spx = torch.split(y, self.width, 1)
+            sp, outs = spx[0], []
+            for i, conv in enumerate(self.convs):
+                sp = conv(sp if i == 0 else sp + spx[i])
+                outs.append(sp)
+            y = torch.cat([*outs, spx[-1]], 1)
+        else:
+            y = torch.cat([conv(p) for conv, p in zip(self.convs, torch.split(y, self.splits, 1))], 1)
+        return self.cls(y)
+
+
+class ListSplit(AttrSplit):
+    def __init__(self, num_classes=3):
+        super().__init__(num_classes, sizes=[6, 4, 2])
+
+
+ZOO.update({"AttrSplit": AttrSplit, "ListSplit": ListSplit})

@@ -71,7 +71,9 @@ def cmd_run(args) -> None:
 def cmd_prune(args) -> None:
     result = prune_checkpoint(args.checkpoint, args.out, method_name=args.method, ratio=args.ratio,
                               target_macs=args.target_macs, round_to=args.round_to, min_keep=args.min_keep,
-                              size=tuple(args.size), force=args.force)
+                              size=tuple(args.size), force=args.force, target_latency=args.target_latency,
+                              latency_table_path=args.latency_table, latency_runtime=args.latency_runtime,
+                              latency_threads=args.latency_threads)
     print(f"removed {result.channels_removed} of {result.channels_prunable} prunable channels -> {args.out}")
 
 
@@ -288,6 +290,12 @@ def parser() -> argparse.ArgumentParser:
                     help="the method's channel criterion (methods that need training data run in recipes)")
     pr.add_argument("--ratio", type=float, default=0.5, help="fraction of prunable channels removed")
     pr.add_argument("--target-macs", type=float, default=None, help="remove until MACs <= this fraction")
+    pr.add_argument("--target-latency", type=float, default=None,
+                    help="remove until the latency a table predicts <= this fraction (latency-aware allocation)")
+    pr.add_argument("--latency-table", default="", metavar="TABLE.json",
+                    help="a LatencyTable of this model (default: measured at --size and kept in --out)")
+    pr.add_argument("--latency-runtime", choices=("eager", "onnxruntime"), default="eager")
+    pr.add_argument("--latency-threads", type=int, default=1)
     pr.add_argument("--round-to", type=int, default=None)
     pr.add_argument("--min-keep", type=float, default=0.1)
     pr.add_argument("--size", type=int, nargs=2, default=(256, 256), metavar=("H", "W"), help="example input size")

@@ -311,7 +311,7 @@ def _fit_rest(table: LatencyTable, rt, model, x, rounds, calibrate, spreads) -> 
     additive constant fitted to that comes out negative and exaggerates every speed-up."""
     models = {"unpruned": fuse_conv_bn(model.eval(), x)}  # the label names onnxruntime's export: reused by name
     if calibrate:
-        half = prune(model, x, ratio=0.5, method="uniform", criterion="l1").model.eval()
+        half = prune(model, x, ratio=0.5, select="uniform", criterion="l1").model.eval()
         models["uniform50"] = fuse_conv_bn(half, x)
     timed = rt.time_models(models, x, rounds)
     table.scale, table.rest_ms, table.rest_ms_per_element = 1.0, 0.0, 0.0

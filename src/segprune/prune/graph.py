@@ -23,9 +23,20 @@ from segprune.prune.trace import trace
 class ChannelGroups(list):
     """The groups of a model (a list), with the MACs of each layer in one eval-mode pass, for cost targets."""
 
-    def __init__(self, groups=(), *, module_macs: dict[str, int] | None = None):
+    def __init__(self, groups=(), *, module_macs: dict[str, int] | None = None, train_only: bool = True,
+                 offsets: dict[str, str] | None = None, approximate: dict[int, str] | None = None,
+                 eval_in_train: bool = False):
         super().__init__(groups)
         self.module_macs = dict(module_macs or {})
+        self.train_only = train_only  # whether some layer runs only in train mode (an auxiliary head)
+        self.offsets = dict(offsets or {})  # consumer -> op that may feed it f(0) != 0 (zeros.py, fold.py)
+        self.approximate = dict(approximate or {})  # group id -> the allowed inexact op its channels pass
+        self.eval_in_train = eval_in_train  # every (module, op) of the eval pass also runs in the train pass
+
+    def like(self, groups) -> ChannelGroups:
+        """Other groups of the same model (some frozen since), with this trace's MACs."""
+        return ChannelGroups(groups, module_macs=self.module_macs, train_only=self.train_only, offsets=self.offsets,
+                             approximate=self.approximate, eval_in_train=self.eval_in_train)
 
     @property
     def total_macs(self) -> int:
@@ -75,7 +86,8 @@ class ChannelGroup:
 
 
 def channel_groups(model: nn.Module, example_inputs, *, ignore: Sequence[str] = (),
-                   modes: Sequence[str] = ("eval", "train"), shape_only: bool = True) -> ChannelGroups:
+                   modes: Sequence[str] = ("eval", "train"), shape_only: bool = True,
+                   allow_approximate: Sequence[str] = ()) -> ChannelGroups:
     """Trace `model` on `example_inputs` and return its channel groups.
 
     Args:
@@ -85,9 +97,11 @@ def channel_groups(model: nn.Module, example_inputs, *, ignore: Sequence[str] = 
         modes: which modes to run; both by default so that train-only branches (auxiliary heads) count.
         shape_only: evaluate convolutions and linear layers for their shapes only (fast; zeros come out). Pass
             False for a model whose forward branches on values.
+        allow_approximate: ops whose channels may be removed although that is not exact ("layer_norm",
+            "rms_norm": the other channels' statistics change); `prune` reports the output change it measured.
     """
     _check_ignore(model, ignore)
-    st = trace(model, example_inputs, modes=modes, shape_only=shape_only)
+    st = trace(model, example_inputs, modes=modes, shape_only=shape_only, allow_approximate=allow_approximate)
     for message in st.warnings:
         warnings.warn(f"segprune: {message}", stacklevel=2)
     return build_groups(st, ignore=ignore)
@@ -111,7 +125,19 @@ def build_groups(st: TraceState, *, ignore: Sequence[str] = ()) -> ChannelGroups
     for members in _connected(classes):
         groups.append(_make_group(len(groups), [keys[k] for k in members], [classes[k] for k in members],
                                   frozen, made))
-    return ChannelGroups(groups, module_macs=st.macs)
+    train_only = "train" in st.bound_in.values()
+    eval_in_train = st.calls.get("eval", set()) <= st.calls.get("train", set())
+    approx = {int(roots[e]): op for e, op in st.approximate.items()}
+    approximate = {g.id: op for g, cls in zip(groups, _group_classes(groups, keys, classes)) for c in cls
+                   if (op := approx.get(c))}
+    return ChannelGroups(groups, module_macs=st.macs, train_only=train_only, offsets=st.offsets,
+                         approximate=approximate, eval_in_train=eval_in_train)
+
+
+def _group_classes(groups, keys, classes):
+    """The channel classes each group holds."""
+    where = {key: cls for key, cls in zip(keys, classes)}
+    return [set().union(*(where[(m.module, m.role)].tolist() for m in g.members)) for g in groups]
 
 
 def _frozen_classes(st, roots, keys, classes, ignore) -> dict[int, str]:

@@ -8,6 +8,7 @@ from the groups alone, independently of the surgery, so a missed coupling shows 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import numpy as np
@@ -31,6 +32,33 @@ def masked_copy(model: nn.Module, groups: list[ChannelGroup], removed: dict[int,
             for m in group.members if drop is not None and len(drop) else ():
                 _zero(masked.get_submodule(m.module), m.role, torch.from_numpy(np.isin(m.index, drop)))
     return masked
+
+
+@contextlib.contextmanager
+def masked_in_place(model: nn.Module, groups: list[ChannelGroup], removed: dict[int, np.ndarray]):
+    """`model` itself with the removed channels zeroed, as in `masked_copy`, restored on exit (no copy made: only
+    the zeroed slices are saved)."""
+    saved = []
+    with torch.no_grad():
+        for group in groups:
+            drop = removed.get(group.id)
+            for m in group.members if drop is not None and len(drop) else ():
+                module = model.get_submodule(m.module)
+                if m.role != "out" or not isinstance(module, _PRODUCERS + _NORMS):
+                    continue
+                dead = torch.from_numpy(np.flatnonzero(np.isin(m.index, drop)))
+                out_dim = 1 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 0
+                for t, dim in ((module.weight, out_dim), (module.bias, 0)):
+                    if t is not None:
+                        index = dead.to(t.device)
+                        saved.append((t, dim, index, t.index_select(dim, index)))
+                        t.index_fill_(dim, index, 0.0)
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for t, dim, index, values in reversed(saved):  # a slice saved twice is restored from its first save
+                t.index_copy_(dim, index, values)
 
 
 def _zero(module: nn.Module, role: str, dead: torch.Tensor) -> None:

@@ -27,7 +27,8 @@ from segprune.prune.surgery import surgery_for
 
 FORMAT = "segprune.plan/1"
 FORMAT_BYPASS = "segprune.plan/2"
-_WIDTH_ATTRS = {"out": ("out_channels", "out_features", "num_features", "num_channels", "num_parameters"),
+_WIDTH_ATTRS = {"out": ("out_channels", "out_features", "num_features", "num_channels", "num_parameters",
+                        "normalized_shape"),
                 "in": ("in_channels", "in_features")}
 
 
@@ -35,7 +36,8 @@ def width(module: nn.Module, role: str) -> int | None:
     """A module's current width on one side, read from the module (never cached)."""
     for attr in _WIDTH_ATTRS[role]:
         if hasattr(module, attr):
-            return int(getattr(module, attr))
+            value = getattr(module, attr)
+            return int(value[-1] if isinstance(value, (tuple, list)) else value)
     return None
 
 
@@ -69,8 +71,16 @@ class Plan:
             _bypass(model, name, entry)
         for name, entry in self.modules.items():
             module = _checked_module(model, name, entry)
-            keep = {role: torch.as_tensor(entry[role], dtype=torch.long) for role in ("out", "in") if role in entry}
-            surgery_for(module)(module, out=keep.get("out"), in_=keep.get("in"))
+            if entry.get("bias") and module.bias is None:  # a constant was folded into it (fold.py)
+                module.bias = nn.Parameter(torch.zeros(width(module, "out"), dtype=module.weight.dtype,
+                                                       device=module.weight.device))
+            keep = {role: torch.as_tensor(entry[role], dtype=torch.long) for role in _roles(entry)}
+            if "out" in keep or "in" in keep:
+                surgery_for(module)(module, out=keep.get("out"), in_=keep.get("in"))
+            for role in keep.keys() - {"out", "in"}:  # a raw per-channel parameter (layer scale), split sizes
+                kind, _, attr = role.partition(":")
+                cut = _keep_parameter if kind == "param" else _keep_sizes
+                cut(module, attr, keep[role], entry[f"{role}_size"])
         return model
 
     def then(self, later: Plan) -> Plan:
@@ -79,9 +89,9 @@ class Plan:
         merged = {name: dict(entry) for name, entry in self.modules.items() if not _inside(name, later.bypass)}
         for name, entry in later.modules.items():
             first = merged.setdefault(name, {"type": entry["type"]})
-            for role in ("out", "in"):
-                if role not in entry:
-                    continue
+            if entry.get("bias"):
+                first["bias"] = True
+            for role in _roles(entry):
                 if role in first:
                     first[role] = [first[role][i] for i in entry[role]]
                 else:
@@ -116,12 +126,36 @@ class Plan:
             raise ValueError(f"{path}: corrupt plan ({err})") from err
 
 
+def _roles(entry: dict) -> list[str]:
+    """The dims an entry cuts: "out", "in", "param:NAME" (a raw per-channel parameter), "attr:NAME" (split sizes)."""
+    return [k for k in entry if k not in ("type", "bias") and not k.endswith("_size")]
+
+
+def _keep_parameter(module: nn.Module, name: str, keep: torch.Tensor, size: int) -> None:
+    """Slice a per-channel parameter along its one dim of `size` values."""
+    param = getattr(module, name)
+    dim = next(d for d, n in enumerate(param.shape) if n == size)
+    new = param.detach().index_select(dim, keep.to(param.device))
+    setattr(module, name, nn.Parameter(new, requires_grad=param.requires_grad))
+
+
+def _keep_sizes(module: nn.Module, name: str, keep: torch.Tensor, size: int) -> None:
+    """Rewrite the split sizes an attribute holds (an int: equal pieces; a list: one size per piece) to count the
+    channels kept in each piece."""
+    value = getattr(module, name)
+    sizes = [value] * (size // value) if isinstance(value, int) else list(value)
+    bounds = np.cumsum([0, *sizes])
+    kept = [int(((keep >= lo) & (keep < hi)).sum()) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    setattr(module, name, kept[0] if isinstance(value, int) else type(value)(kept))
+
+
 def _checked_module(model: nn.Module, name: str, entry: dict) -> nn.Module:
     try:
         module = model.get_submodule(name)
     except AttributeError as err:
         raise ValueError(f"plan names layer {name!r}, which this model does not have") from err
-    if type(module).__name__ != entry["type"] or surgery_for(module) is None:
+    layers = "out" in entry or "in" in entry
+    if type(module).__name__ != entry["type"] or (layers and surgery_for(module) is None):
         raise ValueError(f"plan expects {name!r} to be a {entry['type']}, the model has {type(module).__name__}")
     for role in ("out", "in"):
         if role in entry and width(module, role) != entry[f"{role}_size"]:

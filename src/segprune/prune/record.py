@@ -19,10 +19,14 @@ class OpRecorder(TorchFunctionMode):
     """Runs each torch function (:meth:`call`), then hands it to :meth:`record`."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
+        args, kwargs = self.prepare(func, args, kwargs or {})
         out = self.call(func, args, kwargs)
         self.record(func, args, kwargs, out)
         return out
+
+    def prepare(self, func, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """The arguments the op runs with (a trace may change them, e.g. to update no statistics)."""
+        return args, kwargs
 
     def call(self, func, args: tuple, kwargs: dict):
         """Compute the op (a trace may compute less: shapes only, or without side effects)."""

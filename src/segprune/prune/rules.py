@@ -66,14 +66,13 @@ def unknown(st: TraceState, name: str, args, kwargs, out) -> None:
     """No rule: freeze every channel the op touches, loudly. Never a silently wrong model."""
     reason = f"op '{name}' has no channel rule (in {st.where})"
     touched = [st.get(t) for t in tensors((args, kwargs))]
-    if any(info is not None for info in touched):
-        st.warn(f"{reason}: its channels are frozen")
     for info in touched:
         if info is not None:
             st.freeze(info.ids, reason)
+    layouts = {t.dim(): st.get(t).cdim for t in tensors((args, kwargs)) if st.get(t) is not None}
     for t in tensors(out):
         if st.get(t) is None or any(t is a for a in tensors((args, kwargs))):
-            st.set_opaque(t, reason)
+            st.set_opaque(t, reason, layouts.get(t.dim(), 1))
 
 
 # --- pass-through: same channels in and out --------------------------------------------------------
@@ -152,15 +151,31 @@ def _single_channel(st, args, kwargs, out_t):
 
 
 def _freeze_constants(st, args, kwargs, out_t, pos, info):
-    """An untraced operand with C values along the channel dim (a constant, a raw parameter) would keep
-    its C values after pruning: those channels cannot be cut."""
+    """An untraced operand with C values along the channel dim would keep its C values after pruning: a raw
+    per-channel parameter (layer scale, `x * gamma`) is bound and cut with the channels; anything else (a
+    constant) freezes them."""
     ndim = out_t.dim()
     for t in tensors((args, kwargs)):
         offset = pos - (ndim - t.dim())
         if st.get(t) is None and 0 <= offset < t.dim() and t.shape[offset] > 1:
-            st.freeze(info.ids, f"a tensor that is not traced meets these channels (in {st.where})")
-            st.warn(f"an untraced tensor of shape {tuple(t.shape)} meets traced channels in "
-                    f"{st.where}: those channels are frozen")
+            param = _per_channel_parameter(st, t, offset)
+            if param is not None:
+                st.bind(param[0], f"param:{param[1]}", info.ids)
+                continue
+            st.freeze(info.ids, f"an untraced tensor of shape {tuple(t.shape)} (a constant or a raw parameter) "
+                                f"meets these channels (in {st.where})")
+
+
+def _per_channel_parameter(st, t, dim):
+    """(module, parameter name) when `t` is a registered parameter, or a view of one, holding one value per channel
+    along `dim` and nothing else (its other dims are 1)."""
+    if any(size != 1 for d, size in enumerate(t.shape) if d != dim):
+        return None
+    for name, module in st.params_by_ptr.get(t.data_ptr(), ()):
+        param = getattr(module, name)
+        if param.numel() == t.numel() and sum(size != 1 for size in param.shape) == 1:
+            return st.owners[id(param)][0], name
+    return None
 
 
 # --- producers and consumers ------------------------------------------------------------------------
@@ -170,6 +185,12 @@ def _owner(st, param, name):
     if owner is None or surgery_for(owner[1]) is None:
         return None
     return owner
+
+
+def _note_offset(st, consumer, info):
+    """A consumer reading channels that an op between made nonzero: prune measures and folds (fold.py)."""
+    if info is not None and info.nonzero:
+        st.offsets.setdefault(consumer, info.nonzero)
 
 
 def _produce(st, module_name, n):
@@ -187,12 +208,14 @@ def conv(st, args, kwargs, out):
     groups = _arg(args, kwargs, 6, "groups", 1)
     info, owner = st.get(x), _owner(st, weight, "weight")
     if owner is None or (info is not None and info.cdim != 1) or (transposed and groups > 1):
-        return unknown(st, f"{st.current_op} with an unsupported weight or layout", args, kwargs, out)
+        return unknown(st, f"{st.current_op} with an unsupported weight or layout ({_conv_trouble(owner, info)})",
+                       args, kwargs, out)
     name = owner[0]
     out_ids = _produce(st, name, out.shape[1])
     in_ids = info.ids if info is not None else st.fresh(x.shape[1])
     if groups == 1:
         st.bind(name, "in", in_ids)
+        _note_offset(st, name, info)
     else:  # a conv group's inputs and outputs live and die together (depthwise: one in, k outs)
         for g_in, g_out in zip(np.split(in_ids, groups), np.split(out_ids, groups)):
             st.union_all(np.concatenate([g_in, g_out]))
@@ -204,6 +227,16 @@ def conv(st, args, kwargs, out):
     st.count_macs(name, side.numel() // side.shape[1] * weight.numel())
 
 
+def _conv_trouble(owner, info) -> str:
+    """Say which: a computed weight (weight standardisation: removing an input channel would change the others'
+    standardised weights), a layer without surgery, channels not on dim 1, or a grouped transposed conv."""
+    if owner is None:
+        return "a computed weight, e.g. weight standardisation, or a layer type without surgery"
+    if info is not None and info.cdim != 1:
+        return f"its input's channels are on dim {info.cdim}, not 1"
+    return "grouped transposed convolution"
+
+
 @rule("linear")
 def linear(st, args, kwargs, out):
     x, weight = args[0], _arg(args, kwargs, 1, "weight")
@@ -212,6 +245,7 @@ def linear(st, args, kwargs, out):
         return unknown(st, "linear with a computed weight", args, kwargs, out)
     if info is not None and info.cdim == x.dim() - 1:
         st.bind(owner[0], "in", info.ids)
+        _note_offset(st, owner[0], info)
     elif info is not None:  # the traced dim passes through; the features are not a traced channel
         st.freeze(info.ids, f"{owner[0]} consumes a dim other than the traced channels")
     out_ids = _produce(st, owner[0], out.shape[-1])
@@ -252,6 +286,34 @@ def group_norm(st, args, kwargs, out):
     if owner is not None:
         st.bind(owner[0], "out", info.ids)
     st.set(out, info.ids, 1)
+
+
+@rule("layer_norm", "rms_norm")
+def layer_norm(st, args, kwargs, out):
+    """A norm over the last dims. Over the channels alone (a transformer's LayerNorm, ConvNeXt's channels-last
+    LayerNorm2d) removing a channel changes the mean and variance the others are normalised with: not exact, so
+    frozen unless the user allows it (allow_approximate=("layer_norm",)); verify then measures the change."""
+    x, shape = args[0], _arg(args, kwargs, 1, "normalized_shape")
+    info = st.get(x)
+    if info is None:
+        return
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    weight = _arg(args, kwargs, 2, "weight")
+    owner = st.owners.get(id(weight)) if weight is not None else None
+    if info.cdim < x.dim() - len(shape):  # normalises other dims: the channels pass through
+        return st.set(out, info.ids, info.cdim)
+    if len(shape) != 1 or (weight is not None and (owner is None or surgery_for(owner[1]) is None)):
+        return unknown(st, f"{st.current_op} over the channels and other dims, or with a computed weight", args,
+                       kwargs, out)
+    if owner is not None:
+        st.bind(owner[0], "out", info.ids)
+    name = st.current_op
+    if name in st.allow_approximate:
+        st.approximate.update((e, f"{name} (in {st.where})") for e in info.ids.tolist())
+    else:
+        st.freeze(info.ids, f"{name} over the channels (in {st.where}) makes their removal inexact (the others' "
+                            f"statistics change); pass allow_approximate=('{name}',) to prune them anyway")
+    st.set(out, info.ids, info.cdim)
 
 
 @rule("prelu")
@@ -335,13 +397,32 @@ def split(st, args, kwargs, out):
     if op == "unbind":
         return unknown(st, "unbind along the channels", args, kwargs, out)
     pieces = np.split(info.ids, np.cumsum([t.shape[dim] for t in parts])[:-1])
-    if op == "chunk" and all(len(p) == len(pieces[0]) for p in pieces):
-        for piece in pieces[1:]:
+    equal = all(len(p) == len(pieces[0]) for p in pieces)
+    attribute = _size_attribute(st, args, kwargs) if op in ("split", "split_with_sizes") else None
+    if attribute is not None and (equal or not isinstance(attribute[1], int)):
+        st.bind(st.module_path, f"attr:{attribute[0]}", info.ids)  # surgery rewrites the sizes (plan.py)
+    if (op == "chunk" or attribute is not None) and equal and not isinstance(attribute and attribute[1], list):
+        for piece in pieces[1:]:  # equal pieces stay equal only if each loses the same channels
             st.union(pieces[0], piece)
-    else:
+    elif attribute is None or (isinstance(attribute[1], int) and not equal):
         _freeze_positional(st, info, op)
     for t, piece in zip(parts, pieces):
         st.set(t, piece, dim)
+
+
+def _size_attribute(st, args, kwargs):
+    """(name, value) of the attribute of the running module that holds the split sizes (res2net's `self.width`,
+    mixnet's `self.splits`), when exactly one does: pruning can then rewrite it. None otherwise."""
+    size = _arg(args, kwargs, 1, "split_size_or_sections", _arg(args, kwargs, 1, "split_size"))
+    module = st.modules.get(st.module_path)
+    if module is None or size is None or isinstance(size, torch.Tensor):
+        return None
+    if isinstance(size, (list, tuple)):
+        found = [(n, v) for n, v in vars(module).items() if isinstance(v, (list, tuple)) and list(v) == list(size)]
+        found = [(n, list(v)) for n, v in found]
+    else:
+        found = [(n, v) for n, v in vars(module).items() if type(v) is int and v == size]
+    return found[0] if len(found) == 1 else None
 
 
 def _freeze_positional(st, info, op):
@@ -570,7 +651,6 @@ def setitem(st, args, kwargs, out):
         info = st.get(t)
         if info is not None:
             st.freeze(info.ids, f"in-place write into a slice (in {st.where})")
-            st.warn(f"in-place slice assignment in {st.where}: channels frozen")
 
 
 # --- contractions: einsum, matmul, bmm ------------------------------------------------------------------------

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+_EXPECTED = {"a model input", "reaches the model's output"}  # freezes nobody needs to hear about
+
 
 @dataclass
 class TensorInfo:
@@ -21,6 +23,7 @@ class TensorInfo:
 
     ids: np.ndarray
     cdim: int
+    nonzero: str | None = None  # the op that makes a removed (zero) channel nonzero here, e.g. "sigmoid (in a.b)"
 
 
 class TraceState:
@@ -32,14 +35,21 @@ class TraceState:
         self.created: set[int] = set()  # elements made by a producer (conv/linear output)
         self.info: dict[int, TensorInfo] = {}  # id(tensor) -> what it carries, while the tensor lives
         self.bindings: dict[tuple[str, str], np.ndarray] = {}  # (module name, role) -> elements
+        self.bound_in: dict[tuple[str, str], str] = {}  # (module name, role) -> the mode that first bound it
         self.producers: dict[str, np.ndarray] = {}  # module name -> its output elements (shared modules)
         self.warnings: list[str] = []
+        self.allow_approximate: tuple[str, ...] = ()  # ops whose inexact removal the user accepts (layer_norm)
+        self.approximate: dict[int, str] = {}  # element -> the inexact op it passes (allowed, measured by verify)
+        self.offsets: dict[str, str] = {}  # consumer module -> the op that may feed it f(0) != 0 on removed channels
         self.module_path = ""  # innermost module running now, for messages
         self.current_op = ""  # the op whose rule runs now
         self.shape_only = True  # conv/linear compute shapes only (see trace.py)
         self.mode = "eval"  # the pass running now
         self.macs: dict[str, int] = {}  # module -> multiply-accumulates of its calls in the eval pass
         self.owners: dict[int, tuple[str, torch.nn.Module]] = {}  # id(parameter or buffer) -> owner
+        self.calls: dict[str, set[tuple[str, str]]] = {}  # mode -> (module, op) pairs that ran in it
+        self.modules: dict[str, torch.nn.Module] = {}  # qualified name -> module (split sizes held in attributes)
+        self.params_by_ptr: dict[int, list[tuple[str, torch.nn.Module]]] = {}  # data_ptr -> (name, owning module)
 
     # elements -----------------------------------------------------------------------------------
     def fresh(self, n: int) -> np.ndarray:
@@ -69,8 +79,14 @@ class TraceState:
             self.union(np.full(len(ids) - 1, ids[0]), ids[1:])
 
     def freeze(self, ids: np.ndarray, reason: str) -> None:
-        for e in ids.tolist():
-            self.frozen.setdefault(e, reason)
+        """Never prune these elements; say so unless they are the model's inputs or outputs (a frozen channel costs
+        compression, and the user should know why)."""
+        fresh = [e for e in ids.tolist() if e not in self.frozen]
+        for e in fresh:
+            self.frozen[e] = reason
+        if fresh and reason not in _EXPECTED:
+            self.warn(f"{reason}: {len(fresh)} channel(s) frozen (never pruned). If they should be prunable, rewrite "
+                      "that code with whole-tensor ops or register a rule for the op (segprune.prune.rules.RULES)")
 
     @property
     def where(self) -> str:
@@ -94,12 +110,14 @@ class TraceState:
             weakref.finalize(t, self.info.pop, id(t), None)
         self.info[id(t)] = TensorInfo(ids, cdim)
 
-    def set_opaque(self, t, reason: str) -> None:
-        """Give an output whose channels relate to nothing known fresh, frozen elements."""
+    def set_opaque(self, t, reason: str, cdim: int = 1) -> None:
+        """Give an output whose channels relate to nothing known fresh, frozen elements along `cdim` (the layout
+        of the op's input, so that a channels-last tensor stays channels-last)."""
         if isinstance(t, torch.Tensor) and t.dim() >= 2:
-            ids = self.fresh(t.shape[1])
+            cdim = cdim if cdim < t.dim() else 1
+            ids = self.fresh(t.shape[cdim])
             self.freeze(ids, reason)
-            self.set(t, ids, 1)
+            self.set(t, ids, cdim)
 
     def set_free(self, t: torch.Tensor, cdim: int) -> None:
         """Channels tied to nothing (a size-1 channel broadcast onto C): they couple nothing."""
@@ -121,3 +139,4 @@ class TraceState:
             self.union(old, ids)
         else:
             self.bindings[key] = ids
+            self.bound_in[key] = self.mode

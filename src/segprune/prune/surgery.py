@@ -37,7 +37,7 @@ def _keep(module: nn.Module, name: str, index: torch.Tensor, dim: int) -> None:
     old = getattr(module, name)
     if old is None:
         return
-    new = old.detach().index_select(dim, index.to(old.device)).clone()
+    new = old.detach().index_select(dim, index.to(old.device))  # a new tensor already: no clone
     if isinstance(old, nn.Parameter):
         new = nn.Parameter(new, requires_grad=old.requires_grad)
     setattr(module, name, new)
@@ -93,3 +93,12 @@ def prune_prelu(module, out=None, in_=None):
     if module.num_parameters > 1:
         _keep(module, "weight", out, 0)
         module.num_parameters = len(out)
+
+
+@register_surgery(nn.RMSNorm)
+@register_surgery(nn.LayerNorm)
+def prune_layer_norm(module, out=None, in_=None):
+    """Over the channels only (the tracer binds nothing else): affine parameters and the normalised shape."""
+    _keep(module, "weight", out, 0)
+    _keep(module, "bias", out, 0)
+    module.normalized_shape = (len(out),)

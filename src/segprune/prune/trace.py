@@ -16,33 +16,46 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
+from segprune.prune.record import OpRecorder
 from segprune.prune.rules import RULES, constant, op_name, tensors, unknown
 from segprune.prune.state import TraceState
+from segprune.prune.zeros import nonzero_tag
 
 
-class _Recorder(TorchFunctionMode):
+class _Recorder(OpRecorder):
     """Runs each op, then hands it to its rule. Ops are seen once: inner calls run with the mode off."""
 
     def __init__(self, st: TraceState):
         super().__init__()
         self.st = st
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = op_name(func)
-        if name == "batch_norm":
-            args, kwargs = _batch_norm_without_update(args, kwargs)
-        st = self.st
-        out = _shape_only(func, args, kwargs) if name in _SHAPE_ONLY and st.shape_only else func(*args, **kwargs)
+    def prepare(self, func, args, kwargs):
+        return _batch_norm_without_update(args, kwargs) if op_name(func) == "batch_norm" else (args, kwargs)
+
+    def call(self, func, args, kwargs):
+        shape_only = op_name(func) in _SHAPE_ONLY and self.st.shape_only
+        return _shape_only(func, args, kwargs) if shape_only else func(*args, **kwargs)
+
+    def record(self, func, args, kwargs, out) -> None:
+        st, name = self.st, op_name(func)
+        st.calls.setdefault(st.mode, set()).add((st.module_path, name))
         if any(st.get(t) is not None for t in tensors((args, kwargs))):
             st.current_op = name
             RULES.get(name, lambda *a: unknown(st, name, *a[1:]))(st, args, kwargs, out)
             if name not in RULES or RULES[name] is not constant:
                 _untracked_outputs(st, name, args, kwargs, out)
-        return out
+            _tag_nonzero(st, name, args, kwargs, out)
+
+
+def _tag_nonzero(st, name, args, kwargs, out):
+    """Mark outputs where a removed channel is no longer zero (see zeros.py)."""
+    tag = nonzero_tag(st, name, args, kwargs)
+    for t in tensors(out):
+        info = st.get(t)
+        if info is not None:
+            info.nonzero = tag
 
 
 # Channel structure depends on shapes, not values: convolutions and linear layers (nearly all the time of a
@@ -94,7 +107,7 @@ def param_owners(model: nn.Module) -> dict[int, tuple[str, nn.Module]]:
 
 
 def trace(model: nn.Module, example_inputs, *, modes: Sequence[str] = ("eval", "train"),
-          shape_only: bool = True) -> TraceState:
+          shape_only: bool = True, allow_approximate: Sequence[str] = ()) -> TraceState:
     """Run `model` once per mode on `example_inputs` and return the channel facts the rules recorded.
 
     With `shape_only`, convolutions and linear layers compute only their output shape (zeros come out):
@@ -103,7 +116,12 @@ def trace(model: nn.Module, example_inputs, *, modes: Sequence[str] = ("eval", "
     """
     st = TraceState()
     st.shape_only = shape_only
+    st.allow_approximate = tuple(allow_approximate)
     st.owners = param_owners(model)
+    st.modules = dict(model.named_modules())
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            st.params_by_ptr.setdefault(param.data_ptr(), []).append((name, module))
     args, kwargs = as_call(example_inputs)
     for t in tensors((args, kwargs)):
         st.set_opaque(t, "a model input")

@@ -41,6 +41,7 @@ from segprune.workflows import rundir
 from segprune.workflows.data import base_dataset
 from segprune.workflows.methods import criterion, method, regularizer
 from segprune.workflows.recipe import Recipe, as_plain, slim_widths
+from segprune.workflows.steps import latency_table
 from segprune.workflows.tasks import Task, gamma_histogram, task_of
 
 
@@ -77,7 +78,8 @@ def run(r: Recipe, out: str | Path, *, force: bool = False, progress: bool = Tru
     report = {"title": f"{r.name}: {r.model} ({r.method}{', instance' if task.name == 'instance' else ''})",
               **({"task": task.name} if task.name != "semantic" else {}), "recipe": plain,
               "seconds": time.perf_counter() - start, "before": before, "after": after,
-              "pruning": stages.pruning_record(model, groups, removed), "gamma_histograms": histograms,
+              "pruning": {**stages.pruning_record(model, groups, removed), **stages.latency_record(pruned)},
+              "gamma_histograms": histograms,
               "notes": notes(r, task), "widths": layer_widths(model, pruned, groups),
               "class_names": list(getattr(base_dataset(getattr(val, "dataset", val)), "class_names", ()) or ()),
               "curves": {stage: {"epoch": list(range(1, len(losses) + 1)), "loss": losses}
@@ -102,6 +104,8 @@ class Stages:
         self.r, self.task, self.example, self.train_loader, self.val = r, task_of(r.task), example, train_loader, val
         self.num_classes, self.out, self.log, self.progress = num_classes, out, log, progress
         self.curves: dict[str, list[float]] = {}  # mean training loss per epoch, by stage (train, fine-tune, ...)
+        self.latency: dict | None = None  # target_latency: the table's conditions and predicted ratio
+        self.table = None
 
     # --- training ---------------------------------------------------------------------------------------------
     def train(self, model: nn.Module, groups) -> list[list[int]]:
@@ -178,6 +182,8 @@ class Stages:
         for it in range(r.iterations):
             step = dict(target_macs=r.target_macs ** ((it + 1) / r.iterations) if r.target_macs else None,
                         ratio=None if r.target_macs else 1 - (1 - r.ratio) ** (1 / r.iterations))
+            if r.target_latency:  # one pass (Recipe.check), on the table of the unpruned model
+                step = dict(target_latency=r.target_latency, latency=self.latency_table(current))
             result = prune(current, self.task.prune_inputs(current, self.example), criterion=self.criterion(current),
                            min_keep=r.min_keep, round_to=r.round_to or None, groups=groups if it == 0 else None,
                            **step)
@@ -187,6 +193,19 @@ class Stages:
             self.finetune(result.model, math.ceil(r.finetune_epochs / r.iterations), teacher)
             current = result.model
         return current, plan, removed
+
+    def latency_table(self, model: nn.Module):
+        """The recipe's latency table of the unpruned model (read, or measured and kept in the run folder); its
+        conditions and predicted ratio go into the report."""
+        r = self.r
+        table = latency_table(model, self.example, path=r.latency_table, cache=self.out, runtime=r.latency_runtime,
+                              threads=r.latency_threads, name=r.model)
+        self.latency = {"target": r.target_latency, "runtime": r.latency_runtime, "threads": r.latency_threads,
+                        "table": r.latency_table or f"latency_table_{r.latency_runtime}_t{r.latency_threads}.json"}
+        self.log(f"    latency table on {r.latency_runtime} ({r.latency_threads} thread(s)): "
+                 f"{table.predict():.2f} ms predicted for the unpruned model")
+        self.table = table
+        return table
 
     def criterion(self, model: nn.Module):
         """The method's channel criterion (Taylor: scored on 8 training batches with plain cross-entropy)."""
@@ -266,6 +285,13 @@ class Stages:
             current, plan = result.model, plan.then(result.plan)
         macs = lambda m: sum(trace(m, self.example, modes=("eval",)).macs.values())  # noqa: E731
         return current, plan, macs(current) / max(macs(model), 1)
+
+    def latency_record(self, pruned: nn.Module) -> dict:
+        """With `target_latency`: the target, the table's runtime and the latency ratio it predicts for `pruned`."""
+        if self.latency is None:
+            return {}
+        ratio = self.table.predict_model(pruned) / self.table.predict()
+        return {"latency_allocation": {**self.latency, "predicted_ratio": ratio}}
 
     def pruning_record(self, model: nn.Module, groups, removed: int) -> dict:
         """What was removed of what could be: for the instance task, of the BN-scored groups (the backbone)."""

@@ -1,0 +1,117 @@
+"""Issue #13: what used to be silently wrong is now exact or frozen with a warning. Each case cuts 8 of 16
+channels between a producer `p` and a consumer `q` with an op between that does not map 0 to 0 (or a shape saved
+before the cut, or a fixed-size split); the pruned model must equal the masked model of what was removed."""
+
+import warnings
+
+import pytest
+import torch
+
+import segprune
+from segprune.prune.oracle import masked_copy, outputs, relative_error
+from tests.conftest import randomize_norms
+from tests.zoo import SOUNDNESS
+
+FOLDED = {"SigmoidThen1x1", "AddConst", "OnesLike", "Exp", "AffineFreeBN", "ParamAdd", "Softplus"}  # q: 1x1 or unpadded
+FROZEN = {"SigmoidThen3x3": "sigmoid", "HardsigmoidThen3x3": "hardsigmoid", "PadValue": "pad",
+          "SavedShape": "fails in the model's top-level forward: RuntimeError: shape", "IntSplit": "split"}
+
+
+def cut(name, **kwargs):
+    torch.manual_seed(0)
+    model = randomize_norms(SOUNDNESS[name]()).double().eval()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = segprune.prune(model, x, ratio=0.5, criterion="random", **kwargs)
+    masked = outputs(masked_copy(model, result.groups, result.removed), x)
+    return result, relative_error(masked, outputs(result.model, x)), " | ".join(str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("name", sorted(FOLDED))
+def test_constants_are_folded_into_the_consumer_bias(name):
+    result, error, _ = cut(name)
+    assert error < 1e-9 and result.verification.folded == ["q"] and not result.verification.frozen
+    assert any("q" in g.modules("in") for g in result.groups if g.id in result.removed)
+
+
+@pytest.mark.parametrize("name", sorted(FROZEN))
+def test_what_cannot_be_folded_is_frozen_with_a_warning(name):
+    result, error, messages = cut(name)
+    assert error < 1e-9 and result.channels_removed > 0
+    assert "frozen" in messages and FROZEN[name] in messages
+
+
+@pytest.mark.parametrize("name", ["SigmoidThen1x1", "SigmoidThen3x3"])
+def test_without_verify_offsets_are_frozen_not_wrong(name):
+    result, error, messages = cut(name, verify=False)
+    assert error < 1e-9 and "verify=False" in messages and result.verification is None
+
+
+def test_a_folded_bias_replays_with_the_plan():
+    result, _, _ = cut("AffineFreeBN")
+    fresh = segprune.Plan.from_json(result.plan.to_json()).apply(SOUNDNESS["AffineFreeBN"]().double().eval())
+    fresh.load_state_dict(result.model.state_dict())
+    x = torch.randn(1, 3, 16, 16, dtype=torch.float64)
+    assert torch.equal(outputs(fresh, x)[0], outputs(result.model, x)[0])
+
+
+@pytest.mark.parametrize("name", ["ConvNeXtTiny", "ConvNeXtConvMLP"])
+def test_convnext_hidden_channels_are_exact_and_the_stream_waits_for_allow_approximate(name):
+    from tests.zoo import MODERN
+
+    torch.manual_seed(0)
+    model = randomize_norms(MODERN[name]()).double().eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        exact = segprune.prune(model, x, ratio=0.5, criterion="random")
+    messages = " | ".join(str(w.message) for w in caught)
+    assert "unsupported weight or layout" not in messages and "allow_approximate=('layer_norm',)" in messages
+    hidden = [g for g in exact.groups if "stage1.0.fc1" in g.modules("out")]
+    assert hidden and hidden[0].prunable.all() and not exact.verification.frozen
+    masked = outputs(masked_copy(model, exact.groups, exact.removed), x)
+    assert relative_error(masked, outputs(exact.model, x)) < 1e-9
+
+    loose = segprune.prune(model, x, ratio=0.5, criterion="random", allow_approximate=("layer_norm",))
+    assert loose.channels_prunable > exact.channels_prunable and loose.verification.approximate
+    assert loose.verification.error > loose.verification.tolerance  # measured, reported, not frozen
+    assert loose.model.stage1[0].gamma.numel() < 8 and loose.model.stage1[0].norm.weight.numel() < 8
+    fresh = segprune.Plan.from_json(loose.plan.to_json()).apply(MODERN[name]().double().eval())
+    fresh.load_state_dict(loose.model.state_dict())
+    assert torch.equal(outputs(fresh, x)[0], outputs(loose.model, x)[0])
+
+
+@pytest.mark.parametrize("kind", ["sdpa", "explicit", "mha"])
+def test_attention_is_exact_or_frozen_with_a_warning(kind):
+    from tests.zoo import ATTENTION
+
+    torch.manual_seed(0)
+    model = randomize_norms(ATTENTION[f"Attention_{kind}"]()).double().eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = segprune.prune(model, x, ratio=0.5, criterion="random")
+    masked = outputs(masked_copy(model, result.groups, result.removed), x)
+    assert relative_error(masked, outputs(result.model, x)) < 1e-9
+    assert any("frozen" in str(w.message) for w in caught)
+    hidden = next(g for g in result.groups if "fc1" in g.modules("out"))
+    assert hidden.prunable.all() and hidden.id in result.removed  # the MLP still prunes
+
+
+@pytest.mark.parametrize("name, attr", [("AttrSplit", "width"), ("ListSplit", "splits")])
+def test_split_sizes_held_in_an_attribute_are_rewritten(name, attr):
+    from tests.zoo import ZOO
+
+    torch.manual_seed(0)
+    model = randomize_norms(ZOO[name]()).double().eval()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    result = segprune.prune(model, x, ratio=0.5, criterion="random")
+    stem = next(g for g in result.groups if "stem.0" in g.modules("out"))
+    assert stem.prunable.all() and stem.id in result.removed and not result.verification.frozen
+    assert getattr(result.model, attr) != getattr(model, attr)
+    masked = outputs(masked_copy(model, result.groups, result.removed), x)
+    assert relative_error(masked, outputs(result.model, x)) < 1e-9
+    fresh = segprune.Plan.from_json(result.plan.to_json()).apply(ZOO[name]().double().eval())
+    fresh.load_state_dict(result.model.state_dict())
+    assert getattr(fresh, attr) == getattr(result.model, attr)
