@@ -196,7 +196,7 @@ def peer(name) -> dict:
 
 
 def _first_tensor(out):
-    from segprune.prune.rules import tensors
+    from segprune._utils import tensors
 
     return sum(t.double().sum() for t in tensors(out) if t.is_floating_point())
 

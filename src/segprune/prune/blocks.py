@@ -38,12 +38,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segprune._utils import IGNORE_INDEX, eval_mode, logits
+from segprune._utils import IGNORE_INDEX, eval_mode, logits, tensors
 from segprune.prune.api import PruneResult, _criterion
 from segprune.prune.graph import channel_groups
 from segprune.prune.plan import ACTIVATIONS, Plan
 from segprune.prune.record import OpRecorder, module_calls
-from segprune.prune.rules import op_name, tensors
+from segprune.prune.rules import op_name
 from segprune.prune.trace import as_call, trace
 
 # ops through which a tensor stays "the same" (identity-equivalent in eval mode)

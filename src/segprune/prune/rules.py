@@ -16,6 +16,7 @@ import math
 import numpy as np
 import torch
 
+from segprune._utils import tensors
 from segprune.prune.state import TraceState
 from segprune.prune.surgery import surgery_for
 
@@ -38,18 +39,6 @@ def op_name(func) -> str:
     if name.startswith("__") and bare[:1] in "ir" and bare[1:] in _BINARY:
         bare = bare[1:]  # __iadd__, __radd__ -> add
     return bare
-
-
-def tensors(obj):
-    """Every tensor inside nested args (lists, tuples, dicts)."""
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, (list, tuple)):
-        for item in obj:
-            yield from tensors(item)
-    elif isinstance(obj, dict):
-        for item in obj.values():
-            yield from tensors(item)
 
 
 def _arg(args, kwargs, index, name, default=None):

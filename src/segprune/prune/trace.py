@@ -18,8 +18,9 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
+from segprune._utils import tensors
 from segprune.prune.record import OpRecorder
-from segprune.prune.rules import RULES, constant, op_name, tensors, unknown
+from segprune.prune.rules import RULES, constant, op_name, unknown
 from segprune.prune.state import TraceState
 from segprune.prune.zeros import nonzero_tag
 

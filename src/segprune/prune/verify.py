@@ -23,11 +23,11 @@ from torch import nn
 from torch.nn.modules import module as module_hooks
 from torch.utils._pytree import tree_map
 
+from segprune._utils import tensors
 from segprune.prune.fold import Fold, apply_folds, consumers, folded_in_place, means, measure
 from segprune.prune.graph import ChannelGroup, ChannelGroups
 from segprune.prune.oracle import masked_in_place, relative_error
 from segprune.prune.plan import Plan
-from segprune.prune.rules import tensors
 from segprune.prune.trace import _Restore, as_call
 
 Removal = dict[int, np.ndarray]

@@ -15,7 +15,8 @@ import numbers
 
 import torch
 
-from segprune.prune.rules import _arg, tensors
+from segprune._utils import tensors
+from segprune.prune.rules import _arg
 
 # f(0) != 0 (or undefined): a removed channel leaves them as a constant
 NONZERO = set(
