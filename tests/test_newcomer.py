@@ -69,6 +69,7 @@ def test_report_on_train_prune_finetune_folders(trained, tmp_path, capsys):
     rows = [run["report"] for run in combined["runs"]]
     assert len(rows) == 3 and rows[0]["before"] == rows[0]["after"]
     assert rows[1]["after"]["params"] < rows[0]["after"]["params"]  # the pruned step against the first
+    assert not combined["notes"], combined["notes"]  # every plot drawn, the channel widths of each step too
     assert "report of 3 run(s)" in capsys.readouterr().out
 
 

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 from segprune import checkpoint
@@ -120,6 +121,9 @@ def _measure_models(folders: list[Path], threads: int) -> list[dict]:
                      "class_names": list(getattr(getattr(val, "dataset", val), "class_names", ()) or ()),
                      "cost": profile(model, example), "recipe": dataclasses.asdict(recipe), "split": recipe.val_split})
         models[str(folder)] = model
+    first = next(iter(models.values()))
+    for row, model in zip(rows, models.values()):
+        row["widths"] = conv_widths(first, model)
     latency = compare_latency(models, example, threads=threads, rounds=3, runs=5)
     for folder, row in zip(folders, rows):
         row["cost"].update(latency_ms=latency[str(folder)]["median_ms"], latency=latency[str(folder)])
@@ -133,4 +137,12 @@ def _as_step(row: dict, first: dict) -> dict:
     """A model measured in a step-by-step run, as a compression row against the first model."""
     side = lambda r: {**{k: v for k, v in r["metrics"].items() if not isinstance(v, dict)}, **r["cost"]}  # noqa: E731
     return {"title": row["title"], "recipe": row["recipe"], "before": side(first), "after": side(row),
-            "notes": ["step-by-step: 'before' is the first folder's model, 'after' this folder's"]}
+            "widths": row["widths"], "notes": ["step-by-step: 'before' is the first folder's model, 'after' this "
+                                               "folder's"]}
+
+
+def conv_widths(before: nn.Module, after: nn.Module) -> dict[str, list[int]]:
+    """{conv: [output channels in `before`, in `after`]} (0: gone), in model order."""
+    kept = dict(after.named_modules())
+    return {name: [m.out_channels, getattr(kept.get(name), "out_channels", 0)] for name, m in before.named_modules()
+            if isinstance(m, nn.modules.conv._ConvNd)}
