@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from segprune._utils import IGNORE_INDEX
+
 # Fixed class colours (RGB): the same class has the same colour in every report. Classes past the list get
 # colours from a seeded generator; ignored pixels are black.
 PALETTE = np.array([
@@ -51,7 +53,7 @@ def palette(num_classes: int) -> np.ndarray:
     return np.concatenate([PALETTE, more])[:num_classes]
 
 
-def colourise(labels: np.ndarray, num_classes: int, *, ignore_index: int = 255) -> np.ndarray:
+def colourise(labels: np.ndarray, num_classes: int, *, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
     """(H, W) class labels as an (H, W, 3) uint8 image; `ignore_index` and out-of-range labels are black."""
     labels = np.asarray(labels)
     valid = (labels >= 0) & (labels < num_classes) & (labels != ignore_index)
@@ -60,7 +62,7 @@ def colourise(labels: np.ndarray, num_classes: int, *, ignore_index: int = 255) 
     return rgb
 
 
-def overlay(image: np.ndarray, labels: np.ndarray, num_classes: int, *, ignore_index: int = 255,
+def overlay(image: np.ndarray, labels: np.ndarray, num_classes: int, *, ignore_index: int = IGNORE_INDEX,
             alpha: float = 0.6) -> np.ndarray:
     """Class colours blended over an (H, W, 3) uint8 image; ignored pixels black (not blended)."""
     colours = colourise(labels, num_classes, ignore_index=ignore_index).astype(np.float32)
@@ -142,7 +144,7 @@ def widths(layers: dict[str, Sequence[int]], *, title: str = "channel widths per
 
 @readable
 def prediction_panel(image: np.ndarray, target: np.ndarray, before: np.ndarray, after: np.ndarray, *,
-                     num_classes: int, ignore_index: int = 255, class_names: Sequence[str] = ()) -> bytes:
+                     num_classes: int, ignore_index: int = IGNORE_INDEX, class_names: Sequence[str] = ()) -> bytes:
     """One validation image: input | ground truth | unpruned prediction | pruned prediction, with a legend of the
     classes present."""
     rgb = displayable(image)

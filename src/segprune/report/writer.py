@@ -20,6 +20,7 @@ import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from segprune._utils import IGNORE_INDEX
 from segprune.report import html, plots
 from segprune.report.environment import environment
 
@@ -314,7 +315,7 @@ def _prediction_plots(samples, skipped: list[str]) -> list[tuple[str, Callable[[
             return []
     if not samples:
         return []
-    kw = dict(num_classes=samples["num_classes"], ignore_index=samples.get("ignore_index", 255),
+    kw = dict(num_classes=samples["num_classes"], ignore_index=samples.get("ignore_index", IGNORE_INDEX),
               class_names=samples.get("class_names", ()))
 
     def panel(k):
