@@ -42,6 +42,8 @@ def test_a_run_that_failed_before_its_first_checkpoint_leaves_the_folder_reusabl
 def test_quiet_training_prints_its_result_and_model_width_is_the_models_own(trained):
     config = checkpoint.load_config(trained / "model")
     assert config["model_kwargs"]["width"] == 0.03125  # --set width wins
+    header, first = (trained / "train.csv").read_text().splitlines()[:2]
+    assert header.endswith("val_miou") and 0 <= float(first.split(",")[-1]) <= 1  # validation mIoU per epoch
     assert config["class_names"], "the checkpoint records the class names for predict and reports"
 
 
@@ -142,5 +144,6 @@ def test_a_recipe_runs_to_a_latency_target(tmp_path):
     allocation = report["pruning"]["latency_allocation"]
     assert allocation["target"] == 0.9 and allocation["runtime"] == "eager" and allocation["predicted_ratio"] <= 0.95
     assert (tmp_path / "run" / "latency_table_eager_t1.json").is_file()
+    assert len(report["curves"]["train"]["val_miou"]) == len(report["curves"]["train"]["loss"]) == 1
     with pytest.raises(ValueError, match="excludes target_macs"):
         recipe_from(None, {"target_latency": "0.5", "target_macs": "0.5"})

@@ -138,7 +138,7 @@ def test_interrupted_fit_resumes_order_augmentation_dropout_and_accumulation(tmp
     for (name, got), want in zip(model.state_dict().items(), reference.state_dict().values()):
         assert torch.allclose(got, want, atol=1e-6, rtol=0), name
     rows = (tmp_path / "run" / "train.csv").read_text().splitlines()
-    assert rows[0] == "epoch,step,loss,lr,seconds" and [r.split(",")[:2] for r in rows[1:]] == [
+    assert rows[0] == "epoch,step,loss,lr,seconds,val_miou" and [r.split(",")[:2] for r in rows[1:]] == [
         ["1", "2"], ["2", "4"], ["3", "6"]]
 
 

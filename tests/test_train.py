@@ -85,3 +85,18 @@ def test_poly_lr_decays_to_zero():
         optimizer.step()
         scheduler.step()
     assert lrs == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
+
+
+def test_validation_after_each_epoch_is_recorded_and_changes_nothing_of_training(loader):
+    """A validation loader draws its base seed from the global RNG; training must not notice it."""
+    from segprune.eval.metrics import evaluate
+
+    runs = []
+    shuffled = DataLoader(loader.dataset, batch_size=4, shuffle=True)  # its order comes from the global RNG
+    for validate in (None, lambda m: evaluate(m, loader, num_classes=6)["miou"]):
+        torch.manual_seed(0)
+        model = TinyNet(use_aux=True)
+        losses = fit(model, shuffled, epochs=2, lr=0.2, progress=False, validate=validate)
+        runs.append((losses, [p.detach().clone() for p in model.parameters()]))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))

@@ -7,7 +7,7 @@ import io
 import os
 from pathlib import Path
 
-FIELDS = ("epoch", "step", "loss", "lr", "seconds")
+FIELDS = ("epoch", "step", "loss", "lr", "seconds", "val_miou")  # val_miou: empty when not validated
 
 
 class EpochLog:
@@ -42,8 +42,9 @@ class EpochLog:
                 return
             self._writer = SummaryWriter(str(self.folder / "tensorboard"))
         if self._writer:
-            for key in ("loss", "lr", "seconds"):
-                self._writer.add_scalar(f"train/{key}", row[key], row["epoch"])
+            for key in ("loss", "lr", "seconds", "val_miou"):
+                if row.get(key) is not None:
+                    self._writer.add_scalar(f"train/{key}", row[key], row["epoch"])
             self._writer.flush()
 
     def close(self) -> None:

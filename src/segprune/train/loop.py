@@ -279,6 +279,7 @@ def fit(
     resume: bool = False,
     log_dir: str | Path | None = None,
     loss: Callable | None = None,
+    validate: Callable[[nn.Module], float] | None = None,
     criterion: Callable | None = None,
     loss_fn: Callable | None = None,
 ) -> list[float]:
@@ -300,6 +301,8 @@ def fit(
         progress: Show progress bars.
         desc: Prefix of the progress bar labels.
         on_epoch: Called as ``on_epoch(epoch, mean_loss)`` after every epoch (logging, histograms).
+        validate: ``validate(model) -> float`` after every epoch (e.g. validation mIoU; on every rank under DDP),
+            recorded as the epoch's ``val_miou`` in the history, ``train.csv`` and the checkpoints.
         loss: ``loss(output, targets)`` (see :func:`train_one_epoch`); by default cross-entropy ignoring
             ``IGNORE_INDEX`` on the main logits plus ``aux_weight`` times it on each auxiliary output.
         criterion: Deprecated: a pixel loss of (logits, target), as ``loss=SegmentationLoss(criterion)``.
@@ -330,7 +333,8 @@ def fit(
                   loss=resolve_loss(loss, criterion, loss_fn, aux_weight))
     try:
         while state.epoch < epochs:
-            _epoch(state, objects, checkpoints, desc=f"{desc} {state.epoch + 1}/{epochs}", **kwargs)
+            _epoch(state, objects, checkpoints, desc=f"{desc} {state.epoch + 1}/{epochs}", validate=validate,
+                   **kwargs)
             if log is not None:
                 log.write(state.history)
             if on_epoch is not None:
@@ -341,7 +345,15 @@ def fit(
     return [row["loss"] for row in state.history]
 
 
-def _epoch(state: Progress, objects: dict, checkpoints: Checkpoints | None, **kwargs) -> None:
+def _isolated(validate: Callable, model: nn.Module) -> float:
+    """``validate(model)`` with the global RNG states put back afterwards: a DataLoader draws its base seed from
+    them even without workers, and training must go on exactly as it would without validation."""
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=cuda):
+        return float(validate(model))
+
+
+def _epoch(state: Progress, objects: dict, checkpoints: Checkpoints | None, *, validate=None, **kwargs) -> None:
     """One epoch (or the rest of one) from ``state``; checkpoints when due and at the end, which advances ``state``."""
     model, opt, loader = objects["model"], objects["optimizer"], objects["loader"]
     batches, start = epoch_batches(loader, state.epoch, state), state.batch
@@ -357,6 +369,8 @@ def _epoch(state: Progress, objects: dict, checkpoints: Checkpoints | None, **kw
     loss = mean_across(state.loss_sum / max(state.batch, 1))
     state.history.append(dict(epoch=state.epoch + 1, step=state.step, loss=loss, lr=opt.param_groups[0]["lr"],
                               seconds=time.perf_counter() - clock))
+    if validate is not None:  # before the checkpoint, so a resumed run's history has it too
+        state.history[-1]["val_miou"] = _isolated(validate, unwrap(model))
     state.epoch, state.batch, state.loss_sum, state.seconds = state.epoch + 1, 0, 0.0, 0.0
     if checkpoints is not None:
         checkpoints.save(state, **objects)

@@ -82,8 +82,7 @@ def run(r: Recipe, out: str | Path, *, force: bool = False, progress: bool = Tru
               "gamma_histograms": histograms,
               "notes": notes(r, task), "widths": layer_widths(model, pruned, groups),
               "class_names": list(getattr(base_dataset(getattr(val, "dataset", val)), "class_names", ()) or ()),
-              "curves": {stage: {"epoch": list(range(1, len(losses) + 1)), "loss": losses}
-                         for stage, losses in stages.curves.items()}}
+              "curves": stages.curve_record()}
     write_report(out, report,  # the overlays are drawn, or their failure noted, inside write_report
                  samples=lambda: task.samples(model, deployed, val, r, num_classes))
     log(table(before, after, rows=task.rows))
@@ -104,6 +103,7 @@ class Stages:
         self.r, self.task, self.example, self.train_loader, self.val = r, task_of(r.task), example, train_loader, val
         self.num_classes, self.out, self.log, self.progress = num_classes, out, log, progress
         self.curves: dict[str, list[float]] = {}  # mean training loss per epoch, by stage (train, fine-tune, ...)
+        self.val_miou: list[float] = []  # validation mIoU after each training epoch
         self.latency: dict | None = None  # target_latency: the table's conditions and predicted ratio
         self.table = None
 
@@ -119,7 +119,8 @@ class Stages:
             histograms.append(gamma_histogram(model))
             self.log(f"    epoch {epoch + 1}/{r.epochs}: loss {loss:.4f}")
 
-        self.fit(model, epochs=r.epochs, lr=r.lr, regularizer=reg, desc="train", on_epoch=on_epoch)
+        self.fit(model, epochs=r.epochs, lr=r.lr, regularizer=reg, desc="train", on_epoch=on_epoch,
+                 validate=self.validation())
         if isinstance(reg, CAPSparsity):
             reg.remove()  # nothing of CAP stays in the model
         self.log(f"    |gamma| histogram after training: {histograms[-1] if histograms else []}")
@@ -139,6 +140,17 @@ class Stages:
                              **kwargs)
         self.curves.setdefault(kwargs.get("desc", "train"), []).extend(losses)
         return losses
+
+    def validation(self):
+        """Validation mIoU after every training epoch, kept for the report's curves (semantic runs)."""
+        if self.task.name != "semantic" or self.val is None:
+            return None
+
+        def validate(model: nn.Module) -> float:
+            miou = self.task.evaluate(model, self.val, self.r, num_classes=self.num_classes, device=self.r.device)
+            self.val_miou.append(miou["miou"])
+            return miou["miou"]
+        return validate
 
     def finetune(self, model: nn.Module, epochs: int, teacher: nn.Module | None = None, desc: str = "fine-tune"):
         r = self.r
@@ -285,6 +297,14 @@ class Stages:
             current, plan = result.model, plan.then(result.plan)
         macs = lambda m: sum(trace(m, self.example, modes=("eval",)).macs.values())  # noqa: E731
         return current, plan, macs(current) / max(macs(model), 1)
+
+    def curve_record(self) -> dict:
+        """Loss per epoch of every stage, with the training stage's validation mIoU."""
+        curves = {stage: {"epoch": list(range(1, len(losses) + 1)), "loss": losses}
+                  for stage, losses in self.curves.items()}
+        if self.val_miou and "train" in curves and len(self.val_miou) == len(curves["train"]["loss"]):
+            curves["train"]["val_miou"] = list(self.val_miou)
+        return curves
 
     def latency_record(self, pruned: nn.Module) -> dict:
         """With `target_latency`: the target, the table's runtime and the latency ratio it predicts for `pruned`."""

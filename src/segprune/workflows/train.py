@@ -68,6 +68,7 @@ def run_training(recipe: Recipe, out: str | Path, device="cpu", *, resume: bool 
         device=device, progress=not quiet and main_rank, accumulate=recipe.accumulate, amp=recipe.amp,
         amp_dtype=recipe.amp_dtype or None, resume=resume, log_dir=out, extra_loss=aux and aux.extra_loss,
         loss=loss, checkpoints=Checkpoints(out / "checkpoints", every=recipe.checkpoint_every, config=config),
+        validate=_validation(task, val, recipe, num_classes, device),
         on_epoch=lambda epoch, value: say(f"epoch {epoch + 1}/{recipe.epochs}: loss {value:.4f}"))
     if hasattr(reg, "remove"):
         reg.remove()  # nothing of CAP stays in the model
@@ -99,3 +100,12 @@ def _evaluate(task, model, val, recipe, num_classes, device, main_rank) -> dict:
     if task.name == "instance":  # rank 0 alone: COCOeval needs every image's detections at once
         return task.evaluate(model, val, recipe, num_classes=num_classes, device=device) if main_rank else {}
     return task.evaluate(model, val, recipe, num_classes=num_classes, device=device, all_reduce=True)
+
+
+def _validation(task, val, recipe, num_classes, device):
+    """Validation mIoU after every epoch (the curve in reports); every rank evaluates its shard. Instance models
+    are validated once, at the end (COCOeval over the whole set each epoch would cost more than the epoch)."""
+    if task.name == "instance":
+        return None
+    return lambda model: task.evaluate(model, val, recipe, num_classes=num_classes, device=device,
+                                       all_reduce=True)["miou"]
