@@ -34,8 +34,8 @@ def aux_head(in_channels: int, num_classes: int, mid_channels: int | None = None
 
 
 class AuxLoss:
-    """Auxiliary heads on `layers` of `model`, weighted by `weights`, for `fit(..., criterion=aux.criterion(ce),
-    extra_loss=aux.extra_loss)`.
+    """Auxiliary heads on `layers` of `model`, weighted by `weights`, for
+    `fit(..., loss=SegmentationLoss(aux.criterion(ce)), extra_loss=aux.extra_loss)`.
 
     Args:
         model: the model to train; the heads are attached to it until `remove()`.
