@@ -38,7 +38,7 @@ from segprune.train.aux import AuxLoss, add_losses
 from segprune.train.distill import distillation
 from segprune.train.loop import SegmentationLoss, fit
 from segprune.workflows import rundir
-from segprune.workflows.data import base_dataset
+from segprune.workflows.data import class_names
 from segprune.workflows.methods import criterion, method, regularizer
 from segprune.workflows.recipe import Recipe, as_plain, slim_widths
 from segprune.workflows.steps import latency_table
@@ -81,7 +81,7 @@ def run(r: Recipe, out: str | Path, *, force: bool = False, progress: bool = Tru
               "pruning": {**stages.pruning_record(model, groups, removed), **stages.latency_record(pruned)},
               "gamma_histograms": histograms,
               "notes": notes(r, task), "widths": layer_widths(model, pruned, groups),
-              "class_names": list(getattr(base_dataset(getattr(val, "dataset", val)), "class_names", ()) or ()),
+              "class_names": class_names(val),
               "curves": stages.curve_record()}
     write_report(out, report,  # the overlays are drawn, or their failure noted, inside write_report
                  samples=lambda: task.samples(model, deployed, val, r, num_classes))
@@ -104,8 +104,7 @@ class Stages:
         self.num_classes, self.out, self.log, self.progress = num_classes, out, log, progress
         self.curves: dict[str, list[float]] = {}  # mean training loss per epoch, by stage (train, fine-tune, ...)
         self.val_miou: list[float] = []  # validation mIoU after each training epoch
-        self.latency: dict | None = None  # target_latency: the table's conditions and predicted ratio
-        self.table = None
+        self.table = None  # target_latency: the latency table of the unpruned model
 
     # --- training ---------------------------------------------------------------------------------------------
     def train(self, model: nn.Module, groups) -> list[list[int]]:
@@ -212,8 +211,6 @@ class Stages:
         r = self.r
         table = latency_table(model, self.example, path=r.latency_table, cache=self.out, runtime=r.latency_runtime,
                               threads=r.latency_threads, name=r.model)
-        self.latency = {"target": r.target_latency, "runtime": r.latency_runtime, "threads": r.latency_threads,
-                        "table": r.latency_table or f"latency_table_{r.latency_runtime}_t{r.latency_threads}.json"}
         self.log(f"    latency table on {r.latency_runtime} ({r.latency_threads} thread(s)): "
                  f"{table.predict():.2f} ms predicted for the unpruned model")
         self.table = table
@@ -308,10 +305,13 @@ class Stages:
 
     def latency_record(self, pruned: nn.Module) -> dict:
         """With `target_latency`: the target, the table's runtime and the latency ratio it predicts for `pruned`."""
-        if self.latency is None:
+        if self.table is None:
             return {}
-        ratio = self.table.predict_model(pruned) / self.table.predict()
-        return {"latency_allocation": {**self.latency, "predicted_ratio": ratio}}
+        r = self.r
+        return {"latency_allocation": {
+            "target": r.target_latency, "runtime": r.latency_runtime, "threads": r.latency_threads,
+            "table": r.latency_table or f"latency_table_{r.latency_runtime}_t{r.latency_threads}.json",
+            "predicted_ratio": self.table.predict_model(pruned) / self.table.predict()}}
 
     def pruning_record(self, model: nn.Module, groups, removed: int) -> dict:
         """What was removed of what could be: for the instance task, of the BN-scored groups (the backbone)."""

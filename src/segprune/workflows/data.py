@@ -64,6 +64,11 @@ def base_dataset(dataset: Dataset) -> Dataset:
     return dataset.dataset if isinstance(dataset, Subset) else dataset
 
 
+def class_names(data) -> list[str]:
+    """The class names of a dataset, a ``Subset`` of one or a loader over either (empty when it has none)."""
+    return list(getattr(base_dataset(getattr(data, "dataset", data)), "class_names", ()) or ())
+
+
 def semantic_datasets(r) -> tuple[Dataset, Dataset, int]:
     """(train, validation, number of classes) of a semantic recipe."""
     if r.data == "synthetic":

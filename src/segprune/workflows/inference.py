@@ -23,9 +23,8 @@ from segprune.eval.inference import OnnxModel, Predictor
 from segprune.eval.profile import compare_latency, profile
 from segprune.report.predictions import check_out, write_predictions
 from segprune.report.writer import combined_report, write_model_report
-from segprune.workflows.data import semantic_datasets
-from segprune.workflows.recipe import Recipe, recipe_from
-from segprune.workflows.steps import task_name
+from segprune.workflows.data import class_names, semantic_datasets
+from segprune.workflows.steps import step_recipe, task_name
 from segprune.workflows.tasks import task_of
 
 
@@ -111,14 +110,14 @@ def _measure_models(folders: list[Path], threads: int) -> list[dict]:
         if task_name(config) != "semantic":
             raise ValueError(f"{folder}: segprune report of a checkpoint folder takes semantic models; instance "
                              "runs are reported by segprune run / demo")
-        recipe = recipe_from(None, {k: v for k, v in config.get("recipe", {}).items() if k in _FIELDS})
+        recipe = step_recipe(config)
         model = checkpoint.load(ckpt)
         _, val, num_classes = semantic_datasets(recipe)
         metrics = task_of("semantic").evaluate(model, DataLoader(val, batch_size=recipe.batch_size), recipe,
                                                num_classes=num_classes, device="cpu")
         example = torch.zeros(1, 3, *recipe.size)
         rows.append({"title": f"{folder.name}: {config.get('model', '?')}", "metrics": metrics,
-                     "class_names": list(getattr(getattr(val, "dataset", val), "class_names", ()) or ()),
+                     "class_names": class_names(val),
                      "cost": profile(model, example), "recipe": dataclasses.asdict(recipe), "split": recipe.val_split})
         models[str(folder)] = model
     first = next(iter(models.values()))
@@ -128,9 +127,6 @@ def _measure_models(folders: list[Path], threads: int) -> list[dict]:
     for folder, row in zip(folders, rows):
         row["cost"].update(latency_ms=latency[str(folder)]["median_ms"], latency=latency[str(folder)])
     return rows
-
-
-_FIELDS = {f.name for f in dataclasses.fields(Recipe)}
 
 
 def _as_step(row: dict, first: dict) -> dict:

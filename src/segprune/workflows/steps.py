@@ -67,10 +67,13 @@ def prune_checkpoint(folder: str | Path, out: str | Path, *, method_name: str = 
     return result
 
 
-def step_recipe(config: dict, path: str | Path | None, overrides: dict) -> Recipe:
-    """The recipe of a step after training: the file at ``path``, else the checkpoint's own, with ``overrides``."""
-    base = {"task": task_name(config), **config.get("recipe", {})} if path is None else {}
-    return recipe_from(path, {**base, **overrides})
+def step_recipe(config: dict, path: str | Path | None = None, overrides: dict | None = None) -> Recipe:
+    """The recipe of a step after training: the file at ``path``, else the checkpoint's own (settings this version
+    no longer knows are dropped), with ``overrides``."""
+    known = {f.name for f in dataclasses.fields(Recipe)}
+    saved = {k: v for k, v in config.get("recipe", {}).items() if k in known}
+    base = {"task": task_name(config), **saved} if path is None else {}
+    return recipe_from(path, {**base, **(overrides or {})})
 
 
 def finetune_checkpoint(folder: str | Path, out: str | Path, *, recipe_path: str | Path | None = None,

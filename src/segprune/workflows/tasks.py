@@ -27,7 +27,7 @@ from segprune.models.yolact_loss import InstanceLoss, YolactLoss
 from segprune.report.writer import INSTANCE_ROWS, ROWS
 from segprune.train.distributed import ShardSampler
 from segprune.train.loop import SegmentationLoss
-from segprune.workflows.data import base_dataset, instance_datasets, semantic_loaders
+from segprune.workflows.data import base_dataset, class_names, instance_datasets, semantic_loaders
 
 AP_KEYS = {"AP": "ap", "AP50": "ap50", "AP75": "ap75"}
 
@@ -132,7 +132,7 @@ class SemanticTask(Task):
 
     def config(self, r, model_kwargs, val, plain):
         """Also the class names (for `segprune predict` and reports), where the data has them."""
-        names = list(getattr(base_dataset(getattr(val, "dataset", val)), "class_names", ()) or ())
+        names = class_names(val)
         return {**super().config(r, model_kwargs, val, plain), **({"class_names": names} if names else {})}
 
 
