@@ -163,11 +163,12 @@ def run_model(name, runtime, args) -> tuple[list[dict], list[dict], dict | None,
             "table_seconds": table.meta.get("seconds"), "table_layer_spread_median": table.meta.get(
                 "layer_spread_median"), "steps": {k: [e.step_in, e.step_out] for k, e in table.entries.items()}}
     print(f"{name} {runtime}: table {path} ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
-    groups = channel_groups(base, x)
-    vs = variants(base, x, table, args.targets, groups, runtime in args.nominal_runtimes)
-    lat = timed({label: m for label, (_, _, m) in vs.items()}, x, runtime, args.threads, args.rounds, onnx_dir)
-    rows = rows_for(name, runtime, table, vs, lat, x)
-    print(json.dumps(rows), file=sys.stderr, flush=True)
+    groups, rows = channel_groups(base, x), []
+    if not args.prediction_only:
+        vs = variants(base, x, table, args.targets, groups, runtime in args.nominal_runtimes)
+        lat = timed({label: m for label, (_, _, m) in vs.items()}, x, runtime, args.threads, args.rounds, onnx_dir)
+        rows = rows_for(name, runtime, table, vs, lat, x)
+        print(json.dumps(rows), file=sys.stderr, flush=True)
     check = None
     if args.prunings and runtime in args.check_runtimes:
         check = prediction_check(name, base, x, table, runtime, args.threads, args.check_rounds, args.prunings, groups,
@@ -184,6 +185,8 @@ def markdown(data: dict) -> str:
              "| model | runtime | allocation | target | latency ratio (median) | (min) | predicted | MACs ratio | "
              "within 5 % |", "|---|---|---|---:|---:|---:|---:|---:|:---:|"]
     for r in data["rows"]:
+        if "label" not in r:  # a CamVid accuracy row (latency_camvid.py): its own table below
+            continue
         met = {True: "met", False: "**missed**", None: ""}[r.get("within_5pct")]
         lines.append(f"| {r['model']} | {r['runtime']} | {r['label']} | {r['target']:.3g} | {r['latency_ratio']:.3f} | "
                      f"{r['latency_ratio_min']:.3f} | {r['predicted_latency_ratio']:.3f} | {r['macs_ratio']:.3f} | "
@@ -203,6 +206,14 @@ def markdown(data: dict) -> str:
     for c in data["prediction"]:
         lines.append(f"| {c['model']} | {c['runtime']} | {len(c['prunings'])} | {c['median_error']:.1%} | "
                      f"{c['max_error']:.1%} | {c['median_error_min']:.1%} | {c['max_error_min']:.1%} |")
+    camvid = [r for r in data["rows"] if "label" not in r]
+    if camvid:
+        lines += ["", "Accuracy at equal measured latency on CamVid (benchmarks/latency_camvid.py; mean ± s.e. over "
+                  "seeds; details in latency_camvid.md):", "",
+                  "| model | runtime | allocation | target | latency ratio | MACs ratio | test mIoU % |",
+                  "|---|---|---|---:|---:|---:|---:|"]
+        lines += [f"| {r['model']} | {r['runtime']} | {r['allocation']} | {r['target']} | {r['latency_ratio']:.3f} | "
+                  f"{r['macs_ratio']:.3f} | {100 * r['miou']:.2f} ± {100 * r['miou_se']:.2f} |" for r in camvid]
     return "\n".join(lines + ["", "Commands: " + "; ".join(f"`{c}`" for c in data["commands"])]) + "\n"
 
 
@@ -227,6 +238,8 @@ def main() -> None:
                         "minutes each)")
     p.add_argument("--tables", type=Path, default=RESULTS / "latency_tables")
     p.add_argument("--out", default="latency_aware")
+    p.add_argument("--prediction-only", action="store_true", help="only the prediction check (with "
+                   "--check-runtimes): no allocation rows")
     p.add_argument("--render", action="store_true", help="only write the Markdown of the existing results file")
     p.add_argument("--append", action="store_true", help="add to the rows of an existing results file (a later run "
                    "of other runtimes or models); its commands are kept")

@@ -4,7 +4,8 @@ Every model is built with random weights (nothing is downloaded), converted to f
 statistics (so a masked channel differs from a live one), and pruned at ratio 0.5 with the l1 criterion, each in its
 own child process with a time limit. Per model: whether the pruned model equals the masked model of what was removed
 (measured here, independently of prune's own verification, on the full example input), the share of channels that
-were prunable, params and MACs after / before, prune time, what verification froze, and how many warnings were
+were prunable (producer channels: an attention head counts its head size), params and MACs after / before, prune
+time, what verification froze, and how many warnings were
 issued. Beside it, where it runs, the leading peer (torch-pruning's MagnitudePruner, global, ratio 0.5, the
 classifier layers ignored): whether it ran, whether its pruned model still runs, and its params ratio.
 
@@ -24,6 +25,7 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -154,15 +156,26 @@ def ours(name) -> dict:
         seconds = time.perf_counter() - start
     groups, removed = result.groups, result.removed
     error = relative_error(outputs(masked_copy(model, groups, removed), x), outputs(result.model, x))
-    total = sum(g.size for g in groups)
+    widths = {g.id: _widths(g) for g in groups}
+    total = sum(int(w.sum()) for w in widths.values())
+    prunable = sum(int(widths[g.id][g.prunable].sum()) for g in groups)
     params = sum(p.numel() for p in result.model.parameters()) / sum(p.numel() for p in model.parameters())
     messages = sorted({str(w.message) for w in caught if "segprune" in str(w.message)})
     v = result.verification
-    return {"exact": error < 1e-6, "error": error, "prunable": result.channels_prunable / max(total, 1),
+    return {"exact": error < 1e-6, "error": error, "prunable": prunable / max(total, 1),
             "channels": total, "removed": result.channels_removed, "params_ratio": params,
             "macs_ratio": CostModel(model, groups).relative(removed, "macs"), "seconds": seconds,
             "verify_seconds": v.seconds, "verify_frozen": len(v.frozen), "folded": len(v.folded),
             "warnings": len(messages), "warning_samples": [m[:300] for m in messages[:5]]}
+
+
+def _widths(group) -> np.ndarray:
+    """The channels each element of `group` stands for in its widest producer: 1, or an attention head's size."""
+    width = np.ones(group.size, dtype=np.int64)
+    for m in group.members:
+        if m.role == "out":
+            width = np.maximum(width, np.bincount(m.index, minlength=group.size))
+    return width
 
 
 def _nothing_prunable(err, caught) -> dict:

@@ -2,6 +2,7 @@
 
 import warnings
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
@@ -123,6 +124,30 @@ class Attention(nn.Module):
         return x + self.proj(a).transpose(1, 2).reshape(shape)
 
 
+class Heads(nn.Module):
+    """Two-head attention with the head count inferred (`view(b, n, -1, width)`: whole heads cut) for an even
+    width, or the head size inferred (`view(b, n, 2, -1)`: features cut inside each head) for an odd one; SDPA
+    with an explicit scale, or explicit softmax(q kᵀ) v."""
+
+    def __init__(self, c, width):
+        super().__init__()
+        self.width, self.whole = width, width % 2 == 0
+        self.q, self.k, self.v = (nn.Linear(c, 2 * width) for _ in range(3))
+        self.proj = nn.Linear(2 * width, c)
+
+    def forward(self, x):
+        shape = x.shape
+        t = x.flatten(2).transpose(1, 2)
+        b, n, _ = t.shape
+        heads = (lambda y: y.view(b, n, -1, self.width)) if self.whole else (lambda y: y.view(b, n, 2, -1))
+        q, k, v = (heads(f(t)).transpose(1, 2) for f in (self.q, self.k, self.v))
+        if self.whole:
+            a = F.scaled_dot_product_attention(q, k, v, scale=self.width ** -0.5)
+        else:
+            a = torch.softmax(q @ k.transpose(-2, -1) * 0.5, dim=-1) @ v
+        return x + self.proj(a.transpose(1, 2).reshape(b, n, -1)).transpose(1, 2).reshape(shape)
+
+
 class IntSplit(nn.Module):
     """torch.split with a fixed size (res2net): the split tensor's channels are frozen, the branches prune."""
 
@@ -139,7 +164,7 @@ class IntSplit(nn.Module):
 
 BLOCKS = {"residual": Residual, "branches": Branches, "pool": PoolUnpool, "gate": Gate, "depthwise": Depthwise,
           "chunked": Chunked, "conv": lambda c, w: cbr(c, w), "sigmoid": SigmoidConv, "convnext": ConvNeXtMLP,
-          "attention": Attention, "split": IntSplit}
+          "attention": Attention, "split": IntSplit, "heads": Heads}
 
 
 def out_channels(block, c, width):
@@ -175,3 +200,16 @@ def test_random_architectures_prune_exactly(spec, ratio, seed):
     result = segprune.prune(model, x, ratio=ratio, criterion="random", seed=seed, groups=groups)
     expected = outputs(masked_copy(model, groups, result.removed), x)
     assert relative_error(expected, outputs(result.model, x)) < 1e-6
+
+
+@pytest.mark.parametrize("width", [4, 3])
+def test_heads_block_is_cut_inside_the_attention(width):
+    """The generator's attention block is really pruned inside (whole heads or per-head features), not frozen."""
+    torch.manual_seed(0)
+    model = randomize_norms(build([("heads", width)]), 0).double().eval()
+    x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    result = segprune.prune(model, x, ratio=0.6, criterion="random")
+    inner = next(g for g in result.groups if "1.v" in g.modules("out"))
+    assert inner.prunable.all() and result.model[1].v.out_features < 2 * width
+    masked = outputs(masked_copy(model, result.groups, result.removed), x)
+    assert relative_error(masked, outputs(result.model, x)) < 1e-9

@@ -82,21 +82,66 @@ def test_convnext_hidden_channels_are_exact_and_the_stream_waits_for_allow_appro
     assert torch.equal(outputs(fresh, x)[0], outputs(loose.model, x)[0])
 
 
-@pytest.mark.parametrize("kind", ["sdpa", "explicit", "mha"])
-def test_attention_is_exact_or_frozen_with_a_warning(kind):
-    from tests.zoo import ATTENTION
-
-    torch.manual_seed(0)
-    model = randomize_norms(ATTENTION[f"Attention_{kind}"]()).double().eval()
+def cut_attention(model):
+    """Random 50 % of a float64 token-attention model: (result, error against the masked model, warnings)."""
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = segprune.prune(model, x, ratio=0.5, criterion="random")
     masked = outputs(masked_copy(model, result.groups, result.removed), x)
-    assert relative_error(masked, outputs(result.model, x)) < 1e-9
-    assert any("frozen" in str(w.message) for w in caught)
+    return result, relative_error(masked, outputs(result.model, x)), [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("kind", ["sdpa", "explicit", "mha"])
+def test_attention_is_exact_or_frozen_with_a_warning(kind):
+    from tests.zoo import ATTENTION
+
+    torch.manual_seed(0)
+    result, error, messages = cut_attention(randomize_norms(ATTENTION[f"Attention_{kind}"]()).double().eval())
+    assert error < 1e-9 and any("frozen" in m for m in messages)
     hidden = next(g for g in result.groups if "fc1" in g.modules("out"))
     assert hidden.prunable.all() and hidden.id in result.removed  # the MLP still prunes
+
+
+@pytest.mark.parametrize("kind, attributes", [("inferred", ()),
+                                              ("attributes", ("num_attention_heads", "all_head_size")),
+                                              ("features", ("num_heads",))])
+def test_attention_heads_and_features_are_cut_exactly(kind, attributes):
+    """Whole heads (head count inferred, or held in attributes that are rewritten) or features inside every head
+    (explicit scale): q, k, v and the output projection lose the same ones, and the model equals the masked one."""
+    from tests.zoo import HEADS
+
+    torch.manual_seed(0)
+    model = randomize_norms(HEADS[f"Heads_{kind}"]()).double().eval()
+    result, error, messages = cut_attention(model)
+    assert error < 1e-9 and not [m for m in messages if "frozen" in m]
+    qk = next(g for g in result.groups if "q" in g.modules("out"))
+    v = next(g for g in result.groups if "v" in g.modules("out"))
+    assert qk.prunable.all() and v.prunable.all() and not result.verification.frozen
+    assert len(qk.prunable) == len(v.prunable) == 4  # 4 heads, or 4 features coupled over the 4 heads
+    assert set(qk.modules("out")) == ({"q", "k"} if kind == "features" else {"q", "k", "v"})
+    assert v.modules("in") == ["proj"]
+    q = result.model.q.out_features
+    assert q < 16 and q % 4 == 0  # whole heads of 4 features, or 4 heads of fewer features
+    expected = {"num_attention_heads": q // 4, "all_head_size": q, "num_heads": 4}
+    assert {name: getattr(result.model, name) for name in attributes} == {n: expected[n] for n in attributes}
+    fresh = segprune.Plan.from_json(result.plan.to_json()).apply(HEADS[f"Heads_{kind}"]().double().eval())
+    fresh.load_state_dict(result.model.state_dict())
+    x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    assert torch.equal(outputs(fresh, x)[0], outputs(result.model, x)[0])
+
+
+def test_sdpa_default_scale_freezes_query_key_features_with_a_warning():
+    """Cutting q/k features changes SDPA's default scale 1/sqrt(E): frozen, said, and the value features still cut."""
+    from tests.zoo import HEADS
+
+    model = HEADS["Heads_features"]().double().eval()
+    model.scale = None  # SDPA's default
+    result, error, messages = cut_attention(model)
+    assert error < 1e-9 and any("default scale" in m for m in messages)
+    qk = next(g for g in result.groups if "q" in g.modules("out"))
+    v = next(g for g in result.groups if "v" in g.modules("out"))
+    assert not qk.prunable.any() and v.prunable.all() and set(qk.modules("out")) == {"q", "k"}
 
 
 @pytest.mark.parametrize("name, attr", [("AttrSplit", "width"), ("ListSplit", "splits")])

@@ -6,6 +6,8 @@ decoder, a single-channel gate broadcast onto many channels, a stage computed an
 channel split/chunk, slicing, flatten into a linear layer, and an op the engine does not know.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -131,18 +133,35 @@ class DepthwiseResidual(nn.Module):
 
 
 class UnknownOp(nn.Module):
-    """Uses an op without a channel rule (pixel_shuffle): its channels must be frozen, with a warning."""
+    """Uses an op without a channel rule (roll along the channels): its channels must be frozen, with a warning."""
 
     def __init__(self, num_classes=3):
         super().__init__()
         self.a, self.b = cbr(3, 16), cbr(16, 8)
-        self.mid = cbr(4, 8)
+        self.mid = cbr(8, 8)
         self.cls = nn.Conv2d(8, num_classes, 1)
 
     def forward(self, x):
-        y = F.pixel_shuffle(self.b(self.a(x)), 2)  # (N, 8, H, W) -> (N, 2, 2H, 2W)
-        y = F.interpolate(y, size=x.shape[-2:])
-        return self.cls(self.mid(torch.cat([y, y], 1)))
+        return self.cls(self.mid(torch.roll(self.b(self.a(x)), 1, dims=1)))
+
+
+class SubPixel(nn.Module):
+    """Sub-pixel upsampling (conv -> pixel_shuffle, ESPNet/ENet-style decoders), pixel_unshuffle back, and an
+    unfold/fold (im2col) pair: channels follow in blocks of r² (or one per kernel position)."""
+
+    def __init__(self, num_classes=3):
+        super().__init__()
+        self.a, self.b = cbr(3, 16), nn.Conv2d(16, 32, 3, padding=1)
+        self.c = cbr(8, 8)
+        self.d = nn.Conv2d(32, 12, 1)
+        self.cls = nn.Conv2d(12, num_classes, 1)
+
+    def forward(self, x):
+        y = self.c(F.pixel_shuffle(self.b(self.a(x)), 2))  # (N, 32, H, W) -> (N, 8, 2H, 2W)
+        y = self.d(F.pixel_unshuffle(y, 2))  # -> (N, 32, H, W)
+        h, w = y.shape[-2:]
+        y = F.fold(F.unfold(y, 3, padding=1), (h, w), 3, padding=1)  # each pixel summed over 9 patches
+        return self.cls(F.relu(y))
 
 
 class ChannelsLast(nn.Module):
@@ -164,7 +183,7 @@ class ChannelsLast(nn.Module):
 
 
 ZOO = {cls.__name__: cls for cls in (FPNShared, AttentionGate, GroupNormDecoder, DiscardedStage, SplitSliceLinear,
-                                       DepthwiseResidual, UnknownOp, ChannelsLast)}
+                                       DepthwiseResidual, UnknownOp, ChannelsLast, SubPixel)}
 
 
 # --- soundness cases (issue #13): ops between producer and consumer that do not map 0 to 0, saved shapes, splits
@@ -364,7 +383,46 @@ class TokenAttention(nn.Module):
 ATTENTION = {f"Attention_{kind}": type(f"Attention_{kind}", (TokenAttention,), {
     "__init__": (lambda k: lambda self, num_classes=3: TokenAttention.__init__(self, num_classes, k))(kind)})
     for kind in ("sdpa", "explicit", "mha")}
+
+
+class HeadAttention(TokenAttention):
+    """Attention whose heads can be cut: transformers' current SegFormer (`view(*shape, -1, head_dim)`, the head
+    count inferred, SDPA with the scale fixed at init), its older form (`num_attention_heads` and `all_head_size`
+    attributes, explicit softmax(q kᵀ / sqrt(head size)) v), and a per-feature split (`view(b, n, heads, -1)`,
+    explicit scale: q/k and v features cut inside every head)."""
+
+    def __init__(self, num_classes=3, kind="inferred", dim=16, heads=4):
+        super().__init__(num_classes, "explicit", dim, heads)
+        self.kind = kind
+        del self.heads
+        if kind == "attributes":
+            self.num_attention_heads, self.attention_head_size, self.all_head_size = heads, dim // heads, dim
+        elif kind == "inferred":
+            self.head_dim, self.scaling = dim // heads, (dim // heads) ** -0.5
+        else:
+            self.num_heads, self.scale = heads, (dim // heads) ** -0.5
+
+    def attend(self, t):
+        b, n, _ = t.shape
+        if self.kind == "attributes":
+            split = lambda x: x.view(b, n, self.num_attention_heads, self.attention_head_size).permute(0, 2, 1, 3)  # noqa: E731,E501
+            q, k, v = split(self.q(t)), split(self.k(t)), split(self.v(t))
+            attn = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(self.attention_head_size), dim=-1)
+            return self.proj((attn @ v).permute(0, 2, 1, 3).contiguous().view(b, n, self.all_head_size))
+        if self.kind == "inferred":
+            q, k, v = (f(t).view(b, n, -1, self.head_dim).transpose(1, 2) for f in (self.q, self.k, self.v))
+            a = F.scaled_dot_product_attention(q, k, v, scale=self.scaling)
+        else:
+            q, k, v = (f(t).view(b, n, self.num_heads, -1).transpose(1, 2) for f in (self.q, self.k, self.v))
+            a = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        return self.proj(a.transpose(1, 2).reshape(b, n, -1))
+
+
+HEADS = {f"Heads_{kind}": type(f"Heads_{kind}", (HeadAttention,), {
+    "__init__": (lambda k: lambda self, num_classes=3: HeadAttention.__init__(self, num_classes, k))(kind)})
+    for kind in ("inferred", "attributes", "features")}
 ZOO.update(ATTENTION)
+ZOO.update(HEADS)
 
 
 class AttrSplit(nn.Module):

@@ -128,7 +128,7 @@ class Plan:
 
 def _roles(entry: dict) -> list[str]:
     """The dims an entry cuts: "out", "in", "param:NAME" (a raw per-channel parameter), "attr:NAME" (split sizes)."""
-    return [k for k in entry if k not in ("type", "bias") and not k.endswith("_size")]
+    return [k for k in entry if k not in ("type", "bias") and not (k.endswith("_size") and k[:-5] in entry)]
 
 
 def _keep_parameter(module: nn.Module, name: str, keep: torch.Tensor, size: int) -> None:

@@ -510,16 +510,91 @@ def reshape(st, args, kwargs, out):
     info = st.get(args[0])
     if info is None or not isinstance(out, torch.Tensor):
         return
-    shape = list(args[0].shape)
+    shape, requested = list(args[0].shape), _requested_shape(st.current_op, args, out)
     before, inner = math.prod(shape[: info.cdim]), math.prod(shape[info.cdim + 1 :])
     channels = len(info.ids)
     for j, size in enumerate(out.shape):
         if math.prod(out.shape[:j]) == before and size % channels == 0 and size >= channels:
             k = size // channels
             if inner % k == 0 and math.prod(out.shape[j + 1 :]) == inner // k:
-                return st.set(out, np.repeat(info.ids, k), j)
-    if not _split_channels(st, info, shape, out):
+                ids = np.repeat(info.ids, k)
+                attribute = _head_attribute(st, size, count=False) if requested and k > 1 else None
+                if attribute and requested[j] == size:  # heads merged back to a width held in an attribute
+                    st.bind(st.module_path, f"attr:{attribute}", ids)
+                return st.set(out, ids, j)
+    if not (_split_heads(st, info, shape, out, requested) or _merge_groups(st, info, shape, out)
+            or _split_channels(st, info, shape, out)):
         unknown(st, "a reshape that splits or merges the channels with other dims", args, kwargs, out)
+
+
+def _requested_shape(op, args, out) -> list | None:
+    """The shape a view/reshape asked for, with its -1 (None for the other shape ops)."""
+    if op not in ("view", "reshape") or len(args) < 2:
+        return None
+    shape = args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
+    if len(shape) != out.dim() or not all(isinstance(s, int) for s in shape):
+        return None
+    return list(shape)
+
+
+def _split_heads(st, info, shape, out, requested) -> bool:
+    """(.., C, rest..) -> (.., h, d, rest..) into attention heads: channels h*d.. of head h are one element, so
+    whole heads are cut and the head size d stays (exact for any attention: no scale changes). Chosen when the
+    head count is inferred (-1, transformers' `view(*shape, -1, head_dim)`) or held in a `*head*` attribute beside
+    the head size (then rewritten, like `num_heads`); otherwise the split is per feature (see _split_channels)."""
+    if requested is None:
+        return False
+    before, inner = math.prod(shape[: info.cdim]), math.prod(shape[info.cdim + 1 :])
+    for j in range(out.dim() - 1):
+        h, d = out.shape[j], out.shape[j + 1]
+        if math.prod(out.shape[:j]) != before or h * d != len(info.ids) or math.prod(out.shape[j + 2 :]) != inner:
+            continue
+        inferred = requested[j] == -1 and requested[j + 1] != -1
+        attribute = None if inferred else _head_attribute(st, h, count=True)
+        if not (inferred or (h > 1 and attribute and _has_int_attribute(st, requested[j + 1]))):
+            return False
+        heads = info.ids.reshape(h, d)
+        for head in heads:
+            st.union_all(head)
+        if h == 1:  # one head of a fixed size (view(.., -1, d)): no head can go, and a cut feature breaks the view
+            st.freeze(heads[0], f"the only attention head, of fixed size {d} (in {st.where})")
+        if attribute:
+            st.bind(st.module_path, f"attr:{attribute}", heads[:, 0])
+        st.set(out, heads[:, 0], j)
+        return True
+    return False
+
+
+def _int_attributes(st) -> list[tuple[str, int]]:
+    module = st.modules.get(st.module_path)
+    return [] if module is None else [(n, v) for n, v in vars(module).items() if type(v) is int]
+
+
+def _has_int_attribute(st, value: int) -> bool:
+    return any(v == value for _, v in _int_attributes(st))
+
+
+def _head_attribute(st, value: int, count: bool) -> str | None:
+    """The running module's one `*head*` int attribute equal to `value`: a head count (`num_heads`,
+    `num_attention_heads`) when `count`, else a width (`all_head_size`). Surgery rewrites it (plan.py)."""
+    found = [n for n, v in _int_attributes(st) if v == value and "head" in n.lower()
+             and count == ("num" in n.lower() or n.lower() in ("heads", "nhead", "n_head", "n_heads"))]
+    return found[0] if len(found) == 1 else None
+
+
+def _merge_groups(st, info, shape, out) -> bool:
+    """(.., G, k, rest..) with channels on k -> (.., G*k, rest..): the inverse of _split_channels (heads split per
+    feature, merged back): output channel g*k+i is feature i."""
+    if info.cdim == 0:
+        return False
+    g, outer = shape[info.cdim - 1], math.prod(shape[: info.cdim - 1])
+    inner = math.prod(shape[info.cdim + 1 :])
+    for j in range(out.dim()):
+        if math.prod(out.shape[:j]) == outer and out.shape[j] == g * len(info.ids) and \
+                math.prod(out.shape[j + 1 :]) == inner:
+            st.set(out, np.tile(info.ids, g), j)
+            return True
+    return False
 
 
 def _split_channels(st, info, shape, out) -> bool:
@@ -541,6 +616,29 @@ def _split_channels(st, info, shape, out) -> bool:
             st.set(out, ids[0], j)
             return True
     return False
+
+
+@rule("pixel_unshuffle", "unfold")
+def spread(st, args, kwargs, out):
+    """Channel c becomes k consecutive channels c*k .. c*k+k-1 (pixel_unshuffle: k = r², unfold / im2col: one per
+    kernel position, zero padding): a removed channel is zero in all of them."""
+    info = st.get(args[0])
+    if info is None or info.cdim != 1 or out.shape[1] % len(info.ids):
+        return unknown(st, f"{st.current_op} of a tensor whose channels are not dim 1", args, kwargs, out)
+    st.set(out, np.repeat(info.ids, out.shape[1] // len(info.ids)), 1)
+
+
+@rule("pixel_shuffle", "fold")
+def gather(st, args, kwargs, out):
+    """Channels c*k .. c*k+k-1 become channel c (pixel_shuffle: k = r², sub-pixel upsampling; fold / col2im: the
+    kernel positions summed back): they are one channel, removed together."""
+    info = st.get(args[0])
+    if info is None or info.cdim != 1 or len(info.ids) % out.shape[1]:
+        return unknown(st, f"{st.current_op} of a tensor whose channels are not dim 1", args, kwargs, out)
+    blocks = info.ids.reshape(out.shape[1], -1)
+    for block in blocks:
+        st.union_all(block)
+    st.set(out, blocks[:, 0], 1)
 
 
 @rule("permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "t")
@@ -697,7 +795,7 @@ def _contract(st, subs, rhs, operands, args, kwargs, out):
     channels = {}  # channel letter -> the channels it carries
     for s, t in zip(subs, operands):
         info = st.get(t)
-        if info is None:
+        if info is None or st.is_free(info):  # channels tied to nothing act as a constant here
             continue
         letter = s[info.cdim]
         if not _operand_fits(st, letter, info, subs, operands, rhs):
@@ -725,6 +823,7 @@ def _operand_fits(st, letter, info, subs, operands, rhs) -> bool:
         if letter not in s:
             continue
         other, size = st.get(t), t.shape[s.index(letter)]
+        other = None if other is None or st.is_free(other) else other
         if other is None and size > 1:
             st.freeze(info.ids, f"{st.current_op} meets these channels with a tensor that is not traced ({st.where})")
         elif other is not None and (s[other.cdim] != letter or size != len(info.ids)):
@@ -733,3 +832,42 @@ def _operand_fits(st, letter, info, subs, operands, rhs) -> bool:
     if letter not in rhs and traced < 2:
         st.freeze(info.ids, f"{st.current_op} sums over these channels (in {st.where})")
     return True
+
+
+# --- attention -----------------------------------------------------------------------------------------------
+@rule("scaled_dot_product_attention")
+def attention(st, args, kwargs, out):
+    """softmax(q kᵀ · scale + mask) v on (.., L, E), (.., S, E), (.., S, Ev). Heads (a batch dim, see _split_heads)
+    are one channel in q, k, v and the output: a removed head is zero in v, so zero out. Feature dims: q's and
+    k's are contracted together (exact only with an explicit `scale`: the default 1/sqrt(E) changes with E, so
+    they are frozen), v's pass to the output."""
+    q, k, v = (_arg(args, kwargs, i, name) for i, name in enumerate(("query", "key", "value")))
+    mask, gqa = _arg(args, kwargs, 3, "attn_mask"), _arg(args, kwargs, 7, "enable_gqa", False)
+    nd = out.dim() if isinstance(out, torch.Tensor) else 0
+    infos = [st.get(t) for t in (q, k, v)]
+    if st.get(mask) is not None or gqa or nd < 3 or any(t.dim() != nd for t in (q, k, v)):
+        return unknown(st, "scaled_dot_product_attention with a traced mask, grouped queries or broadcast "
+                           "batch dims", args, kwargs, out)
+    traced = [i for i in infos if i is not None]
+    if any(i.cdim < nd - 2 for i in traced):  # heads
+        if len(traced) < 3 or len({(i.cdim, len(i.ids)) for i in traced}) != 1:
+            return unknown(st, "attention whose q, k and v do not carry the same heads", args, kwargs, out)
+        st.union(traced[0].ids, traced[1].ids)
+        st.union(traced[0].ids, traced[2].ids)
+        return st.set(out, traced[0].ids, traced[0].cdim)
+    if any(i.cdim == nd - 2 for i in traced):
+        return unknown(st, "attention with channels on the sequence dim", args, kwargs, out)
+    iq, ik, iv = infos
+    if iq is not None or ik is not None:
+        if iq is None or ik is None:
+            st.freeze((iq or ik).ids, f"attention meets these query/key features with an untraced tensor "
+                                      f"(in {st.where})")
+        else:
+            st.union(iq.ids, ik.ids)
+            if _arg(args, kwargs, 6, "scale") is None:
+                st.freeze(iq.ids, f"scaled_dot_product_attention's default scale 1/sqrt(E) changes when query/key "
+                                  f"features are cut (in {st.where}; pass scale= to prune them)")
+    if iv is not None:
+        st.set(out, iv.ids, nd - 1)
+    else:
+        st.set_free(out, nd - 1)

@@ -33,6 +33,7 @@ class TraceState:
         self.parent: list[int] = []
         self.frozen: dict[int, str] = {}  # element -> first reason it was frozen
         self.created: set[int] = set()  # elements made by a producer (conv/linear output)
+        self.free: set[int] = set()  # elements tied to nothing (set_free): no producer can remove them
         self.info: dict[int, TensorInfo] = {}  # id(tensor) -> what it carries, while the tensor lives
         self.bindings: dict[tuple[str, str], np.ndarray] = {}  # (module name, role) -> elements
         self.bound_in: dict[tuple[str, str], str] = {}  # (module name, role) -> the mode that first bound it
@@ -121,7 +122,13 @@ class TraceState:
 
     def set_free(self, t: torch.Tensor, cdim: int) -> None:
         """Channels tied to nothing (a size-1 channel broadcast onto C): they couple nothing."""
-        self.set(t, self.fresh(t.shape[cdim]), cdim)
+        ids = self.fresh(t.shape[cdim])
+        self.free.update(ids.tolist())
+        self.set(t, ids, cdim)
+
+    def is_free(self, info: TensorInfo) -> bool:
+        """Whether a tensor carries only channels tied to nothing (attention scores after q kᵀ)."""
+        return all(e in self.free for e in info.ids.tolist())
 
     def count_macs(self, module: str, macs: int) -> None:
         if self.mode == "eval":  # the deployed cost; the train pass would count aux heads and shared calls twice

@@ -28,6 +28,8 @@ NONZERO = set(
 RESET = {"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "linear",
          "zeros_like", "zero", "new_zeros"}
 _ADDITIVE = {"add", "sub", "rsub"}
+# products and contractions: a traced factor carries the same channel in every traced operand (rules.py)
+_PRODUCTS = {"mul", "matmul", "rmatmul", "mm", "bmm", "einsum"}
 _NORMS = {"batch_norm", "group_norm", "layer_norm", "instance_norm"}
 
 
@@ -48,8 +50,11 @@ def nonzero_tag(st, name: str, args, kwargs) -> str | None:
         return here if mode == "constant" and value != 0 else inherited
     if name in _ADDITIVE and _adds_a_constant(st, args, kwargs):
         return f"{name} of a constant (in {st.where})"
-    if name == "mul":  # 0 * anything = 0: the product is tagged only when every traced factor is
+    if name in _PRODUCTS:  # 0 * anything = 0: the product is tagged only when every traced factor is
         return inherited if all(i.nonzero for i in traced) else None
+    if name == "scaled_dot_product_attention":  # a removed head or value feature is zero in v, so in the output
+        value = st.get(_arg(args, kwargs, 2, "value"))
+        return value.nonzero if value is not None else None
     if name in ("div", "true_divide"):
         first = st.get(args[0]) if args else None
         return first.nonzero if first is not None else here
