@@ -160,3 +160,20 @@ def test_split_sizes_held_in_an_attribute_are_rewritten(name, attr):
     fresh = segprune.Plan.from_json(result.plan.to_json()).apply(ZOO[name]().double().eval())
     fresh.load_state_dict(result.model.state_dict())
     assert getattr(fresh, attr) == getattr(result.model, attr)
+
+
+def test_a_single_head_loses_features_with_its_head_size_rewritten():
+    """transformers' SegFormer stage 1: one head, `view(.., -1, head_dim)`: features are cut in q, k, v alike and
+    `head_dim` follows; without that attribute they are frozen with a warning."""
+    from tests.zoo import HeadAttention
+
+    torch.manual_seed(0)
+    model = randomize_norms(HeadAttention(kind="inferred", heads=1)).double().eval()
+    result, error, messages = cut_attention(model)
+    assert error < 1e-9 and not result.verification.frozen
+    assert result.model.head_dim == result.model.q.out_features == result.model.v.out_features < 16
+
+    fixed = type("FixedHead", (HeadAttention,), {"head_dim": 16})(kind="inferred", heads=1)
+    del fixed.head_dim  # the class's constant now: nothing on the module for the plan to rewrite
+    result, error, messages = cut_attention(randomize_norms(fixed).double().eval())
+    assert error < 1e-9 and any("the only attention head" in m for m in messages)

@@ -455,7 +455,10 @@ def _index_channels(index, ndim, info):
             continue
         if in_dim == info.cdim:
             return _channel_index(item, info.ids, out_dim)
-        if not isinstance(item, slice):  # ints drop a dim; advanced indices before the channels move them
+        if isinstance(item, int) and not isinstance(item, bool):  # drops a dim before the channels (kv[0])
+            in_dim += 1
+            continue
+        if not isinstance(item, slice):  # advanced indices before the channels move them
             return None
         out_dim += 1
         in_dim += 1
@@ -511,6 +514,8 @@ def reshape(st, args, kwargs, out):
     if info is None or not isinstance(out, torch.Tensor):
         return
     shape, requested = list(args[0].shape), _requested_shape(st.current_op, args, out)
+    if _split_heads(st, info, shape, out, requested):
+        return
     before, inner = math.prod(shape[: info.cdim]), math.prod(shape[info.cdim + 1 :])
     channels = len(info.ids)
     for j, size in enumerate(out.shape):
@@ -522,8 +527,7 @@ def reshape(st, args, kwargs, out):
                 if attribute and requested[j] == size:  # heads merged back to a width held in an attribute
                     st.bind(st.module_path, f"attr:{attribute}", ids)
                 return st.set(out, ids, j)
-    if not (_split_heads(st, info, shape, out, requested) or _merge_groups(st, info, shape, out)
-            or _split_channels(st, info, shape, out)):
+    if not (_merge_groups(st, info, shape, out) or _split_channels(st, info, shape, out)):
         unknown(st, "a reshape that splits or merges the channels with other dims", args, kwargs, out)
 
 
@@ -553,16 +557,29 @@ def _split_heads(st, info, shape, out, requested) -> bool:
         attribute = None if inferred else _head_attribute(st, h, count=True)
         if not (inferred or (h > 1 and attribute and _has_int_attribute(st, requested[j + 1]))):
             return False
+        if h == 1:  # one head: its features are cut instead, with the head size's attribute rewritten
+            return _one_head(st, info, out, j, requested[j + 1])
         heads = info.ids.reshape(h, d)
         for head in heads:
             st.union_all(head)
-        if h == 1:  # one head of a fixed size (view(.., -1, d)): no head can go, and a cut feature breaks the view
-            st.freeze(heads[0], f"the only attention head, of fixed size {d} (in {st.where})")
         if attribute:
             st.bind(st.module_path, f"attr:{attribute}", heads[:, 0])
         st.set(out, heads[:, 0], j)
         return True
     return False
+
+
+def _one_head(st, info, out, j, size) -> bool:
+    """A single head of fixed size `size` (transformers' SegFormer stage 1: `view(.., -1, head_dim)`): a cut feature
+    would break the view unless the attribute holding the size (`head_dim`) is rewritten; q, k and v bind it, so
+    they lose the same features. Without such an attribute the features are frozen."""
+    attribute = _head_attribute(st, size, count=False)
+    if attribute:
+        st.bind(st.module_path, f"attr:{attribute}", info.ids)
+    else:
+        st.freeze(info.ids, f"the only attention head, of fixed size {size} (in {st.where})")
+    st.set(out, info.ids, j + 1)
+    return True
 
 
 def _int_attributes(st) -> list[tuple[str, int]]:
