@@ -209,7 +209,7 @@ def markdown(data: dict) -> str:
     camvid = [r for r in data["rows"] if "label" not in r]
     if camvid:
         lines += ["", "Accuracy at equal measured latency on CamVid (benchmarks/latency_camvid.py; mean ± s.e. over "
-                  "seeds; details in latency_camvid.md):", "",
+                  "seeds; details in latency_camvid_<importance>.md):", "",
                   "| model | runtime | allocation | target | latency ratio | MACs ratio | test mIoU % |",
                   "|---|---|---|---:|---:|---:|---:|"]
         lines += [f"| {r['model']} | {r['runtime']} | {r['allocation']} | {r['target']} | {r['latency_ratio']:.3f} | "

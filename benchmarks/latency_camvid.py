@@ -6,7 +6,10 @@ One seed per run (initialisation, data order, fine-tuning all follow it):
    split's mIoU recorded after every epoch (the curve, to show the plateau); cached under --cache, so a rerun
    skips training;
 2. an eager-CPU :class:`segprune.LatencyTable` at --threads threads is measured for it (cached beside it);
-3. three pruned models, all with the same L1 filter-norm scores:
+3. three pruned models; ours (latency and MAC allocation) share one importance, --criterion: ``taylor`` (first-order
+   loss change on 8 training batches, HALP's importance: importance per millisecond is only meaningful when the
+   importance estimates the loss) or ``l1`` (filter norms, which do not compare across layers); the peer keeps its
+   own magnitude importance:
    - ``latency``: ``prune(target_latency=--target, latency=table)``;
    - ``macs``: ``prune(target_macs=m)``, one global threshold, with m chosen so that its *measured* latency matches
      the latency model's (the table's guess first, then secant steps on interleaved measurements);
@@ -15,11 +18,12 @@ One seed per run (initialisation, data order, fine-tuning all follow it):
    --finetune-epochs with the same learning rate, and evaluated on the CamVid test split;
 5. latency: all three and the unpruned model fused and timed interleaved, --rounds rounds, median.
 
-    python benchmarks/latency_camvid.py --seed 1 [--epochs 40] [--finetune-epochs 6] [--target 0.5]
-    python benchmarks/latency_camvid.py --summarise results/latency_camvid_seed1.json ...
+    python benchmarks/latency_camvid.py --seed 1 [--criterion taylor] [--epochs 40] [--finetune-epochs 8]
+    python benchmarks/latency_camvid.py --summarise results/latency_camvid_taylor_seed1.json ...
 
-A run writes results/latency_camvid_seed<N>.json; --summarise writes results/latency_camvid.{json,md} (mean and
-standard error over seeds, paired differences) and puts its rows into results/latency_aware.json.
+A run writes results/latency_camvid_<criterion>_seed<N>.json; --summarise writes
+results/latency_camvid_<criterion>.{json,md} (mean and standard error over seeds, paired differences) and puts its
+rows into results/latency_aware.json.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -40,11 +45,13 @@ import latency_aware  # noqa: E402
 from common import RESULTS, machine, write_result  # noqa: E402
 
 import segprune  # noqa: E402
+from segprune._utils import IGNORE_INDEX  # noqa: E402
 from segprune.eval.latency import RUNTIMES, measure_latency_table  # noqa: E402
 from segprune.eval.metrics import evaluate  # noqa: E402
 from segprune.eval.profile import count_macs  # noqa: E402
 from segprune.export.fuse import fuse_conv_bn  # noqa: E402
 from segprune.models import create_model  # noqa: E402
+from segprune.prune import Taylor  # noqa: E402
 from segprune.train.loop import fit  # noqa: E402
 from segprune.workflows import Recipe  # noqa: E402
 from segprune.workflows.data import semantic_loaders  # noqa: E402
@@ -86,10 +93,11 @@ def timed(models: dict, x, threads: int, rounds: int) -> dict:
     return RUNTIMES["eager"](threads).time_models(fused, x, rounds)
 
 
-def latency_of(model, reference, x, threads, rounds=5) -> float:
-    """`model`'s measured latency as a fraction of `reference`'s (interleaved, median)."""
+def latency_of(model, reference, x, threads, rounds=7) -> float:
+    """`model`'s measured latency as a fraction of `reference`'s (interleaved; the minima: the timing least
+    disturbed by other processes on a shared machine)."""
     t = timed({"m": model, "ref": reference}, x, threads, rounds)
-    return t["m"]["median_ms"] / t["ref"]["median_ms"]
+    return t["m"]["min_ms"] / t["ref"]["min_ms"]
 
 
 def match(make, lo: float, hi: float, reference, x, threads, log: list) -> tuple[torch.nn.Module, float]:
@@ -120,10 +128,17 @@ def peer_prune(start, x, ratio: float) -> torch.nn.Module:
     return model
 
 
-def pruned_models(base, x, table, args) -> tuple[dict, dict]:
+def importance(name: str, base, train_loader):
+    if name != "taylor":
+        return name
+    batches = [b for _, b in zip(range(8), train_loader)]
+    return Taylor(base, batches, lambda out, y: F.cross_entropy(out["out"], y, ignore_index=IGNORE_INDEX))
+
+
+def pruned_models(base, x, table, args, train_loader) -> tuple[dict, dict]:
     """allocation -> pruned model, and how the MAC and peer models were matched to the latency model."""
-    groups = segprune.channel_groups(base, x)
-    ours = lambda **kw: segprune.prune(base, x, criterion="l1", groups=groups, **kw).model  # noqa: E731
+    groups, score = segprune.channel_groups(base, x), importance(args.criterion, base, train_loader)
+    ours = lambda **kw: segprune.prune(base, x, criterion=score, groups=groups, **kw).model  # noqa: E731
     lat = ours(target_latency=args.target, latency=table)
     logs = {"macs": [], "peer": []}
     # MAC allocation: higher MAC target = slower, so the knob is 1 - target_macs
@@ -140,13 +155,15 @@ def run(args) -> dict:
     x = torch.zeros(1, 3, *args.size)
     t0 = time.perf_counter()
     base, curve = trained(args, train_loader, val_loader, k)
+    if args.train_only:
+        return None
     base.eval()
     train_s = time.perf_counter() - t0
     table_path = Path(args.cache) / f"table_s{args.seed}_e{args.epochs}_t{args.threads}.json"
     table = (segprune.LatencyTable.load(table_path, runtime="eager", threads=args.threads, input=x.shape, model=base)
              if table_path.exists() else measure_latency_table(base, x, threads=args.threads, name="pspnet_r18_x025"))
     table.save(table_path)
-    models, matching = pruned_models(base, x, table, args)
+    models, matching = pruned_models(base, x, table, args, train_loader)
     rows = [{"allocation": "unpruned", "miou": evaluate(base, test_loader, num_classes=k)["miou"]}]
     for alloc, model in models.items():
         model.aux_head = None  # train-only; the peer leaves it unpruned, so every variant is fine-tuned without it
@@ -160,14 +177,17 @@ def run(args) -> dict:
     t = timed({"unpruned": base, **models}, x, args.threads, args.rounds)
     for row in rows:
         lat = t[row["allocation"]]
-        row.update(median_ms=round(lat["median_ms"], 3), spread=round(lat["spread"], 3),
-                   latency_ratio=round(lat["median_ms"] / t["unpruned"]["median_ms"], 4))
+        row.update(median_ms=round(lat["median_ms"], 3), min_ms=round(lat["min_ms"], 3),
+                   spread=round(lat["spread"], 3),
+                   latency_ratio=round(lat["median_ms"] / t["unpruned"]["median_ms"], 4),
+                   latency_ratio_min=round(lat["min_ms"] / t["unpruned"]["min_ms"], 4))
     return {"benchmark": "latency_camvid", "machine": machine(), "dataset": "CamVid (SegNet release): train, val "
             "curve, test split for mIoU, all resized to size",
             "budget": {"model": "pspnet_resnet18", "width": 0.25, "size": args.size, "epochs": args.epochs,
                        "lr": args.lr, "finetune_epochs": args.finetune_epochs, "finetune_lr": args.finetune_lr,
                        "optimizer": "adamw", "seed": args.seed, "target_latency": args.target,
-                       "runtime": "eager", "threads": args.threads, "rounds": args.rounds, "criterion": "l1"},
+                       "runtime": "eager", "threads": args.threads, "rounds": args.rounds,
+                       "criterion": args.criterion},
             "train_seconds": round(train_s, 1), "val_curve": [round(v, 4) for v in curve],
             "matching": matching, "rows": rows}
 
@@ -210,7 +230,8 @@ def markdown(s: dict) -> str:
     b = s["budget"]
     lines = [f"# CamVid accuracy at equal measured latency (seeds {b['seed']})", "",
              f"PSPNet-R18 x{b['width']} at {b['size'][0]}x{b['size'][1]}, trained {b['epochs']} epochs (AdamW, lr "
-             f"{b['lr']}), pruned to {b['target_latency']} of its eager latency ({b['threads']} thread), fine-tuned "
+             f"{b['lr']}), pruned to {b['target_latency']} of its eager latency ({b['threads']} thread; our "
+             f"importance: {b['criterion']}), fine-tuned "
              f"{b['finetune_epochs']} epochs (lr {b['finetune_lr']}); test split mIoU, mean ± s.e. over seeds.", "",
              "| allocation | test mIoU % | s.e. | per seed | latency ratio | MACs ratio |",
              "|---|---:|---:|---|---:|---:|"]
@@ -229,15 +250,16 @@ def into_latency_aware(s: dict) -> None:
     target, latency_ratio, macs_ratio, miou)."""
     path = RESULTS / "latency_aware.json"
     data = json.loads(path.read_text())
-    model = f"pspnet_resnet18_x0.25 camvid {s['budget']['size'][0]}x{s['budget']['size'][1]}"
-    data["rows"] = [r for r in data["rows"] if not r["model"].startswith("pspnet_resnet18_x0.25 camvid")]
+    model = (f"pspnet_resnet18_x0.25 camvid {s['budget']['size'][0]}x{s['budget']['size'][1]} "
+             f"({s['budget']['criterion']})")
+    data["rows"] = [r for r in data["rows"] if r["model"] != model]
     data["rows"] += [{"model": model, "runtime": "eager", "allocation": r["allocation"] if r["allocation"] != "unpruned"
                       else "none", "target": s["budget"]["target_latency"], "latency_ratio": r["latency_ratio"],
                       "macs_ratio": r["macs_ratio"], "miou": round(r["miou_mean"] / 100, 4),
                       "miou_se": round(r["miou_se"] / 100, 4), "seeds": s["budget"]["seed"]} for r in s["rows"]]
-    data["camvid_paired"] = s["paired"]
-    data["commands"] = [c for c in data["commands"] if "latency_camvid" not in c] + [
-        "python benchmarks/latency_camvid.py --summarise " + " ".join(str(p) for p in s["sources"])]
+    data.setdefault("camvid_paired", {})[s["budget"]["criterion"]] = s["paired"]
+    command = "python benchmarks/latency_camvid.py --summarise " + " ".join(str(p) for p in s["sources"])
+    data["commands"] = [c for c in data["commands"] if c != command] + [command]
     write_result("latency_aware", data)
     (RESULTS / "latency_aware.md").write_text(latency_aware.markdown(data))
 
@@ -249,22 +271,27 @@ def main() -> None:
     p.add_argument("--size", type=int, nargs=2, default=(180, 240))
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--lr", type=float, default=0.004)
-    p.add_argument("--finetune-epochs", type=int, default=6)
+    p.add_argument("--finetune-epochs", type=int, default=8)
     p.add_argument("--finetune-lr", type=float, default=0.001)
     p.add_argument("--target", type=float, default=0.5, help="latency left, fraction of the unpruned model's")
     p.add_argument("--threads", type=int, default=1, help="threads of the latency measurements")
     p.add_argument("--train-threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--cache", default="/tmp/segprune_latency_camvid", help="trained models and tables")
+    p.add_argument("--criterion", choices=["taylor", "l1"], default="taylor", help="importance of our allocations")
+    p.add_argument("--train-only", action="store_true", help="train (into --cache) and stop")
     p.add_argument("--summarise", nargs="+", type=Path, help="seed results to combine")
     args = p.parse_args()
     if args.summarise:
         s = summarise(args.summarise)
-        write_result("latency_camvid", s)
-        (RESULTS / "latency_camvid.md").write_text(markdown(s))
+        name = f"latency_camvid_{s['budget']['criterion']}"
+        write_result(name, s)
+        (RESULTS / f"{name}.md").write_text(markdown(s))
         into_latency_aware(s)
         return
-    write_result(f"latency_camvid_seed{args.seed}", run(args))
+    result = run(args)
+    if result is not None:
+        write_result(f"latency_camvid_{args.criterion}_seed{args.seed}", result)
 
 
 if __name__ == "__main__":
