@@ -69,6 +69,9 @@ def prune(model: nn.Module, example_inputs, *, ratio: float | None = None, targe
             the latency predicted by `latency` is at most this fraction of the unpruned model's; `round_to`
             defaults to each group's width step measured in the table.
         latency: the `LatencyTable` of this model on the deployment runtime (segprune.eval.latency measures one).
+            Importance per millisecond compares layers, so give a `criterion` that estimates the loss change (a
+            `segprune.prune.Taylor` on a few batches): weight norms make cheap-looking high-resolution layers
+            (the stem) go first (benchmarks/latency_camvid.py).
         verify: check the result against the masked model (float64, on copies) on a 32-pixel crop of
             `example_inputs` (the full inputs if the model does not run on it; "full": always the full inputs);
             groups whose cut is not exact are frozen with a warning and the model is cut again (see
