@@ -14,7 +14,8 @@ from tests.zoo import SOUNDNESS
 
 FOLDED = {"SigmoidThen1x1", "AddConst", "OnesLike", "Exp", "AffineFreeBN", "ParamAdd", "Softplus"}  # q: 1x1 or unpadded
 FROZEN = {"SigmoidThen3x3": "sigmoid", "HardsigmoidThen3x3": "hardsigmoid", "PadValue": "pad",
-          "SavedShape": "fails in the model's top-level forward: RuntimeError: shape", "IntSplit": "split"}
+          "SavedShape": "fails in the model's top-level forward: RuntimeError: shape", "IntSplit": "split",
+          "GatedSigmoid": "sigmoid"}
 
 
 def cut(name, **kwargs):
@@ -42,7 +43,7 @@ def test_what_cannot_be_folded_is_frozen_with_a_warning(name):
     assert "frozen" in messages and FROZEN[name] in messages
 
 
-@pytest.mark.parametrize("name", ["SigmoidThen1x1", "SigmoidThen3x3"])
+@pytest.mark.parametrize("name", ["SigmoidThen1x1", "SigmoidThen3x3", "GatedSigmoid"])
 def test_without_verify_offsets_are_frozen_not_wrong(name):
     result, error, messages = cut(name, verify=False)
     assert error < 1e-9 and "verify=False" in messages and result.verification is None

@@ -225,6 +225,8 @@ SOUNDNESS = {
     "PadValue": _between("PadValue", lambda m, y: F.pad(y, (1, 1, 1, 1), value=1.0), kernel=3, padding=0),
     "AffineFreeBN": _between("AffineFreeBN", lambda m, y: F.relu(m.free(y)), norm=False),
     "ParamAdd": _between("ParamAdd", lambda m, y: y + m.shift),
+    # a one-channel spatial gate is no factor of the cut channels: sigmoid(0) * gate is still nonzero
+    "GatedSigmoid": _between("GatedSigmoid", lambda m, y: torch.sigmoid(y) * F.relu(m.gate(y)), kernel=3),
 }
 
 
@@ -241,6 +243,7 @@ def _with_parts(cls, **parts):
 
 SOUNDNESS["AffineFreeBN"] = _with_parts(SOUNDNESS["AffineFreeBN"], free=lambda: nn.BatchNorm2d(16, affine=False))
 SOUNDNESS["ParamAdd"] = _with_parts(SOUNDNESS["ParamAdd"], shift=lambda: nn.Parameter(torch.ones(1)))
+SOUNDNESS["GatedSigmoid"] = _with_parts(SOUNDNESS["GatedSigmoid"], gate=lambda: nn.Conv2d(16, 1, 1))
 
 
 class SavedShape(nn.Module):

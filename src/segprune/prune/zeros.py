@@ -50,8 +50,8 @@ def nonzero_tag(st, name: str, args, kwargs) -> str | None:
         return here if mode == "constant" and value != 0 else inherited
     if name in _ADDITIVE and _adds_a_constant(st, args, kwargs):
         return f"{name} of a constant (in {st.where})"
-    if name in _PRODUCTS:  # 0 * anything = 0: the product is tagged only when every traced factor is
-        return inherited if all(i.nonzero for i in traced) else None
+    if name in _PRODUCTS:  # 0 * anything = 0: the product is tagged only when every factor of the channels is
+        return _product_tag(st, traced, inherited)
     if name == "scaled_dot_product_attention":  # a removed head or value feature is zero in v, so in the output
         value = st.get(_arg(args, kwargs, 2, "value"))
         return value.nonzero if value is not None else None
@@ -59,6 +59,16 @@ def nonzero_tag(st, name: str, args, kwargs) -> str | None:
         first = st.get(args[0]) if args else None
         return first.nonzero if first is not None else here
     return inherited
+
+
+def _product_tag(st, traced, inherited):
+    """The factors that carry the cut channels are the widest traced operands; a one-channel gate broadcast onto
+    them, or channels tied to nothing (attention scores), multiply a removed channel by a nonzero constant."""
+    widest = max((len(i.ids) for i in traced), default=0)
+    factors = [i for i in traced if len(i.ids) == widest and not st.is_free(i)]
+    if not factors:
+        return inherited
+    return factors[0].nonzero if all(i.nonzero for i in factors) else None
 
 
 def _norm_tag(name, args, kwargs, here, inherited):
