@@ -37,9 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine, write_result  # noqa: E402
 
 import segprune  # noqa: E402
-from segprune.eval.latency import RUNTIMES, measure_latency_table  # noqa: E402
+from segprune.eval.latency import RuntimeTimer, measure_latency_table  # noqa: E402
 from segprune.eval.profile import count_macs  # noqa: E402
 from segprune.export.fuse import fuse_conv_bn  # noqa: E402
+from segprune.export.runtimes import runtime_names  # noqa: E402
 from segprune.models import create_model  # noqa: E402
 from segprune.prune.graph import channel_groups  # noqa: E402
 
@@ -82,7 +83,7 @@ def variants(base, x, table, targets, groups, nominal: bool) -> dict[str, tuple[
 
 
 def timed(models: dict, x, runtime, threads, rounds, onnx_dir: Path | None) -> dict:
-    rt = RUNTIMES[runtime](threads, onnx_dir) if runtime == "onnxruntime" else RUNTIMES[runtime](threads)
+    rt = RuntimeTimer(runtime, threads, folder=onnx_dir)
     fused = {label: fuse_conv_bn(m.eval(), x) for label, m in models.items()}
     return rt.time_models(fused, x, rounds)
 
@@ -226,7 +227,7 @@ def _shown(path: Path) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    p.add_argument("--runtimes", nargs="+", default=["eager", "onnxruntime"], choices=list(RUNTIMES))
+    p.add_argument("--runtimes", nargs="+", default=["eager", "onnxruntime"], choices=list(runtime_names()))
     p.add_argument("--targets", type=float, nargs="+", default=[0.7, 0.5])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=5)

@@ -46,7 +46,7 @@ from common import RESULTS, machine, write_result  # noqa: E402
 
 import segprune  # noqa: E402
 from segprune._utils import IGNORE_INDEX  # noqa: E402
-from segprune.eval.latency import RUNTIMES, measure_latency_table  # noqa: E402
+from segprune.eval.latency import RuntimeTimer, measure_latency_table  # noqa: E402
 from segprune.eval.metrics import evaluate  # noqa: E402
 from segprune.eval.profile import count_macs  # noqa: E402
 from segprune.export.fuse import fuse_conv_bn  # noqa: E402
@@ -90,7 +90,7 @@ def trained(args, train_loader, val_loader, k) -> tuple[torch.nn.Module, list[fl
 
 def timed(models: dict, x, threads: int, rounds: int) -> dict:
     fused = {label: fuse_conv_bn(copy.deepcopy(m).eval(), x) for label, m in models.items()}
-    return RUNTIMES["eager"](threads).time_models(fused, x, rounds)
+    return RuntimeTimer("eager", threads).time_models(fused, x, rounds)
 
 
 def latency_of(model, reference, x, threads, rounds=7) -> float:

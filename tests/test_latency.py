@@ -148,7 +148,7 @@ def test_onnxruntime_times_the_layer_it_was_asked_for(tmp_path):
     """The one-node graph onnxruntime times computes what the layer computes (no timing asserted)."""
     pytest.importorskip("onnxruntime")
     from segprune.eval.latency import _layer, _one_node_onnx
-    from segprune.eval.profile import ort_session
+    from segprune.export.runtimes import ort_session
 
     spec = layer_specs(Net(8).eval(), torch.randn(1, 3, 8, 8))["a.0"]
     module, x = _layer(spec, 3, 5)

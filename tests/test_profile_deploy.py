@@ -5,8 +5,6 @@ import torch
 from torch import nn
 
 from segprune.eval.profile import (
-    OrtRunner,
-    TorchRunner,
     as_runner,
     compare_latency,
     count_macs,
@@ -17,6 +15,9 @@ from segprune.eval.profile import (
     peak_memory,
     profile,
 )
+from segprune.export.runtimes import EAGER, ONNXRUNTIME, ort_session
+from segprune.export.runtimes.eager import EagerModel
+from segprune.export.runtimes.onnxruntime import OrtModel
 
 META = {"median_ms", "p90_ms", "runs", "backend", "device", "dtype", "threads", "batch", "input_size"}
 
@@ -97,10 +98,10 @@ def test_measure_latency_of_an_onnx_file(onnx_file):
 
 
 def test_compare_latency_mixes_backends(onnx_file):
-    from segprune.export.onnx import ort_session
-
     model, path = onnx_file
-    models = {"eager": model, "ort": path, "session": ort_session(path, threads=1), "runner": TorchRunner(model)}
+    x = torch.randn(1, 3, 16, 16)
+    models = {"eager": model, "ort": path, "session": ort_session(path, threads=1),
+              "runner": EAGER.compile(model, x, threads=1)}
     result = compare_latency(models, torch.randn(1, 3, 16, 16), rounds=2, runs=2, warmup=1, threads=1)
     assert [result[k]["backend"] for k in models] == ["eager", "onnxruntime", "onnxruntime", "eager"]
     assert all(META <= r.keys() and r["threads"] == 1 and r["rounds"] == 2 for r in result.values())
@@ -108,9 +109,9 @@ def test_compare_latency_mixes_backends(onnx_file):
 
 def test_runner_choice_and_refusal(onnx_file):
     model, path = onnx_file
-    assert isinstance(as_runner(model), TorchRunner) and isinstance(as_runner(str(path)), OrtRunner)
-    runner = OrtRunner(path, threads=1)
-    assert as_runner(runner) is runner and runner.threads() == 1
+    assert isinstance(as_runner(model), EagerModel) and isinstance(as_runner(str(path)), OrtModel)
+    runner = ONNXRUNTIME.compile(path, None, threads=1)
+    assert as_runner(runner) is runner and runner.threads == 1
     with pytest.raises(TypeError, match="int"):
         as_runner(3)
 

@@ -17,6 +17,7 @@ from segprune import checkpoint
 from segprune.data.check import check_splits
 from segprune.data.instances import DATA_LOSS, check_instances
 from segprune.export import export_onnx, export_torchscript, fuse_conv_bn
+from segprune.export.runtimes import runtime_names, spec_type
 from segprune.models import create_model
 from segprune.prune import channel_groups
 from segprune.train import distributed
@@ -73,7 +74,7 @@ def cmd_prune(args) -> None:
                               target_macs=args.target_macs, round_to=args.round_to, min_keep=args.min_keep,
                               size=tuple(args.size), force=args.force, target_latency=args.target_latency,
                               latency_table_path=args.latency_table, latency_runtime=args.latency_runtime,
-                              latency_threads=args.latency_threads)
+                              latency_threads=args.latency_threads, latency_tries=args.latency_tries)
     print(f"removed {result.channels_removed} of {result.channels_prunable} prunable channels -> {args.out}")
 
 
@@ -177,7 +178,8 @@ def cmd_report(args) -> None:
 def cmd_predict(args) -> None:
     settings = {k: tuple(v) if isinstance(v, list) else v for k, v in
                 (("size", args.size), ("tile", args.tile), ("overlap", args.overlap)) if v is not None}
-    summary = predict_images(args.model, args.images, args.out, force=args.force, device=args.device, **settings)
+    summary = predict_images(args.model, args.images, args.out, force=args.force, device=args.device,
+                             runtime=args.runtime, **settings)
     failed = [entry for entry in summary["images"] if "error" in entry]
     print(f"{len(summary['images']) - len(failed)} image(s) -> {args.out} (masks *_mask.png, overlays, "
           "predictions.json)")
@@ -190,7 +192,7 @@ def cmd_predict(args) -> None:
 def cmd_bench(args) -> None:
     result = benchmark.bench(args.checkpoints, input_size=tuple(args.input_size), batch=args.batch,
                              rounds=args.rounds, runs=args.runs, warmup=args.warmup, threads=args.threads,
-                             fuse=args.fuse, onnx=args.onnx)
+                             fuse=args.fuse, onnx=args.onnx, runtimes=args.runtime)
     print(benchmark.table(result))
     if args.json:
         benchmark.write_json(result, args.json)
@@ -237,12 +239,14 @@ def _deploy_parsers(sub) -> None:
     b.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="checkpoint folders; ratios are vs the first")
     b.add_argument("--input-size", type=int, nargs=2, required=True, metavar=("H", "W"))
     b.add_argument("--batch", type=int, default=1)
-    b.add_argument("--threads", type=int, default=1, help="intra-op CPU threads (PyTorch and onnxruntime)")
+    b.add_argument("--threads", type=int, default=1, help="intra-op CPU threads of every runtime")
     b.add_argument("--rounds", type=int, default=7, help="interleaved rounds (A B A B ...)")
     b.add_argument("--runs", type=int, default=10, help="timed runs per checkpoint per round")
     b.add_argument("--warmup", type=int, default=3)
     b.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True, help="fold Conv+BN first")
-    b.add_argument("--onnx", action="store_true", help="also export each and time it in onnxruntime (CPU)")
+    b.add_argument("--runtime", nargs="+", type=spec_type, default=["eager"], metavar="RUNTIME[:PRECISION]",
+                   help=f"time on these runtimes, side by side: {', '.join(runtime_names())} (e.g. openvino:fp32)")
+    b.add_argument("--onnx", action="store_true", help="also time on onnxruntime (as --runtime eager onnxruntime)")
     b.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     b.set_defaults(func=cmd_bench)
     e = sub.add_parser("export", help="export a checkpoint folder to ONNX (checked with onnxruntime) / TorchScript")
@@ -291,11 +295,14 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--ratio", type=float, default=0.5, help="fraction of prunable channels removed")
     pr.add_argument("--target-macs", type=float, default=None, help="remove until MACs <= this fraction")
     pr.add_argument("--target-latency", type=float, default=None,
-                    help="remove until the latency a table predicts <= this fraction (latency-aware allocation)")
+                    help="remove until the latency measured on --latency-runtime <= this fraction (within 5 %%)")
     pr.add_argument("--latency-table", default="", metavar="TABLE.json",
                     help="a LatencyTable of this model (default: measured at --size and kept in --out)")
-    pr.add_argument("--latency-runtime", choices=("eager", "onnxruntime"), default="eager")
+    pr.add_argument("--latency-runtime", type=spec_type, default="eager", metavar="RUNTIME[:PRECISION]",
+                    help=f"the deployment runtime: {', '.join(runtime_names())}")
     pr.add_argument("--latency-threads", type=int, default=1)
+    pr.add_argument("--latency-tries", type=int, default=5,
+                    help="allocations measured on the runtime and corrected; 0: trust the table")
     pr.add_argument("--round-to", type=int, default=None)
     pr.add_argument("--min-keep", type=float, default=0.1)
     pr.add_argument("--size", type=int, nargs=2, default=(256, 256), metavar=("H", "W"), help="example input size")
@@ -358,6 +365,8 @@ def parser() -> argparse.ArgumentParser:
                     help="sliding-window tiles for large images (overlapping logits averaged)")
     pd.add_argument("--overlap", type=float, default=None, help="tile overlap as a fraction (default 1/3)")
     pd.add_argument("--device", default="cpu")
+    pd.add_argument("--runtime", type=spec_type, default="onnxruntime", metavar="RUNTIME[:PRECISION]",
+                    help="what runs an .onnx MODEL: a registered runtime that takes ONNX (e.g. openvino)")
     pd.add_argument("--force", action="store_true", help="overwrite predictions already in --out")
     pd.set_defaults(func=cmd_predict)
     _deploy_parsers(sub)

@@ -19,16 +19,18 @@ from torch import nn
 
 from segprune.data.base import IMAGENET_MEAN, IMAGENET_STD, read_rgb
 from segprune.eval.metrics import predict
+from segprune.export.runtimes import get_runtime, parse, runtime_names
 
 
 class OnnxModel:
-    """An ONNX segmentation model run by onnxruntime, called like an eager one: ``model(x)`` with a float tensor
-    (N, 3, H, W) returns the logits tensor (N, K, H, W) (the file's first output).
+    """An ONNX segmentation model run by a registered runtime (onnxruntime by default, or OpenVINO, TensorRT: any
+    that compiles ONNX files), called like an eager one: ``model(x)`` with a float tensor (N, 3, H, W) returns the
+    logits tensor (N, K, H, W) (the file's first output).
 
     Args:
         path: The ``.onnx`` file (as :func:`segprune.export.onnx.export_onnx` writes it).
-        providers: onnxruntime execution providers; by default the CPU one.
-        threads: Intra-op threads; None leaves onnxruntime's default.
+        runtime: A runtime spec (``segprune.export.runtimes``), e.g. ``"openvino:fp32"``.
+        threads: Intra-op threads; None leaves the runtime's default.
         divisible: H and W the exported model needs multiples of (its ``needs_divisible_input``; a U-Net's 16):
             the file does not record it, and whole images are padded to it.
 
@@ -36,29 +38,36 @@ class OnnxModel:
         input_size: (H, W) when the file fixes the input size (an export without dynamic H and W), else None.
     """
 
-    def __init__(self, path: str | Path, *, providers: Sequence[str] | None = None, threads: int | None = None,
+    def __init__(self, path: str | Path, *, runtime: str = "onnxruntime", threads: int | None = None,
                  divisible: int = 1):
-        try:
-            import onnxruntime as ort  # optional: the `onnx` extra
-        except ImportError as err:
-            raise ImportError("running an ONNX model needs onnxruntime: pip install 'segprune[onnx]'") from err
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
+        rt, precision = parse(runtime)
+        if rt.source != "onnx":
+            raise ValueError(f"runtime {rt.name!r} does not run ONNX files; choose one of "
+                             f"{', '.join(n for n in runtime_names() if get_runtime(n).source == 'onnx')}")
         self.path = Path(path)
-        self.session = ort.InferenceSession(str(path), options, providers=list(providers or ["CPUExecutionProvider"]))
-        first = self.session.get_inputs()[0]
-        self.input_name, self.output_name = first.name, self.session.get_outputs()[0].name
-        fixed = lambda dims: all(isinstance(d, int) for d in dims)  # noqa: E731 - symbolic dims are strings
-        self.input_size = tuple(first.shape[2:]) if fixed(first.shape[2:]) else None
-        self.batch = first.shape[0] if fixed(first.shape[:1]) else None
+        self.compiled = rt.compile(self.path, None, device=rt.devices[0], precision=precision, threads=threads)
+        dims = _input_dims(self.path)
+        fixed = lambda d: all(isinstance(v, int) and v > 0 for v in d)  # noqa: E731 - symbolic dims are not
+        self.input_size = tuple(dims[2:]) if fixed(dims[2:]) else None
+        self.batch = dims[0] if fixed(dims[:1]) else None
         self.needs_divisible_input = divisible
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        array = x.detach().cpu().numpy().astype(np.float32, copy=False)
-        if self.batch is not None and len(array) != self.batch:  # a file with a fixed batch: one image at a time
+        if self.batch is not None and len(x) != self.batch:  # a file with a fixed batch: one image at a time
             return torch.cat([self(x[k : k + 1]) for k in range(len(x))])
-        return torch.from_numpy(self.session.run([self.output_name], {self.input_name: array})[0])
+        first = self.compiled.outputs(self.compiled.prepare(x.detach().cpu().float()))[0]
+        return torch.from_numpy(first.astype(np.float32))
+
+
+def _input_dims(path: Path) -> list[int | None]:
+    """The first input's dimensions as the file declares them (None where symbolic)."""
+    try:
+        import onnx  # optional: the `onnx` extra, which every ONNX runtime here comes with
+    except ImportError as err:
+        raise ImportError("running an ONNX model needs onnx: pip install 'segprune[onnx]'") from err
+    graph = onnx.load(str(path), load_external_data=False).graph
+    dims = graph.input[0].type.tensor_type.shape.dim
+    return [d.dim_value if d.HasField("dim_value") else None for d in dims]
 
 
 def as_model(model: nn.Module | OnnxModel | str | Path):

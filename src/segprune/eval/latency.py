@@ -8,14 +8,16 @@ inputs, as the fused model runs them (a convolution with bias; BN folded), with 
 deployment. A machine under load makes timings spread: the spread of repeated timings is recorded, and a warning
 says when it exceeds ``spread_warn``.
 
-Runtimes: ``"eager"`` (PyTorch on CPU), ``"onnxruntime"`` (CPU; each layer a one-node ONNX graph, each whole model
-exported), or any object with the methods of :class:`EagerRuntime` (tests use one of known cost).
+Runtimes: any registered one (:mod:`segprune.export.runtimes`: eager, onnxruntime, OpenVINO, TensorRT), through
+:class:`RuntimeTimer` (each layer as the runtime runs it; each whole model deployed and checked), or any object with
+its methods (tests use one of known cost). Each runtime's width steps are probed, not assumed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.metadata
 import math
 import platform
 import statistics
@@ -29,9 +31,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from segprune.eval.profile import as_runner, ort_session
+from segprune._utils import eval_mode
+from segprune.eval.profile import as_runner
+from segprune.export.deploy import deploy
 from segprune.export.fuse import fuse_conv_bn
-from segprune.export.onnx import export_onnx
+from segprune.export.runtimes import parse
 from segprune.prune.api import prune
 from segprune.prune.graph import channel_groups
 from segprune.prune.latency import (
@@ -72,65 +76,63 @@ class LayerSpec:
 
 
 # --- runtimes ----------------------------------------------------------------------------------------------------
-class EagerRuntime:
-    """PyTorch eager on CPU with `threads` intra-op threads."""
+class RuntimeTimer:
+    """Times layers and whole models on one registered runtime (:mod:`segprune.export.runtimes`), as a table needs.
 
-    name = "eager"
+    A layer runs as that runtime runs it: the module itself where the runtime compiles modules (eager), a one-node
+    ONNX graph made directly (no exporter, milliseconds) where it compiles ONNX. Whole models are deployed
+    (exported, compiled, outputs checked against eager) and timed interleaved. Any object with ``name``,
+    ``precision``, ``versions``, ``time_layer`` and ``time_models`` can stand in (tests use one of known cost).
 
-    def __init__(self, threads: int):
-        self.threads = threads
+    Args:
+        runtime: a runtime spec, ``"name"`` or ``"name:precision"``.
+        threads: intra-op CPU threads.
+        precision: overrides the spec's precision.
+        device: where the runtime runs ("cpu", or "cuda" for eager, onnxruntime-gpu and TensorRT).
+        folder: keep whole-model exports here (reused by name).
+    """
 
-    def versions(self) -> dict:
-        return {"torch": torch.__version__}
-
-    def time_layer(self, spec: LayerSpec, cin: int, cout: int, runs: int) -> list[float]:
-        module, x = _layer(spec, cin, cout)
-        with _threads(self.threads), torch.inference_mode():
-            return _timed(lambda: module(x), runs)
-
-    def time_models(self, models: dict[str, nn.Module], x: torch.Tensor, rounds: int) -> dict:
-        return time_interleaved(models, x, rounds=rounds, threads=self.threads)
-
-
-class OrtRuntime(EagerRuntime):
-    """onnxruntime on CPU: a layer is a one-node ONNX graph; a whole model is exported (static shapes)."""
-
-    name = "onnxruntime"
-
-    def __init__(self, threads: int, folder: Path | None = None):
-        super().__init__(threads)
-        self.folder = folder
+    def __init__(self, runtime: str = "eager", threads: int = 1, *, precision: str | None = None,
+                 device: str | None = None, folder: Path | None = None):
+        self.runtime, spec_precision = parse(runtime)
+        self.precision = self.runtime.check_precision(precision or spec_precision)
+        self.name, self.threads, self.folder = self.runtime.name, threads, folder
+        self.device = device or self.runtime.devices[0]
+        self.runtime.require(self.device)
 
     def versions(self) -> dict:
-        import onnxruntime  # optional (segprune[onnx]): imported only when this runtime is used
+        out = {"torch": torch.__version__}
+        if self.runtime.module is not None:
+            out[self.runtime.module] = importlib.metadata.version(self.runtime.module)
+        return out
 
-        return {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
+    def compile(self, source, x: torch.Tensor):
+        return self.runtime.compile(source, x, device=self.device, precision=self.precision, threads=self.threads)
 
     def time_layer(self, spec: LayerSpec, cin: int, cout: int, runs: int) -> list[float]:
         module, x = _layer(spec, cin, cout)
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "layer.onnx"
-            _one_node_onnx(module, x, [spec.in_shape[0], cout, *spec.out_hw], path)
-            session = ort_session(path, self.threads)
-        feed = {session.get_inputs()[0].name: x.numpy()}
-        return _timed(lambda: session.run(None, feed), runs)
+            source = module
+            if self.runtime.source == "onnx":
+                source = Path(tmp) / "layer.onnx"
+                _one_node_onnx(module, x, [spec.in_shape[0], cout, *spec.out_hw], source)
+            compiled = self.compile(source, x)
+        feed = compiled.prepare(x)
+        with _threads(self.threads), compiled.active():
+            return _timed(lambda: compiled(feed), runs)
 
     def time_models(self, models: dict[str, nn.Module], x: torch.Tensor, rounds: int) -> dict:
         with contextlib.ExitStack() as stack:
             folder = self.folder or Path(stack.enter_context(tempfile.TemporaryDirectory()))
-            paths = {}
-            for label, model in models.items():
-                paths[label] = folder / f"{label}.onnx"
-                if not paths[label].exists():
-                    export_onnx(model, x, paths[label], dynamic=False, check=False)
-            return time_interleaved(paths, x, rounds=rounds, threads=self.threads)
-
-
-RUNTIMES = {"eager": EagerRuntime, "onnxruntime": OrtRuntime}
+            compiled = {label: deploy(m, x, self.name, precision=self.precision, device=self.device,
+                                      threads=self.threads, folder=folder, name=label) for label, m in models.items()}
+            self.inference_precision = next(iter(compiled.values())).inference_precision
+            return time_interleaved(compiled, x, rounds=rounds, threads=self.threads)
 
 
 # --- the table ---------------------------------------------------------------------------------------------------
 def measure_latency_table(model: nn.Module, example_input: torch.Tensor, *, runtime="eager", threads: int = 1,
+                          precision: str | None = None,
                           name: str | None = None, runs: int = 3, rounds: int = 3, table: LatencyTable | None = None,
                           calibrate: bool = True, spread_warn: float = 0.10, onnx_dir: Path | None = None,
                           fractions=FRACTIONS) -> LatencyTable:
@@ -139,7 +141,9 @@ def measure_latency_table(model: nn.Module, example_input: torch.Tensor, *, runt
     Args:
         model: the unpruned model (eval mode is used); it is not modified.
         example_input: the deployment input (N, C, H, W); its shape is part of the table's conditions.
-        runtime: "eager", "onnxruntime", or a runtime object (see :class:`EagerRuntime`).
+        runtime: a registered runtime spec (``"eager"``, ``"onnxruntime"``, ``"openvino"``, ``"openvino:fp32"``,
+            ...; see :mod:`segprune.export.runtimes`) or an object with the methods of :class:`RuntimeTimer`.
+        precision: the runtime's precision (default: the spec's, else the runtime's first).
         threads: intra-op threads, as deployed (part of the conditions).
         name: the model's name, recorded and shown when a table is refused.
         runs: timed runs per sampled width (minimum kept; one untimed run first).
@@ -148,31 +152,66 @@ def measure_latency_table(model: nn.Module, example_input: torch.Tensor, *, runt
         calibrate: fit the non-layer term to the whole model and to a uniform 50 % pruning of it (two points);
             False: to the whole model only (the rest is then a constant).
         spread_warn: warn when the spread (max - min) / median of repeated timings exceeds this.
-        onnx_dir: keep onnxruntime's whole-model exports here (reused by name).
+        onnx_dir: keep whole-model ONNX exports here (reused by name).
         fractions: sampled widths, as fractions of the widest layer of each shape.
     """
-    rt = RUNTIMES[runtime](threads, onnx_dir) if runtime == "onnxruntime" else (
-        RUNTIMES[runtime](threads) if isinstance(runtime, str) else runtime)
+    rt = RuntimeTimer(runtime, threads, precision=precision, folder=onnx_dir) if isinstance(runtime, str) else runtime
     start, x = time.perf_counter(), example_input
     found, specs = describe(model), layer_specs(model, x)
-    conditions = {"runtime": rt.name, "threads": threads, "dtype": str(x.dtype).removeprefix("torch."),
-                  "input": list(x.shape)}
+    conditions = {"runtime": rt.name, "precision": getattr(rt, "precision", "fp32"), "threads": threads,
+                  "dtype": str(x.dtype).removeprefix("torch."), "input": list(x.shape), "cpu": cpu_model()}
     if table is not None:
         table.check(**conditions)
     prunable = prunable_sides(model, x)
     out = LatencyTable(meta={**conditions, "model": name or type(model).__name__, "fingerprint": fingerprint(found),
-                             **rt.versions(), "cpu": cpu_model(), "runs": runs, "fractions": list(fractions),
+                             **rt.versions(), "runs": runs, "fractions": list(fractions),
                              "not_run": sorted(set(found) - set(specs))})
     out.layers = {n: Layer(s.key, found[n][1], found[n][2], int(math.prod(s.out_hw)), s.depthwise)
                   for n, s in specs.items()}
     spreads = []
     out.entries = _entries(rt, specs, out.layers, prunable, table, runs, fractions, spreads)
     fitted = _fit_rest(out, rt, model, x, rounds, calibrate, spreads)
+    out.meta["inference_precision"] = getattr(rt, "inference_precision", conditions["precision"])
     out.meta.update({"layer_spread_median": round(statistics.median(spreads), 4) if spreads else None,
                      "whole_model_spread": fitted, "seconds": round(time.perf_counter() - start, 1),
                      "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
     _warn_spread(spreads, fitted, spread_warn)
     return out
+
+
+class LatencyMeter:
+    """``prune(target_latency=..., measure=LatencyMeter(model, x, "openvino"))``: the measured latency of a pruning
+    of ``model`` on a runtime, as a fraction of ``model``'s, both Conv+BN fused as deployed, timed interleaved
+    (``rounds`` passes each, alternating), outputs checked against eager first.
+
+    Returns, per call, ``ratio`` (median pruned / median unpruned), ``ms``, ``base_ms`` and ``spread`` (the larger
+    (max - min) / median of the two)."""
+
+    def __init__(self, model: nn.Module, example: torch.Tensor, runtime: str = "eager", *, threads: int = 1,
+                 precision: str | None = None, rounds: int = 5, folder: Path | None = None):
+        self.timer = RuntimeTimer(runtime, threads, precision=precision)
+        self.x, self.rounds, self.calls = example, rounds, 0
+        self.stack = contextlib.ExitStack()
+        self.folder = folder or Path(self.stack.enter_context(tempfile.TemporaryDirectory(prefix="segprune-meter-")))
+        self.base = self._deploy(model, "unpruned")
+
+    def _deploy(self, model: nn.Module, name: str):
+        with eval_mode(model):
+            fused = fuse_conv_bn(model, self.x)
+        t = self.timer
+        return deploy(fused, self.x, t.name, precision=t.precision, device=t.device, threads=t.threads,
+                      folder=self.folder, name=name)
+
+    def __call__(self, pruned: nn.Module) -> dict:
+        self.calls += 1
+        timed = time_interleaved({"base": self.base, "pruned": self._deploy(pruned, f"try{self.calls}")}, self.x,
+                                 rounds=self.rounds, threads=self.timer.threads)
+        base, cut = timed["base"], timed["pruned"]
+        return {"ratio": cut["median_ms"] / base["median_ms"], "ms": round(cut["median_ms"], 3),
+                "base_ms": round(base["median_ms"], 3), "spread": round(max(base["spread"], cut["spread"]), 4)}
+
+    def close(self) -> None:
+        self.stack.close()
 
 
 def layer_specs(model: nn.Module, x: torch.Tensor) -> dict[str, LayerSpec]:
@@ -186,10 +225,8 @@ def layer_specs(model: nn.Module, x: torch.Tensor) -> dict[str, LayerSpec]:
         if isinstance(m, LAYER_TYPES):
             hooks.append(m.register_forward_hook(functools.partial(record, name)))
     try:
-        with torch.inference_mode():
-            was = model.training
-            model.eval()(x)
-            model.train(was)
+        with torch.inference_mode(), eval_mode(model):
+            model(x)
     finally:
         for h in hooks:
             h.remove()
@@ -309,7 +346,8 @@ def _fit_rest(table: LatencyTable, rt, model, x, rounds, calibrate, spreads) -> 
 
     Why a scale and no constant: layers timed alone on a loaded machine run slower than inside the model, and an
     additive constant fitted to that comes out negative and exaggerates every speed-up."""
-    models = {"unpruned": fuse_conv_bn(model.eval(), x)}  # the label names onnxruntime's export: reused by name
+    with eval_mode(model):
+        models = {"unpruned": fuse_conv_bn(model, x)}  # the label names the ONNX export: reused by name
     if calibrate:
         half = prune(model, x, ratio=0.5, select="uniform", criterion="l1").model.eval()
         models["uniform50"] = fuse_conv_bn(half, x)

@@ -4,11 +4,12 @@ Timings follow one protocol everywhere: eval mode, ``torch.inference_mode()``, w
 ``torch.cuda.synchronize()`` around each run only for CUDA inputs, median and p90 reported, and
 every row records backend, device, dtype, threads, batch and input size so rows can be compared honestly.
 
-What is timed is a *runner*: :func:`as_runner` turns an ``nn.Module`` into a :class:`TorchRunner` (eager PyTorch)
-and an ONNX file path or an ``onnxruntime.InferenceSession`` into an :class:`OrtRunner`, so
+What is timed is a model compiled by a registered runtime (:mod:`segprune.export.runtimes`; :func:`as_runner`):
+an ``nn.Module`` runs eager, an ONNX file path or an ``onnxruntime.InferenceSession`` runs on onnxruntime, and
+``segprune.export.deploy.deploy`` compiles for any runtime (OpenVINO, TensorRT, ...) after checking its outputs, so
 ``measure_latency(model, x)``, ``measure_latency("model.onnx", x)`` and
-``compare_latency({"eager": model, "ort": "model.onnx"}, x)`` all work. The input is converted for the runner once,
-before the clock starts (a NumPy copy for onnxruntime).
+``compare_latency({"eager": model, "openvino": deploy(model, x, "openvino")}, x)`` all work. The input is converted
+for the runtime once, before the clock starts (a NumPy copy for onnxruntime and OpenVINO).
 
 Peak inference memory (:func:`peak_memory`) is the most memory held by tensors during one forward pass, above what
 was held before it (weights and input excluded):
@@ -31,6 +32,7 @@ import tempfile
 import time
 import weakref
 from collections import Counter
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
@@ -43,7 +45,8 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
 from segprune._utils import eval_mode
-from segprune.export.onnx import ort_session
+from segprune.export.deploy import deploy
+from segprune.export.runtimes import EAGER, ONNXRUNTIME, Compiled, get_runtime
 
 
 def count_params(model: nn.Module) -> int:
@@ -190,61 +193,23 @@ def peak_memory(model: nn.Module, example_input: torch.Tensor) -> dict:
 
 
 # --- runners ------------------------------------------------------------------------------------------------------
-class TorchRunner:
-    """Eager PyTorch: the module in eval mode under ``torch.inference_mode()``, on the input's device and dtype."""
-
-    backend = "eager"
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def active(self) -> contextlib.AbstractContextManager:
-        stack = contextlib.ExitStack()
-        stack.enter_context(eval_mode(self.model))
-        stack.enter_context(torch.inference_mode())
-        return stack
-
-    def prepare(self, x: torch.Tensor):
-        return x
-
-    def __call__(self, feed):
-        return self.model(feed)
-
-    def threads(self) -> int:
-        return torch.get_num_threads()
-
-
-class OrtRunner:
-    """onnxruntime on CPU: an ``.onnx`` path (a session is made with ``threads`` intra-op threads) or a session."""
-
-    backend = "onnxruntime"
-
-    def __init__(self, source, threads: int | None = None):
-        self.session = ort_session(source, threads) if isinstance(source, (str, os.PathLike)) else source
-        self.input_name = self.session.get_inputs()[0].name
-
-    def active(self) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()
-
-    def prepare(self, x: torch.Tensor):
-        return {self.input_name: x.detach().cpu().numpy()}
-
-    def __call__(self, feed):
-        return self.session.run(None, feed)
-
-    def threads(self) -> int:
-        return int(self.session.get_session_options().intra_op_num_threads)
-
-
-def as_runner(obj, threads: int | None = None):
-    """A runner for ``obj``: an ``nn.Module``, an ONNX path, an onnxruntime session, or a runner (returned as is)."""
-    if isinstance(obj, (TorchRunner, OrtRunner)):
+def as_runner(obj, threads: int | None = None) -> Compiled:
+    """What is timed: a model compiled by a registered runtime (:mod:`segprune.export.runtimes`). An ``nn.Module``
+    runs eager, an ``.onnx`` path or an onnxruntime session on onnxruntime (with ``threads`` intra-op threads), and
+    a compiled model (``segprune.export.deploy``: any runtime, checked against eager) is returned as it is."""
+    if isinstance(obj, Compiled):
         return obj
     if isinstance(obj, nn.Module):
-        return TorchRunner(obj)
+        return EAGER.compile(obj, None, device=_device(obj), threads=threads)
     if isinstance(obj, (str, os.PathLike)) or hasattr(obj, "get_inputs"):
-        return OrtRunner(obj, threads)
-    raise TypeError(f"cannot time a {type(obj).__name__}: pass an nn.Module, an .onnx path or an onnxruntime session")
+        return ONNXRUNTIME.compile(obj, None, threads=threads)
+    raise TypeError(f"cannot time a {type(obj).__name__}: pass an nn.Module, an .onnx path, an onnxruntime session "
+                    "or a model compiled by segprune.export.deploy")
+
+
+def _device(model: nn.Module) -> str:
+    first = next(iter([*model.parameters(), *model.buffers()]), None)
+    return first.device.type if first is not None else "cpu"
 
 
 # --- latency ------------------------------------------------------------------------------------------------------
@@ -255,7 +220,8 @@ def _sync(example_input: torch.Tensor) -> None:
 
 
 def _time_runs(runner, feed, example_input: torch.Tensor, *, runs: int, warmup: int) -> list[float]:
-    """Milliseconds of each of ``runs`` passes after ``warmup`` untimed ones (caller activates the runner)."""
+    """Milliseconds of each of ``runs`` passes after ``warmup`` untimed ones (caller activates the runner; a
+    runner on a GPU synchronises inside its run)."""
     for _ in range(warmup):
         runner(feed)
     times = []
@@ -263,19 +229,17 @@ def _time_runs(runner, feed, example_input: torch.Tensor, *, runs: int, warmup: 
         _sync(example_input)
         start = time.perf_counter()
         runner(feed)
-        _sync(example_input)
         times.append((time.perf_counter() - start) * 1e3)
     return times
 
 
-def _metadata(example_input: torch.Tensor, runs: int, runner) -> dict:
-    """The conditions a timing was taken under."""
+def _metadata(example_input: torch.Tensor, runs: int, runner: Compiled) -> dict:
+    """The conditions a timing was taken under (``dtype``: the input's; ``precision``: what the runtime ran)."""
+    about = runner.describe()
     return dict(
         runs=runs,
-        backend=runner.backend,
-        device="cpu" if runner.backend == "onnxruntime" else str(example_input.device),
+        **about,
         dtype=str(example_input.dtype).removeprefix("torch."),
-        threads=runner.threads(),
         batch=int(example_input.shape[0]),
         input_size=list(example_input.shape[2:]),
     )
@@ -350,21 +314,41 @@ def _summary(per_round: list[list[float]], meta: dict, rounds: int) -> dict:
 
 
 def latency_rows(model: nn.Module, example_input: torch.Tensor, *, onnx: str | Path | None = None,
-                 threads: int = 1, warmup: int = 5, runs: int = 30, cuda: bool | None = None) -> list[dict]:
-    """Latency of one model on every backend at hand: eager CPU float32 with ``threads`` threads, onnxruntime CPU
-    (when ``onnx`` names the model's exported file) with as many intra-op threads, and eager CUDA float32 and
-    float16 when a GPU is present (``cuda=None``) or asked for. One row per backend, as :func:`measure_latency`."""
+                 threads: int = 1, warmup: int = 5, runs: int = 30, cuda: bool | None = None,
+                 runtimes: Sequence[str] | None = None) -> list[dict]:
+    """Latency of one model on several runtimes, one row each (as :func:`measure_latency`).
+
+    Args:
+        onnx: the model's exported file: onnxruntime times it (when ``runtimes`` is None).
+        threads: intra-op CPU threads of every CPU runtime.
+        cuda: also eager CUDA fp32 and fp16 (None: when a GPU is present; with ``runtimes`` None).
+        runtimes: runtime specs (``"openvino"``, ``"openvino:fp32"``, ``"tensorrt:fp16"``; see
+            :mod:`segprune.export.runtimes`), each deployed (exported where needed, outputs checked against eager)
+            on its first device; a runtime that is not installed or cannot compile the model gives a row with
+            ``error`` (one line) instead, and the others are still measured. None: eager CPU, onnxruntime with
+            ``onnx``, eager CUDA as ``cuda`` says.
+    """
     on_cpu = all(t.device.type == "cpu" for t in [*model.parameters(), *model.buffers()])
     cpu_model, x = model if on_cpu else copy.deepcopy(model).cpu(), example_input.cpu().float()
-    rows = [measure_latency(cpu_model, x, warmup=warmup, runs=runs, threads=threads)]
-    if onnx is not None:
-        rows.append(measure_latency(onnx, x, warmup=warmup, runs=runs, threads=threads))
-    if cuda or (cuda is None and torch.cuda.is_available()):
-        for dtype in (torch.float32, torch.float16):
-            gpu = copy.deepcopy(cpu_model).to("cuda", dtype)
-            rows.append(measure_latency(gpu, x.to("cuda", dtype), warmup=warmup, runs=runs))
-            del gpu
-    return rows
+    if runtimes is None:
+        rows = [measure_latency(cpu_model, x, warmup=warmup, runs=runs, threads=threads)]
+        if onnx is not None:
+            rows.append(measure_latency(onnx, x, warmup=warmup, runs=runs, threads=threads))
+        if cuda or (cuda is None and torch.cuda.is_available()):
+            rows += [_row(cpu_model, x, spec, "cuda", threads, warmup, runs) for spec in ("eager:fp32", "eager:fp16")]
+        return rows
+    return [_row(cpu_model, x, spec, get_runtime(spec).devices[0], threads, warmup, runs) for spec in runtimes]
+
+
+def _row(model: nn.Module, x: torch.Tensor, spec: str, device: str, threads: int, warmup: int, runs: int) -> dict:
+    """One runtime's latency row, or ``{runtime, error}`` when it cannot run the model here."""
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            compiled = deploy(model, x, spec, device=device, threads=threads, folder=folder)
+            row = measure_latency(compiled, x, warmup=warmup, runs=runs, threads=threads)
+    except (ImportError, ValueError, RuntimeError) as err:
+        return dict(runtime=spec, device=device, error=str(err).splitlines()[0])
+    return dict(runtime=spec, **row, parity=compiled.parity)
 
 
 def profile(model: nn.Module, example_input: torch.Tensor, *, layers: bool = False, memory: bool = False,

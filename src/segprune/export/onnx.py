@@ -44,6 +44,9 @@ import torch
 from torch import nn
 
 from segprune._utils import eval_mode
+from segprune.export.outputs import Outputs, output_tensors
+from segprune.export.pooling import export_form
+from segprune.export.runtimes import ONNXRUNTIME
 
 EXPORTERS = ("auto", "torchscript", "dynamo")
 _AXES = {0: "batch", 2: "height", 3: "width"}
@@ -59,44 +62,6 @@ class ExportError(ValueError):
     def __init__(self, message: str, ops: list[str] | None = None):
         super().__init__(message)
         self.ops = list(ops or [])
-
-
-class Outputs(nn.Module):
-    """What is exported: ``model(x)[name]`` for each of ``model.export_outputs`` (default ``("out",)``), a tensor
-    for one name, a tuple for several (or the output itself when the model returns a tensor)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-        self.names = tuple(getattr(model, "export_outputs", ("out",)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        out = self.model(x)
-        if isinstance(out, dict):
-            picked = tuple(out[name] for name in self.names)
-            return picked[0] if len(picked) == 1 else picked
-        if isinstance(out, (tuple, list)):
-            return out[0]
-        return out
-
-
-def ort_session(path: str | Path, threads: int | None = None):
-    """An onnxruntime CPU session with ``threads`` intra-op threads (torch's setting when None), run sequentially."""
-    try:
-        import onnxruntime as ort
-    except ImportError as err:
-        raise ImportError("onnxruntime is needed for this: pip install 'segprune[onnx]'") from err
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or torch.get_num_threads()
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def _tensors(out) -> list[torch.Tensor]:
-    """An output of :class:`Outputs` as a list of tensors."""
-    return list(out) if isinstance(out, (tuple, list)) else [out]
 
 
 def _tmp_path(path: Path) -> Path:
@@ -247,13 +212,13 @@ def _export_any(wrapper: nn.Module, x: torch.Tensor, path: Path, opset: int, axe
 
 
 # --- parity ---------------------------------------------------------------------------------------------------------
-def _compare(session, wrapper: nn.Module, x: torch.Tensor, atol: float, rtol: float) -> dict:
+def _compare(compiled, wrapper: nn.Module, x: torch.Tensor, atol: float, rtol: float) -> dict:
     """Parity of onnxruntime with eager PyTorch on ``x``: ``shape``, ``max_abs_diff``, ``tolerance`` (``atol`` plus
     ``rtol`` times the largest absolute value, of the worst output), ``mismatched`` (fraction of values beyond it)
     and ``ok`` (every output within its own tolerance)."""
     with torch.no_grad():
-        expected = [t.detach().float().cpu().numpy().astype(np.float64) for t in _tensors(wrapper(x))]
-    got = session.run(None, {session.get_inputs()[0].name: x.detach().cpu().numpy()})
+        expected = [t.detach().float().cpu().numpy().astype(np.float64) for t in output_tensors(wrapper(x))]
+    got = compiled.outputs(compiled.prepare(x))
     row = dict(shape=list(x.shape))
     if len(got) != len(expected) or any(g.shape != e.shape for g, e in zip(got, expected)):
         return {**row, "max_abs_diff": float("inf"), "tolerance": atol, "mismatched": 1.0, "ok": False}
@@ -270,7 +235,7 @@ def _compare(session, wrapper: nn.Module, x: torch.Tensor, atol: float, rtol: fl
             "mismatched": beyond / max(total, 1), "ok": beyond == 0}
 
 
-def _sensitivity(wrapper: nn.Module, x: torch.Tensor) -> float:
+def sensitivity(wrapper: nn.Module, x: torch.Tensor) -> float:
     """How much eager PyTorch's own output moves when ``x`` moves by a millionth of its spread: the floor under
     any runtime's agreement (large where max-unpooling indices flip between near-equal maxima)."""
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(x) * 1e-6 * float(x.float().std())
@@ -280,7 +245,7 @@ def _sensitivity(wrapper: nn.Module, x: torch.Tensor) -> float:
 
 def _max_diff(a, b) -> float:
     """Largest absolute difference between two outputs of :class:`Outputs` (over all their tensors)."""
-    return max(float((s - t).abs().max()) if s.numel() else 0.0 for s, t in zip(_tensors(a), _tensors(b)))
+    return max(float((s - t).abs().max()) if s.numel() else 0.0 for s, t in zip(output_tensors(a), output_tensors(b)))
 
 
 def _second_input(model: nn.Module, x: torch.Tensor, axes: dict) -> torch.Tensor | None:
@@ -297,7 +262,7 @@ def _second_input(model: nn.Module, x: torch.Tensor, axes: dict) -> torch.Tensor
 def _check(path: Path, wrapper: nn.Module, x: torch.Tensor, axes: dict, atol: float, rtol: float) -> list[dict]:
     """Parity rows (see :func:`_compare`) on ``x`` and, for a dynamic export, a second input; a
     second input that the model or onnxruntime refuses gives a row with ``error`` instead."""
-    session, rows = ort_session(path), []
+    session, rows = ONNXRUNTIME.compile(path, x, threads=None), []
     for i, inp in enumerate([x, _second_input(wrapper.model, x, axes)]):
         if inp is None:
             break
@@ -313,7 +278,7 @@ def _check(path: Path, wrapper: nn.Module, x: torch.Tensor, axes: dict, atol: fl
 # --- the public functions -----------------------------------------------------------------------------------------
 def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path, *, opset: int = 17,
                 dynamic: bool = True, check: bool = True, atol: float = 1e-4, rtol: float = 0.0,
-                exporter: str = "auto") -> dict:
+                exporter: str = "auto", pool_indices: str = "argmax") -> dict:
     """Export ``model``'s eval-mode outputs (see :class:`Outputs`) to ONNX, then check the file against the model.
 
     Args:
@@ -327,6 +292,9 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path,
         rtol: Relative part of the tolerance: float32 rounding grows with the logits' scale, so an untrained model
             with logits in the hundreds needs it; 0 makes the check purely absolute.
         exporter: ``"auto"`` (TorchScript, then dynamo), ``"torchscript"`` or ``"dynamo"``.
+        pool_indices: ``"argmax"``: max pooling with indices over non-overlapping windows is exported as
+            ``MaxPool`` + ``ArgMax`` (:mod:`segprune.export.pooling`: OpenVINO runs ONNX's MaxPool-with-indices in
+            a reference kernel, 2.8x slower for SegNet); ``"native"``: as the exporter emits it.
 
     Returns:
         ``path``, ``opset`` (of the file), ``exporter``, ``dynamic_axes`` ({axis: name}), ``max_abs_diff``
@@ -341,14 +309,21 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path,
     if opset < 17:
         raise ValueError(f"opset must be 17 or later, got {opset}")
     onnx = _require("onnx")
+    if pool_indices not in ("argmax", "native"):
+        raise ValueError(f"pool_indices must be 'argmax' or 'native', got {pool_indices!r}")
     path, notes = Path(path), []
     tmp = _tmp_path(path)
     wrapper = Outputs(model)
-    with eval_mode(wrapper):  # the wrapper too: the TorchScript exporter restores the wrapper's mode recursively
+    form, swapped = export_form(model) if pool_indices == "argmax" else (model, [])
+    exported = Outputs(form) if swapped else wrapper
+    if swapped:
+        notes.append(f"max pooling with indices exported as MaxPool + ArgMax: {', '.join(swapped)}")
+    # the wrappers too: the TorchScript exporter restores the wrapper's mode recursively
+    with eval_mode(wrapper), eval_mode(exported):
         try:
             candidates = _axis_candidates(model, dynamic, notes)
             result = _export_checked(wrapper, example_input, tmp, opset=opset, check=check, atol=atol, rtol=rtol,
-                                     exporter=exporter, candidates=candidates, notes=notes)
+                                     exporter=exporter, candidates=candidates, notes=notes, exported=exported)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -359,11 +334,13 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path,
                 notes=notes, **result)
 
 
-def _export_checked(wrapper, x, tmp: Path, *, opset, check, atol, rtol, exporter, candidates, notes) -> dict:
-    """Export with the first axis set in ``candidates`` whose file passes the parity checks (the last is static)."""
+def _export_checked(wrapper, x, tmp: Path, *, opset, check, atol, rtol, exporter, candidates, notes,
+                    exported) -> dict:
+    """Export ``exported`` (``wrapper``'s model in its export form) with the first axis set in ``candidates`` whose
+    file passes the parity checks against ``wrapper`` (the last set is static)."""
     for axes in candidates:
         try:
-            used = _export_any(wrapper, x, tmp, opset, axes, exporter)
+            used = _export_any(exported, x, tmp, opset, axes, exporter)
         except ExportError as err:
             if not axes or err.ops:  # static failed too, or an op that no input shape will make exportable
                 raise
@@ -386,7 +363,7 @@ def _export_checked(wrapper, x, tmp: Path, *, opset, check, atol, rtol, exporter
 
 
 def _parity_error(wrapper: nn.Module, x: torch.Tensor, row: dict, exporter: str) -> ExportError:
-    floor = _sensitivity(wrapper, x)
+    floor = sensitivity(wrapper, x)
     return ExportError(
         f"onnxruntime disagrees with {type(wrapper.model).__name__} on the example input {tuple(x.shape)}: max abs "
         f"diff {row['max_abs_diff']:.3g} > tolerance {row['tolerance']:.3g} on {row['mismatched']:.2%} of the "

@@ -15,7 +15,7 @@ from segprune.prune.cost import CostModel
 from segprune.prune.criteria import CRITERIA
 from segprune.prune.fold import apply_folds, with_biases
 from segprune.prune.graph import ChannelGroup, ChannelGroups, channel_groups
-from segprune.prune.latency import LatencyTable, latency_removal
+from segprune.prune.latency import LatencyTable, latency_removal, next_target
 from segprune.prune.methods import METHODS, select_target
 from segprune.prune.plan import Plan
 from segprune.prune.verify import Verification, unfolded, verify_removal
@@ -30,6 +30,7 @@ class PruneResult:
     groups: list[ChannelGroup]
     removed: dict[int, np.ndarray]
     verification: Verification | None = None  # what `verify` checked and froze (None: not verified)
+    latency: dict | None = None  # target_latency with `measure`: the target, every try, and whether it was met
 
     @property
     def channels_removed(self) -> int:
@@ -45,7 +46,8 @@ def prune(model: nn.Module, example_inputs, *, ratio: float | None = None, targe
           ignore: Sequence[str] = (), min_keep: float = 0.1, round_to: int | None = None, seed: int = 0,
           groups: ChannelGroups | None = None, inplace: bool = False, target_latency: float | None = None,
           latency: LatencyTable | None = None, verify: bool | str = True, allow_approximate: Sequence[str] = (),
-          compensate: bool = False, method: str | None = None) -> PruneResult:
+          compensate: bool = False, measure: Callable[[nn.Module], float | dict] | None = None,
+          latency_tries: int = 5, latency_tolerance: float = 0.05, method: str | None = None) -> PruneResult:
     """Remove the channels with the lowest `criterion` scores: a `ratio` of them, or as few as reach a target.
 
     Args:
@@ -78,6 +80,13 @@ def prune(model: nn.Module, example_inputs, *, ratio: float | None = None, targe
             `result.verification`). False skips the check.
         allow_approximate: ops whose channels may be removed although that is not exact, e.g. ("layer_norm",);
             `result.verification.error` is then the output change measured against the masked model.
+        measure: with `target_latency`, close the loop: `measure(pruned)` returns the pruned model's measured
+            latency as a fraction of the unpruned model's (a float, or a dict with "ratio"; e.g.
+            `segprune.eval.latency.LatencyMeter` on the deployment runtime); the allocation is corrected by what
+            was measured and repeated until the measured ratio is within `latency_tolerance` of the target either
+            way. Every try is recorded in `result.latency`; a miss after `latency_tries` warns by how much.
+        latency_tries: most allocations (and measurements) with `measure`.
+        latency_tolerance: relative: 0.05 accepts 0.475-0.525 for a target of 0.5.
         compensate: fold what each removed channel still emits on average (ReLU(beta) of a slimmed BN channel) into
             its consumers' biases, measured on the example inputs; needs `verify`.
         method: the older name of `select` (a recipe's "method" is something else: segprune.workflows.METHODS).
@@ -106,6 +115,16 @@ def prune(model: nn.Module, example_inputs, *, ratio: float | None = None, targe
     choose = functools.partial(_select, model=model, scores=scores, method=select, ratio=ratio,
                                target_macs=target_macs, target_params=target_params, min_keep=min_keep,
                                round_to=round_to, target_latency=target_latency, latency=latency)
+    if target_latency is not None and measure is not None:
+        cut = lambda target: _cut(model, example_inputs, groups, functools.partial(choose, target_latency=target),
+                                  verify, compensate, inplace=False)  # noqa: E731
+        return closed_loop(cut, measure, target=target_latency, table=latency, tries=latency_tries,
+                           tolerance=latency_tolerance)
+    return _cut(model, example_inputs, groups, choose, verify, compensate, inplace)
+
+
+def _cut(model, example_inputs, groups, choose, verify, compensate, inplace) -> PruneResult:
+    """Choose what to cut, verify it against the masked model (freezing what fails), and cut."""
     removed, verification, checked, folds = choose(groups), None, None, []
     if verify:
         modes = _verify_modes(groups)
@@ -118,6 +137,54 @@ def prune(model: nn.Module, example_inputs, *, ratio: float | None = None, targe
     pruned = checked if checked is not None and not inplace else plan.apply(
         apply_folds(model if inplace else copy.deepcopy(model), folds))
     return PruneResult(pruned, plan, groups, removed, verification)
+
+
+def closed_loop(cut: Callable[[float], PruneResult], measure, *, target: float, table: LatencyTable, tries: int,
+                tolerance: float) -> PruneResult:
+    """Allocate for `target`, measure, correct the allocation's target by what was measured (:func:`next_target`),
+    until the measured ratio is within `tolerance` of `target`; the closest try is returned, with every try in
+    `result.latency` and a warning when none was close enough."""
+    record, best, aim = [], None, target
+    for _ in range(max(1, tries)):
+        try:
+            result = cut(aim)
+        except ValueError as err:  # a corrected aim beyond what the floors allow: the closest try so far stands
+            if not record:
+                raise
+            record.append({"allocated_for": round(aim, 4), "error": str(err).split(":")[0]})
+            break
+        got = measure(result.model)
+        got = got if isinstance(got, dict) else {"ratio": float(got)}
+        record.append({"allocated_for": round(aim, 4), "predicted": round(table.ratio_of(result.model), 4),
+                       "measured": round(got["ratio"], 4), **{k: v for k, v in got.items() if k != "ratio"}})
+        if best is None or abs(got["ratio"] - target) < abs(best[1] - target):
+            best = (result, got["ratio"])
+        if abs(got["ratio"] / target - 1) <= tolerance:
+            break
+        aim = next_target([(t["allocated_for"], t["measured"]) for t in record if "measured" in t], target)
+        if aim is None:
+            break
+    result, reached = best
+    met = abs(reached / target - 1) <= tolerance
+    result.latency = {"target": target, "tolerance": tolerance, "measured_ratio": reached, "met": met,
+                      "runtime": table.meta.get("runtime"), "tries": record}
+    if not met:
+        warnings.warn(f"segprune: target_latency {target:.3f} missed: the closest of {len(record)} tries measured "
+                      f"{reached:.3f} ({reached / target - 1:+.1%}; tolerance {tolerance:.0%}). "
+                      + _miss_reason(record, target), stacklevel=3)
+    return result
+
+
+def _miss_reason(record: list[dict], target: float) -> str:
+    aims = [t["allocated_for"] for t in record]
+    if any("error" in t for t in record):
+        return f"A corrected allocation was out of reach ({record[-1]['error']})."
+    if len(set(aims)) < len(aims):
+        return "The allocation cannot move in steps small enough (the channel blocks of the table's width steps)."
+    spread = max((t.get("spread", 0.0) for t in record), default=0.0)
+    if spread > 0.05:
+        return f"The measurements spread by {spread:.0%}: the machine is probably under load."
+    return "The table's predictions disagree with the measurements more than the tries could correct."
 
 
 def _verify_modes(groups) -> tuple[str, ...]:

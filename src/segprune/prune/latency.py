@@ -29,7 +29,8 @@ from segprune.prune.graph import ChannelGroup
 from segprune.prune.methods import _Floor
 
 SCHEMA = 1
-CONDITIONS = ("runtime", "threads", "dtype", "input")  # a table measured under other conditions is refused
+CONDITIONS = ("runtime", "precision", "threads", "dtype", "input", "cpu")  # other conditions: refused
+_UNRECORDED = {"precision": "fp32"}  # what a table written before a condition was recorded was measured at
 LAYER_TYPES = (nn.Conv2d, nn.Linear)
 Removal = dict[int, np.ndarray]
 
@@ -108,19 +109,24 @@ class LatencyTable:
     def ratio(self, widths: dict[str, tuple[float, float]]) -> float:
         return self.predict(widths) / self.predict()
 
+    def ratio_of(self, model: nn.Module) -> float:
+        """Predicted latency of `model` as a fraction of the unpruned model's."""
+        return self.predict_model(model) / self.predict()
+
     def step(self, name: str, role: str) -> int:
         entry = self.entries[self.layers[name].key]
         return entry.step_out if role == "out" or self.layers[name].depthwise else entry.step_in
 
     # --- conditions --------------------------------------------------------------------------------------------
     def check(self, **expected) -> None:
-        """Refuse the table if any given condition (runtime, threads, dtype, input) differs from what it was
-        measured under; the error names every difference."""
+        """Refuse the table if any given condition (runtime, precision, threads, dtype, input, cpu) differs from
+        what it was measured under; the error names every difference."""
         unknown = set(expected) - set(CONDITIONS)
         if unknown:
             raise ValueError(f"unknown table condition(s) {sorted(unknown)}; choose from {CONDITIONS}")
-        diffs = [f"{k}: table {self.meta.get(k)!r}, wanted {_plain(v)!r}" for k, v in expected.items()
-                 if v is not None and _plain(v) != self.meta.get(k)]
+        recorded = {k: self.meta.get(k, _UNRECORDED.get(k)) for k in expected}
+        diffs = [f"{k}: table {recorded[k]!r}, wanted {_plain(v)!r}" for k, v in expected.items()
+                 if v is not None and _plain(v) != recorded[k]]
         if diffs:
             raise ValueError(f"latency table {self.meta.get('model')!r} measured under other conditions: "
                              + "; ".join(diffs))
@@ -158,8 +164,8 @@ class LatencyTable:
 
     @classmethod
     def load(cls, path: str | Path, *, model: nn.Module | None = None, **expected) -> LatencyTable:
-        """Read a table and refuse it when `expected` conditions (runtime=, threads=, dtype=, input=) or `model`
-        differ from what it was measured for."""
+        """Read a table and refuse it when `expected` conditions (runtime=, precision=, threads=, dtype=, input=,
+        cpu=) or `model` differ from what it was measured for."""
         table = cls.from_dict(json.loads(Path(path).read_text()))
         table.check(**expected)
         if model is not None:
@@ -353,6 +359,23 @@ def latency_removal(model: nn.Module, groups: list[ChannelGroup], scores: dict[i
         raise ValueError(f"target_latency must be in (0, 1], got {target}")
     table.check_model(model)
     return select_latency(groups, scores, table=table, target=target, min_keep=min_keep, round_to=round_to)
+
+
+def next_target(tries: list[tuple[float, float]], target: float) -> float | None:
+    """The target to allocate for next, from earlier tries' (allocated for, measured) ratios, so that the measured
+    ratio lands on `target`: interpolated between the closest tries on either side of it once there are such,
+    else scaled by the last try's error (measured = allocated × e: allocate target / e); None when that repeats
+    an earlier allocation (the steps cannot get closer)."""
+    below = [(a, m) for a, m in tries if m < target]
+    above = [(a, m) for a, m in tries if m > target]
+    if below and above:
+        (a0, m0), (a1, m1) = max(below, key=lambda t: t[1]), min(above, key=lambda t: t[1])
+        aim = a0 + (target - m0) * (a1 - a0) / (m1 - m0)
+    else:
+        a, m = tries[-1]
+        aim = a * target / m
+    aim = float(min(1.0, max(0.01, aim)))
+    return None if any(abs(aim - a) < 1e-3 for a, _ in tries) else aim
 
 
 # --- helpers -----------------------------------------------------------------------------------------------------

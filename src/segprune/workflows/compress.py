@@ -41,7 +41,7 @@ from segprune.workflows import rundir
 from segprune.workflows.data import class_names
 from segprune.workflows.methods import criterion, method, regularizer
 from segprune.workflows.recipe import Recipe, as_plain, slim_widths
-from segprune.workflows.steps import latency_table
+from segprune.workflows.steps import latency_step, table_file
 from segprune.workflows.tasks import Task, gamma_histogram, task_of
 
 
@@ -105,6 +105,7 @@ class Stages:
         self.curves: dict[str, list[float]] = {}  # mean training loss per epoch, by stage (train, fine-tune, ...)
         self.val_miou: list[float] = []  # validation mIoU after each training epoch
         self.table = None  # target_latency: the latency table of the unpruned model
+        self.closed_loop = None  # ... and what measuring each allocation on the runtime found (PruneResult.latency)
 
     # --- training ---------------------------------------------------------------------------------------------
     def train(self, model: nn.Module, groups) -> list[list[int]]:
@@ -194,27 +195,29 @@ class Stages:
             step = dict(target_macs=r.target_macs ** ((it + 1) / r.iterations) if r.target_macs else None,
                         ratio=None if r.target_macs else 1 - (1 - r.ratio) ** (1 / r.iterations))
             if r.target_latency:  # one pass (Recipe.check), on the table of the unpruned model
-                step = dict(target_latency=r.target_latency, latency=self.latency_table(current))
+                step = self.latency_step(current)
             result = prune(current, self.task.prune_inputs(current, self.example), criterion=self.criterion(current),
                            min_keep=r.min_keep, round_to=r.round_to or None, groups=groups if it == 0 else None,
                            **step)
             removed += result.channels_removed
+            self.closed_loop = result.latency
             plan = result.plan if plan is None else plan.then(result.plan)
             self.log(f"    pass {it + 1}/{r.iterations}: removed {result.channels_removed} channels")
             self.finetune(result.model, math.ceil(r.finetune_epochs / r.iterations), teacher)
             current = result.model
         return current, plan, removed
 
-    def latency_table(self, model: nn.Module):
-        """The recipe's latency table of the unpruned model (read, or measured and kept in the run folder); its
-        conditions and predicted ratio go into the report."""
+    def latency_step(self, model: nn.Module) -> dict:
+        """The recipe's latency target on its runtime (the table read, or measured and kept in the run folder;
+        each allocation measured and corrected, `latency_tries`); conditions, tries and ratios go into the report."""
         r = self.r
-        table = latency_table(model, self.example, path=r.latency_table, cache=self.out, runtime=r.latency_runtime,
-                              threads=r.latency_threads, name=r.model)
+        step = latency_step(model, self.example, target=r.target_latency, table_path=r.latency_table,
+                            cache=self.out, runtime=r.latency_runtime, threads=r.latency_threads,
+                            tries=r.latency_tries, name=r.model)
+        self.table = step["latency"]
         self.log(f"    latency table on {r.latency_runtime} ({r.latency_threads} thread(s)): "
-                 f"{table.predict():.2f} ms predicted for the unpruned model")
-        self.table = table
-        return table
+                 f"{self.table.predict():.2f} ms predicted for the unpruned model")
+        return step
 
     def criterion(self, model: nn.Module):
         """The method's channel criterion (Taylor: scored on 8 training batches with plain cross-entropy)."""
@@ -304,14 +307,16 @@ class Stages:
         return curves
 
     def latency_record(self, pruned: nn.Module) -> dict:
-        """With `target_latency`: the target, the table's runtime and the latency ratio it predicts for `pruned`."""
+        """With `target_latency`: the target, the runtime, the latency ratio the table predicts for `pruned` and,
+        closed-loop, the ratio measured on the runtime, whether it met the target and every try."""
         if self.table is None:
             return {}
         r = self.r
+        measured = {k: self.closed_loop[k] for k in ("measured_ratio", "met", "tries")} if self.closed_loop else {}
         return {"latency_allocation": {
             "target": r.target_latency, "runtime": r.latency_runtime, "threads": r.latency_threads,
-            "table": r.latency_table or f"latency_table_{r.latency_runtime}_t{r.latency_threads}.json",
-            "predicted_ratio": self.table.predict_model(pruned) / self.table.predict()}}
+            "table": r.latency_table or table_file(r.latency_runtime, r.latency_threads),
+            "predicted_ratio": self.table.ratio_of(pruned), **measured}}
 
     def pruning_record(self, model: nn.Module, groups, removed: int) -> dict:
         """What was removed of what could be: for the instance task, of the BN-scored groups (the backbone)."""

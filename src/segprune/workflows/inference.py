@@ -28,15 +28,16 @@ from segprune.workflows.steps import step_recipe, task_name
 from segprune.workflows.tasks import task_of
 
 
-def predictor(source: str | Path, *, device="cpu", **settings) -> Predictor:
+def predictor(source: str | Path, *, device="cpu", runtime: str = "onnxruntime", **settings) -> Predictor:
     """A :class:`~segprune.eval.inference.Predictor` for a checkpoint folder (or an ``.onnx`` file exported from
-    one, with ``settings`` given by hand): ``segprune.predictor("runs/demo/pruned").predict("image.png")``.
+    one, run by ``runtime``, with ``settings`` given by hand): ``segprune.predictor("runs/demo/pruned").predict(
+    "image.png")``.
 
     ``settings`` (``size``, ``tile``, ``overlap``, ``flip``, ``mean``, ``std``) override what the checkpoint's
     recipe implies; with neither ``size`` nor ``tile``, images run at their own size.
     """
     if str(source).endswith(".onnx"):
-        return Predictor(OnnxModel(source), **settings)
+        return Predictor(OnnxModel(source, runtime=runtime), **settings)
     config = checkpoint.load_config(source)
     if task_name(config) != "semantic":
         raise ValueError(f"{source}: predict writes per-pixel masks; this checkpoint holds an instance model")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from segprune.export.runtimes import parse as parse_runtime
 from segprune.workflows.methods import METHODS
 
 TASK_NAMES = ("semantic", "instance")
@@ -65,8 +66,9 @@ class Recipe:
     target_macs: float = 0.0  # if > 0: remove until MACs <= this fraction of the original
     target_latency: float = 0.0  # if > 0: remove until the predicted latency <= this fraction (a latency table's)
     latency_table: str = ""  # the table file (segprune.LatencyTable); "" = measure it into the run folder
-    latency_runtime: str = "eager"  # the deployment runtime the table is measured on: eager or onnxruntime
+    latency_runtime: str = "eager"  # the deployment runtime (segprune.export.runtimes): name or name:precision
     latency_threads: int = 1  # ... and its intra-op threads
+    latency_tries: int = 5  # allocations measured on the runtime and corrected until within 5 %; 0: the table alone
     min_keep: float = 0.1
     round_to: int = 0
     iterations: int = 1  # prune/fine-tune passes
@@ -132,9 +134,10 @@ class Recipe:
         if self.target_latency and (self.iterations > 1 or self.schedule != "iterative"):
             raise ValueError("target_latency prunes in one pass (iterations 1, schedule iterative): the latency "
                              "table is measured on the unpruned model")
-        if self.latency_runtime not in ("eager", "onnxruntime") or self.latency_threads < 1:
-            raise ValueError(f"latency_runtime must be eager or onnxruntime and latency_threads >= 1, got "
-                             f"{self.latency_runtime!r}, {self.latency_threads}")
+        parse_runtime(self.latency_runtime)  # unknown names and precisions are refused, naming the choices
+        if self.latency_threads < 1 or self.latency_tries < 0:
+            raise ValueError(f"latency_threads must be >= 1 and latency_tries >= 0, got {self.latency_threads}, "
+                             f"{self.latency_tries}")
         if self.accumulate < 1 or self.checkpoint_every < 0 or self.num_workers < 0:
             raise ValueError("accumulate must be >= 1, checkpoint_every >= 0 and num_workers >= 0")
         if self.path_delta < 0 or self.path_step <= 0 or self.path_batches < 1:

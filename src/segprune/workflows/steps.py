@@ -15,8 +15,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from segprune import checkpoint
-from segprune.eval.latency import measure_latency_table
+from segprune.eval.latency import LatencyMeter, cpu_model, measure_latency_table
 from segprune.eval.metrics import evaluate
+from segprune.export.runtimes import parse
 from segprune.prune import prune
 from segprune.prune.latency import LatencyTable
 from segprune.train.loop import fit
@@ -43,12 +44,13 @@ def task_name(config: dict) -> str:
 def prune_checkpoint(folder: str | Path, out: str | Path, *, method_name: str = "bn_scale", ratio: float = 0.5,
                      target_macs: float | None = None, round_to: int | None = None, min_keep: float = 0.1,
                      size: tuple[int, int] = (256, 256), force: bool = False, target_latency: float | None = None,
-                     latency_table_path: str | Path = "", latency_runtime: str = "eager", latency_threads: int = 1):
+                     latency_table_path: str | Path = "", latency_runtime: str = "eager", latency_threads: int = 1,
+                     latency_tries: int = 5):
     """Prune the model in checkpoint ``folder`` by the criterion of ``method_name`` into checkpoint ``out``
     (the plan composed with the one it had); returns the :class:`~segprune.prune.PruneResult`.
 
-    ``target_latency``: prune to that fraction of the latency a table predicts (``latency_table_path``, or measured
-    at ``size`` on ``latency_runtime`` and kept in ``out``)."""
+    ``target_latency``: prune to that fraction of the latency measured on ``latency_runtime`` (a registered runtime
+    spec, e.g. ``openvino:fp32``) at ``size`` (see :func:`latency_step`)."""
     if method(method_name).needs_data:
         raise ValueError(f"method {method_name} needs training data: run a recipe with `method: {method_name}` "
                          f"(segprune run); on a checkpoint choose from {', '.join(checkpoint_methods())}")
@@ -58,9 +60,9 @@ def prune_checkpoint(folder: str | Path, out: str | Path, *, method_name: str = 
     example = model.prune_inputs(x) if hasattr(model, "prune_inputs") else x  # YOLACT: prototypes <-> coefficients
     target = dict(target_macs=target_macs) if target_macs else dict(ratio=ratio)
     if target_latency:
-        table = latency_table(model, x, path=latency_table_path, cache=out, runtime=latency_runtime,
-                              threads=latency_threads, name=config.get("model"))
-        target = dict(target_latency=target_latency, latency=table)
+        target = latency_step(model, x, target=target_latency, table_path=latency_table_path, cache=out,
+                              runtime=latency_runtime, threads=latency_threads, tries=latency_tries,
+                              name=config.get("model"))
     result = prune(model, example, criterion=method(method_name).criterion, round_to=round_to, min_keep=min_keep,
                    **target)
     checkpoint.save(out, result.model, config=config, plan=plan.then(result.plan))
@@ -135,15 +137,36 @@ def _evaluate_instances(folder, config: dict, data: str, *, split, samples, batc
     return task_of("instance").evaluate(model, dataset, recipe, num_classes=num_classes, device=device)
 
 
+def latency_step(model: nn.Module, example: torch.Tensor, *, target: float, table_path: str | Path = "",
+                 cache: Path | None = None, runtime: str = "eager", threads: int = 1, tries: int = 5,
+                 name: str | None = None) -> dict:
+    """``prune`` arguments that cut ``model`` to ``target`` of its latency on ``runtime``: the table (see
+    :func:`latency_table`) allocates, and with ``tries`` > 0 a :class:`~segprune.eval.latency.LatencyMeter`
+    measures each allocation on the runtime and corrects it until within 5 %; ``tries`` 0: the table alone."""
+    table = latency_table(model, example, path=table_path, cache=cache, runtime=runtime, threads=threads, name=name)
+    if not tries:
+        return dict(target_latency=target, latency=table)
+    meter = LatencyMeter(model, example, runtime, threads=threads)
+    return dict(target_latency=target, latency=table, measure=meter, latency_tries=tries)
+
+
+def table_file(runtime: str, threads: int) -> str:
+    """Where a run folder keeps its latency table: ``latency_table_<runtime>[_<precision>]_t<threads>.json``."""
+    rt, precision = parse(runtime)
+    return f"latency_table_{rt.name}{'' if precision == rt.precisions[0] else '_' + precision}_t{threads}.json"
+
+
 def latency_table(model: nn.Module, example: torch.Tensor, *, path: str | Path = "", cache: Path | None = None,
                   runtime: str = "eager", threads: int = 1, name: str | None = None) -> LatencyTable:
     """The latency table of ``model`` at ``example``'s shape on ``runtime``: read from ``path`` (refused, with what
-    differs, when measured on another runtime, thread count, input or model), else measured once and kept in the
-    folder ``cache`` as ``latency_table_<runtime>_t<threads>.json`` for the next run."""
-    cached = cache / f"latency_table_{runtime}_t{threads}.json" if cache is not None else None
+    differs, when measured on another runtime, precision, thread count, CPU, input or model), else measured once and
+    kept in the folder ``cache`` (:func:`table_file`) for the next run."""
+    cached = cache / table_file(runtime, threads) if cache is not None else None
     source = Path(path) if path else cached
     if source is not None and source.is_file():
-        return LatencyTable.load(source, runtime=runtime, threads=threads, input=tuple(example.shape), model=model)
+        rt, precision = parse(runtime)
+        return LatencyTable.load(source, runtime=rt.name, precision=precision, threads=threads,
+                                 input=tuple(example.shape), cpu=cpu_model(), model=model)
     if path:
         raise FileNotFoundError(f"{path}: no such latency table")
     table = measure_latency_table(model, example, runtime=runtime, threads=threads, name=name)
