@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from segprune._utils import eval_mode
 from segprune.data.base import IGNORE_INDEX
 from segprune.data.loader import size_groups, size_tolerant
 
@@ -181,7 +182,7 @@ def evaluate(model: nn.Module, loader, *, num_classes: int, ignore_index: int = 
     """Segmentation metrics of ``model`` on every batch of ``loader``.
 
     Logits whose size differs from the target's are resized bilinearly first. The model's
-    train/eval mode is restored afterwards. Images of different sizes are fine: a DataLoader that stacks with the
+    train/eval mode, and each submodule's own, is restored afterwards. Images of different sizes are fine: a DataLoader that stacks with the
     default collate is rebuilt to group each batch by image size (:func:`segprune.data.loader.size_tolerant`),
     and each group runs as one batch, so same-size data is evaluated exactly as before.
 
@@ -202,18 +203,14 @@ def evaluate(model: nn.Module, loader, *, num_classes: int, ignore_index: int = 
     Returns:
         The dict of :meth:`ConfusionMatrix.compute`.
     """
-    matrix, was_training = ConfusionMatrix(num_classes, ignore_index=ignore_index), model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for batch in size_tolerant(loader):
-                for images, targets in size_groups(batch):
-                    logits = predict(model, images.to(device), crop=crop, stride=stride, flip=flip, scales=scales)
-                    if logits.shape[-2:] != targets.shape[-2:]:
-                        logits = F.interpolate(logits, size=targets.shape[-2:], mode="bilinear", align_corners=False)
-                    matrix.update(logits, targets.to(device))
-    finally:
-        model.train(was_training)
+    matrix = ConfusionMatrix(num_classes, ignore_index=ignore_index)
+    with eval_mode(model), torch.inference_mode():
+        for batch in size_tolerant(loader):
+            for images, targets in size_groups(batch):
+                logits = predict(model, images.to(device), crop=crop, stride=stride, flip=flip, scales=scales)
+                if logits.shape[-2:] != targets.shape[-2:]:
+                    logits = F.interpolate(logits, size=targets.shape[-2:], mode="bilinear", align_corners=False)
+                matrix.update(logits, targets.to(device))
     if all_reduce:
         matrix.all_reduce()
     return matrix.compute()

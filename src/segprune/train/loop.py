@@ -166,6 +166,9 @@ def train_one_epoch(
 ) -> float:
     """Train ``model`` for one pass over ``loader``.
 
+    A model in eval mode is put in training mode; one already training is left as it is, so submodules its user
+    froze in eval mode (a pretrained stem's BatchNorm) stay frozen.
+
     Args:
         model: Returns logits or a dict with ``"out"`` and, in training, optionally ``"aux"``.
         loader: Iterable of (images, targets) batches.
@@ -190,7 +193,8 @@ def train_one_epoch(
         The mean of the per-iteration losses.
     """
     loss = loss if loss is not None else SegmentationLoss()
-    model.train()
+    if not model.training:  # a training model keeps the modes its user chose (a BatchNorm frozen in eval mode)
+        model.train()
     optimizer.zero_grad(set_to_none=True)
     total, steps, length = 0.0, 0, start + len(loader)
     bar = tqdm(loader, desc=desc, disable=not progress, leave=False)
