@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segprune._utils import IGNORE_INDEX
+from segprune._utils import IGNORE_INDEX, logits
 from segprune.prune.cost import CostModel
 from segprune.prune.criteria import Taylor
 from segprune.prune.graph import ChannelGroup, ChannelGroups, channel_groups
@@ -48,8 +48,7 @@ SELECTORS = ("rank", "lasso")
 
 def default_loss(output, target: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of the main logits (a tensor or the "out" entry of a dict), ignoring ``IGNORE_INDEX``."""
-    logits = output["out"] if isinstance(output, dict) else output
-    return F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(logits(output), target, ignore_index=IGNORE_INDEX)
 
 
 @dataclass

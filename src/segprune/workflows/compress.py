@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segprune import checkpoint
-from segprune._utils import IGNORE_INDEX, eval_mode
+from segprune._utils import IGNORE_INDEX, eval_mode, logits
 from segprune.eval.profile import compare_latency, profile
 from segprune.eval.validation import miou_metric, val_miou
 from segprune.export.fuse import fuse_conv_bn
@@ -257,7 +257,7 @@ class Stages:
         path = pruning_path(model, self.example, batches, val_miou(self.val, self.num_classes, device=r.device),
                             step=int(r.path_step) if r.path_step >= 1 else r.path_step, criterion=r.path_criterion,
                             selector=r.path_selector, recover=recover, min_macs=r.path_min_macs, min_keep=r.min_keep,
-                            loss_fn=lambda out, y: pixel_loss(out["out"] if isinstance(out, dict) else out, y),
+                            loss_fn=lambda out, y: pixel_loss(logits(out), y),
                             log=self.log)
         chosen = select(path, delta=r.path_delta, rule=r.path_rule)
         path.save(self.out / "path.json", selected=chosen)
@@ -329,7 +329,7 @@ class Stages:
 def _logit_classes(model: nn.Module, example) -> int:
     with eval_mode(model), torch.no_grad():
         out = model(example)
-    return (out["out"] if isinstance(out, dict) else out).shape[1]
+    return logits(out).shape[1]
 
 
 def layer_widths(before: nn.Module, after: nn.Module, groups) -> dict[str, list[int]]:
