@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from segprune._utils import IGNORE_INDEX, unwrap
+from segprune._utils import IGNORE_INDEX, deprecated, unwrap
 from segprune.train.distributed import is_main, mean_across
 from segprune.train.log import EpochLog
 from segprune.train.resume import Checkpoints, Progress, epoch_batches
@@ -116,8 +115,8 @@ def resolve_loss(loss: Callable | None, criterion: Callable | None, loss_fn: Cal
     if sum(x is not None for x in (loss, criterion, loss_fn)) > 1:
         raise ValueError("give one of loss=, criterion= (pixel loss) or loss_fn= (the older name of loss=)")
     if criterion is not None or loss_fn is not None:
-        warnings.warn("fit(criterion=..., loss_fn=...) are deprecated: pass loss=SegmentationLoss(criterion) or "
-                      "loss=your_loss", DeprecationWarning, stacklevel=3)
+        deprecated(f"fit({'criterion' if criterion is not None else 'loss_fn'}=...)",
+                   "pass loss=SegmentationLoss(criterion) or loss=your_loss", stacklevel=3)
     if loss_fn is not None:
         return loss_fn
     if loss is None or criterion is not None:
