@@ -158,7 +158,7 @@ def recipe_from(path: str | Path | None = None, overrides: dict | None = None) -
     """A Recipe from a flat YAML file and `key=value` overrides; unknown keys and bad types raise ValueError."""
     values = {}
     if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        loaded = read_recipe_file(path) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: a recipe is a flat mapping of settings")
         values.update(loaded)
@@ -170,6 +170,20 @@ def recipe_from(path: str | Path | None = None, overrides: dict | None = None) -
             raise ValueError(f"unknown setting {key!r}{where}; known: {', '.join(known)}")
         setattr(recipe, key, _typed(key, value, getattr(Recipe(), key)))
     return recipe.check()
+
+
+def read_recipe_file(path: str | Path):
+    """The parsed YAML (or JSON) of a recipe file; a syntax error is a one-line ValueError naming the file, line
+    and column (the CLI prints ValueErrors as one line, not a traceback)."""
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(path)
+        why = "; ".join(filter(None, (err.context, err.problem)))
+        raise ValueError(f"{where}: not valid YAML ({why})") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML ({err})") from None
 
 
 def _typed(key, value, default):
@@ -220,6 +234,6 @@ def with_model(path: str | Path | None, overrides: dict, model: str | None) -> d
     names one (the recipe default 0.25 belongs to the demo's PSPNet-R18, not to any model named on the CLI)."""
     if not model:
         return overrides
-    from_file = yaml.safe_load(Path(path).read_text()) if path else {}
+    from_file = read_recipe_file(path) if path else {}
     named = "width" in overrides or (isinstance(from_file, dict) and "width" in from_file)
     return {**overrides, "model": model, **({} if named else {"width": 0})}
