@@ -38,7 +38,7 @@ from segprune.train.aux import AuxLoss, add_losses
 from segprune.train.distill import distillation
 from segprune.train.loop import SegmentationLoss, fit
 from segprune.workflows import rundir
-from segprune.workflows.data import class_names
+from segprune.workflows.data import class_names, inferred_classes_note
 from segprune.workflows.methods import criterion, method, regularizer
 from segprune.workflows.recipe import Recipe, as_plain, slim_widths
 from segprune.workflows.steps import latency_table
@@ -56,6 +56,8 @@ def run(r: Recipe, out: str | Path, *, force: bool = False, progress: bool = Tru
     start, log = time.perf_counter(), rundir.RunLog(out / "log.txt", progress)
     rundir.seed_everything(r.seed, r.threads)
     train_loader, val, num_classes = task.loaders(r)
+    if note := inferred_classes_note(train_loader):
+        log(note)
     model_kwargs = r.model_kwargs(num_classes)
     model = create_model(r.model, **model_kwargs).to(r.device)
     task.check_model(model, r.model)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import ClassVar
 
 import yaml
 
@@ -35,6 +36,8 @@ class Recipe:
     """Everything a run does, in sections (see the module docstring). The defaults are the demo: 2 CPU cores,
     about 2 minutes."""
 
+    # the settings a recipe file or override named (the others hold defaults); not a setting, never saved
+    given: ClassVar[frozenset[str]] = frozenset()
     # --- what: the task, the model and the data
     name: str = "demo"
     task: str = "semantic"  # or "instance" (YOLACT: box and mask AP)
@@ -42,7 +45,7 @@ class Recipe:
     width: float = 0.25  # the demo's; 0 = the model's own default width
     data: str = "synthetic"  # or a dataset name of segprune.data.build_dataset, with data_root
     data_root: str = ""
-    num_classes: int = 6  # synthetic data only; real datasets bring their own
+    num_classes: int = 6  # synthetic data; a folder dataset infers it from its masks unless given
     size: tuple[int, int] = (96, 128)  # training crop (H, W); synthetic scene size
     eval_size: tuple[int, int] = (0, 0)  # resize validation images to (H, W); (0, 0) = their own size
     train_samples: int = 320  # synthetic: how many to generate; real data: use the first N (0 = all)
@@ -169,6 +172,7 @@ def recipe_from(path: str | Path | None = None, overrides: dict | None = None) -
             where = f" in {path}" if path else ""
             raise ValueError(f"unknown setting {key!r}{where}; known: {', '.join(known)}")
         setattr(recipe, key, _typed(key, value, getattr(Recipe(), key)))
+    recipe.given = frozenset(values)
     return recipe.check()
 
 
