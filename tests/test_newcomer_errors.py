@@ -2,14 +2,21 @@
 whose masks contradict the recipe's num_classes is refused; progress bars only on a terminal; an unknown recipe key
 suggests the close one."""
 
+import contextlib
+import io
+
 import numpy as np
 import pytest
 from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader
 
 from segprune import checkpoint
 from segprune.cli import main
 from segprune.data.base import LabelValueError
 from segprune.data.folder import MaskFolder
+from segprune.data.synthetic import SyntheticScenes
+from segprune.train.loop import fit
 from segprune.workflows.recipe import recipe_from
 
 TINY = ["--model", "test_pspnet", "--set", "epochs=1", "--set", "train_samples=4", "--set", "val_samples=2",
@@ -71,3 +78,28 @@ def test_an_unset_num_classes_is_inferred_and_said_a_given_one_is_used(tmp_path,
     capsys.readouterr()
     assert main(["eval", str(out / "model"), "--data", f"folder:{root}"]) == 0  # read with the model's 10 classes
     assert "mIoU" in capsys.readouterr().out
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def _fit_writing_to(stream) -> str:
+    net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1))
+    with contextlib.redirect_stderr(stream):
+        fit(net, DataLoader(SyntheticScenes(num_samples=8, size=(16, 16)), batch_size=2), epochs=2, lr=0.01)
+    return stream.getvalue()
+
+
+def test_progress_bars_are_drawn_on_a_terminal_only():
+    assert "\r" not in _fit_writing_to(io.StringIO())  # a file or pipe: no carriage-return frames
+    assert "\r" in _fit_writing_to(_Terminal())  # a terminal still gets its bar
+
+
+def test_a_training_run_logged_to_a_file_prints_one_line_per_epoch(tmp_path, capsys):
+    tiny = [word for word in TINY if word != "--quiet"] + ["--set", "epochs=2"]
+    assert main(["train", "--data", "synthetic", "--out", str(tmp_path / "run"), *tiny]) == 0
+    out, err = capsys.readouterr()
+    assert "\r" not in err and "\r" not in out
+    assert [line.split(":")[0] for line in out.splitlines() if line.startswith("epoch")] == ["epoch 1/2", "epoch 2/2"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -178,7 +179,7 @@ def train_one_epoch(
         regularizer: Called as ``regularizer(model)`` between ``backward()`` and ``step()``; it edits ``.grad``.
         extra_loss: ``extra_loss(images, output)`` added to the loss (see ``segprune.train.distill``).
         device: Device to move batches to; the model must already be there.
-        progress: Show a tqdm bar with the running loss.
+        progress: Show a tqdm bar with the running loss (on a terminal only, see :func:`show_bar`).
         desc: Label of the progress bar.
         accumulate: Step the optimizer every ``accumulate`` batches, on the gradient of their mean loss (the last
             group of an epoch may be shorter; it is averaged over its own size).
@@ -196,7 +197,7 @@ def train_one_epoch(
         model.train()
     optimizer.zero_grad(set_to_none=True)
     total, steps, length = 0.0, 0, start + len(loader)
-    bar = tqdm(loader, desc=desc, disable=not progress, leave=False)
+    bar = tqdm(loader, desc=desc, disable=not show_bar(progress), leave=False)
     for index, (images, targets) in enumerate(bar, start=start):
         group = min(accumulate, length - index // accumulate * accumulate)
         stepping = (index + 1) % accumulate == 0 or index + 1 == length
@@ -212,6 +213,12 @@ def train_one_epoch(
         if on_batch is not None:
             on_batch(index, value, stepping)
     return total / max(steps, 1)
+
+
+def show_bar(progress: bool) -> bool:
+    """Whether to draw a progress bar: when asked and stderr is a terminal. In a log file or a pipe every redraw
+    of a bar is one more carriage-return frame; there, the per-epoch line the caller prints is the progress."""
+    return progress and sys.stderr.isatty()
 
 
 def poly_lr(optimizer: torch.optim.Optimizer, *, total_iters: int, power: float = 0.9):
