@@ -103,3 +103,14 @@ def test_a_training_run_logged_to_a_file_prints_one_line_per_epoch(tmp_path, cap
     out, err = capsys.readouterr()
     assert "\r" not in err and "\r" not in out
     assert [line.split(":")[0] for line in out.splitlines() if line.startswith("epoch")] == ["epoch 1/2", "epoch 2/2"]
+
+
+def test_an_unknown_setting_suggests_the_close_one_first(tmp_path, capsys):
+    recipe = tmp_path / "typo.yaml"
+    recipe.write_text("epochz: 3\n")
+    assert main(["run", str(recipe), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"segprune: error: unknown setting 'epochz' in {recipe}; did you mean 'epochs'? (known: ")
+    with pytest.raises(ValueError, match=r"^unknown setting 'qqqq' \(known: name, task, model, ") as far:
+        recipe_from(None, {"qqqq": 1})
+    assert "did you mean" not in str(far.value)  # nothing close: no guess

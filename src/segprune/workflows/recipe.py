@@ -9,6 +9,7 @@ functions never take a Recipe: the workflows unpack it into keyword arguments.
 
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -169,11 +170,18 @@ def recipe_from(path: str | Path | None = None, overrides: dict | None = None) -
     recipe, known = Recipe(), {f.name: f for f in fields(Recipe)}
     for key, value in values.items():
         if key not in known:
-            where = f" in {path}" if path else ""
-            raise ValueError(f"unknown setting {key!r}{where}; known: {', '.join(known)}")
+            raise ValueError(_unknown(key, path, list(known)))
         setattr(recipe, key, _typed(key, value, getattr(Recipe(), key)))
     recipe.given = frozenset(values)
     return recipe.check()
+
+
+def _unknown(key: str, path, known: list[str]) -> str:
+    """The error of an unknown setting: the close name first (a typo is the usual cause), then every name."""
+    where = f" in {path}" if path else ""
+    close = difflib.get_close_matches(key, known, n=1)
+    guess = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown setting {key!r}{where}{guess} (known: {', '.join(known)})"
 
 
 def read_recipe_file(path: str | Path):
