@@ -6,17 +6,20 @@
 - ``tensors``: every tensor inside nested arguments (lists, tuples, dicts), in order.
 - ``logits``: the main prediction of a model's output, a tensor or the ``"out"`` entry of a dict.
 - ``unwrap``: the module inside DistributedDataParallel (or the model itself).
+- ``deprecated``: the one wording of a deprecation warning, with the version that removes the old spelling.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 IGNORE_INDEX = 255
+DEPRECATED_SINCE, REMOVED_IN = "0.1.0", "0.3.0"  # deprecated in this version, dropped in that one
 
 
 @contextlib.contextmanager
@@ -51,3 +54,16 @@ def logits(output) -> torch.Tensor:
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside DistributedDataParallel (or ``model`` itself)."""
     return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def deprecated(old: str, new: str, *, stacklevel: int = 2) -> None:
+    """Warn that ``old`` is deprecated in favour of ``new``; one message so every deprecation names the same
+    versions, and users know how long the old spelling still works.
+
+    Args:
+        old: The old spelling, e.g. ``"prune(method=...)"``.
+        new: What to write instead.
+        stacklevel: As for ``warnings.warn``, counted from the caller of this function.
+    """
+    warnings.warn(f"{old} is deprecated since {DEPRECATED_SINCE}, removed in {REMOVED_IN}: {new}",
+                  DeprecationWarning, stacklevel=stacklevel + 1)

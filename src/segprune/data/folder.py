@@ -74,22 +74,31 @@ class MaskFolder(SegmentationDataset):
     """Images with single-channel label masks: ``root/images/*`` and ``root/masks/*`` paired by stem.
 
     Mask values are class indices; 255 is ignored. The classes come from ``classes_file`` (one name a line,
-    in label order) or, without one, are inferred from the largest label over all masks (``class0``, ...),
-    which reads every mask once at construction.
+    in label order), or number ``num_classes`` (``class0``, ...), or, with neither, are inferred from the largest
+    label over all masks (``inferred_classes`` is then True). The last two read every mask once at construction:
+    a mask holding a label of no class is an error naming the file and the label, before any training.
 
     Args:
         root: Folder holding ``images/`` and ``masks/``.
         classes_file: Optional text file of class names.
         transform: Joint transform, see :class:`~segprune.data.base.SegmentationDataset`.
         check_sizes: See :class:`~segprune.data.base.SegmentationDataset`.
+        num_classes: The number of classes (e.g. a recipe's), checked against the masks; None: as above.
     """
 
-    def __init__(self, root, classes_file=None, *, transform: Transform | None = None, check_sizes: bool = True):
+    def __init__(self, root, classes_file=None, *, transform: Transform | None = None, check_sizes: bool = True,
+                 num_classes: int | None = None):
         super().__init__(transform=transform, check_sizes=check_sizes)
         self.root = require_dir(Path(root), "MaskFolder root")
         self.samples = pair_by_stem(self.root, "MaskFolder")
+        self.inferred_classes = classes_file is None and num_classes is None
         if classes_file is not None:
             self.class_names = read_class_names(Path(classes_file))
+            if num_classes is not None and num_classes != len(self.class_names):
+                raise ValueError(f"num_classes={num_classes}, but {classes_file} names {len(self.class_names)}")
+        elif num_classes is not None:
+            _check_labels(self.samples, num_classes)
+            self.class_names = tuple(f"class{i}" for i in range(num_classes))
         else:
             top = max(_largest_label(read_label_png(mask)) for _, mask in self.samples)
             if top < 0:
@@ -112,6 +121,16 @@ class MaskFolder(SegmentationDataset):
 def _largest_label(mask: np.ndarray) -> int:
     labels = mask[mask != IGNORE_INDEX]
     return int(labels.max()) if labels.size else -1
+
+
+def _check_labels(samples: list[tuple[Path, Path]], num_classes: int) -> None:
+    """Refuse a class count the masks contradict, naming the first mask with a label of no class: training such
+    a model would fail at that mask mid-epoch (or, if the count were inferred instead, build another model)."""
+    for _, mask in samples:
+        top = _largest_label(read_label_png(mask))
+        if top >= num_classes:
+            raise LabelValueError(f"{mask}: label {top}, but num_classes={num_classes} (labels 0..{num_classes - 1}, "
+                                  f"{IGNORE_INDEX} ignored): raise num_classes or fix the mask")
 
 
 class HumanFolder(SegmentationDataset):

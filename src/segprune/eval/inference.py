@@ -8,6 +8,7 @@ size, so a mask lines up with its image whatever happened in between. Tiles reus
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from segprune._utils import eval_mode
 from segprune.data.base import IMAGENET_MEAN, IMAGENET_STD, read_rgb
 from segprune.eval.metrics import predict
 from segprune.export.runtimes import get_runtime, parse, runtime_names
@@ -128,16 +130,9 @@ def image_logits(model, image, *, size=None, tile=None, overlap: float = 1 / 3, 
     if size is not None:
         x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
     stride = tile_stride(tile, overlap) if tile is not None else None
-    training = getattr(model, "training", False)
-    if isinstance(model, nn.Module):
-        model.eval()
-    try:
-        with torch.inference_mode():
-            logits = _padded(lambda t: predict(model, t, crop=tile, stride=stride, flip=flip), x,
-                             1 if tile is not None else getattr(model, "needs_divisible_input", 1))
-    finally:
-        if isinstance(model, nn.Module):
-            model.train(training)
+    with eval_mode(model) if isinstance(model, nn.Module) else contextlib.nullcontext(), torch.inference_mode():
+        logits = _padded(lambda t: predict(model, t, crop=tile, stride=stride, flip=flip), x,
+                         1 if tile is not None else getattr(model, "needs_divisible_input", 1))
     if logits.shape[-2:] != (height, width):
         logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
     return logits[0].float().cpu()

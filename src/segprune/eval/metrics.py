@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from segprune._utils import eval_mode, logits
 from segprune.data.base import IGNORE_INDEX
 from segprune.data.loader import size_groups, size_tolerant
 
@@ -91,11 +92,6 @@ def _nanmean(values: torch.Tensor) -> float:
     return values.mean().item() if values.numel() else math.nan
 
 
-def _logits(output) -> torch.Tensor:
-    """The main logits of a model output: the tensor itself or its ``"out"`` entry."""
-    return output["out"] if isinstance(output, dict) else output
-
-
 def _pair(size) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
@@ -131,13 +127,13 @@ def sliding_window(model: nn.Module, image: torch.Tensor, crop, stride) -> torch
     total = count = None
     for top in _window_starts(image.shape[-2], crop_h, stride_h):
         for left in _window_starts(image.shape[-1], crop_w, stride_w):
-            logits = _logits(model(image[..., top : top + crop_h, left : left + crop_w]))
-            if logits.shape[-2:] != (crop_h, crop_w):
-                logits = F.interpolate(logits, size=(crop_h, crop_w), mode="bilinear", align_corners=False)
+            window = logits(model(image[..., top : top + crop_h, left : left + crop_w]))
+            if window.shape[-2:] != (crop_h, crop_w):
+                window = F.interpolate(window, size=(crop_h, crop_w), mode="bilinear", align_corners=False)
             if total is None:
-                total = logits.new_zeros(*logits.shape[:2], *image.shape[-2:])
-                count = logits.new_zeros(1, 1, *image.shape[-2:])
-            total[..., top : top + crop_h, left : left + crop_w] += logits
+                total = window.new_zeros(*window.shape[:2], *image.shape[-2:])
+                count = window.new_zeros(1, 1, *image.shape[-2:])
+            total[..., top : top + crop_h, left : left + crop_w] += window
             count[..., top : top + crop_h, left : left + crop_w] += 1
     return (total / count)[..., :height, :width]
 
@@ -157,16 +153,16 @@ def predict(model: nn.Module, images: torch.Tensor, *, crop=None, stride=None, f
     """
     if tuple(scales) != (1.0,):
         size = images.shape[-2:]
-        logits = [F.interpolate(predict(model, _rescale(images, s), crop=crop, stride=stride, flip=flip), size=size,
+        scaled = [F.interpolate(predict(model, _rescale(images, s), crop=crop, stride=stride, flip=flip), size=size,
                                 mode="bilinear", align_corners=False) for s in scales]
-        return torch.stack(logits).mean(0)
+        return torch.stack(scaled).mean(0)
     if crop is not None:
         stride = stride if stride is not None else tuple(max(1, 2 * c // 3) for c in _pair(crop))
         run = lambda x: sliding_window(model, x, crop, stride)
     else:
-        run = lambda x: _logits(model(x))
-    logits = run(images)
-    return (logits + run(images.flip(-1)).flip(-1)) / 2 if flip else logits
+        run = lambda x: logits(model(x))
+    out = run(images)
+    return (out + run(images.flip(-1)).flip(-1)) / 2 if flip else out
 
 
 def _rescale(images: torch.Tensor, scale: float) -> torch.Tensor:
@@ -180,9 +176,9 @@ def evaluate(model: nn.Module, loader, *, num_classes: int, ignore_index: int = 
              stride=None, flip: bool = False, scales=(1.0,), all_reduce: bool = False) -> dict:
     """Segmentation metrics of ``model`` on every batch of ``loader``.
 
-    Logits whose size differs from the target's are resized bilinearly first. The model's
-    train/eval mode is restored afterwards. Images of different sizes are fine: a DataLoader that stacks with the
-    default collate is rebuilt to group each batch by image size (:func:`segprune.data.loader.size_tolerant`),
+    Logits whose size differs from the target's are resized bilinearly first. The model's train/eval mode, and
+    each submodule's own, is restored afterwards. Images of different sizes are fine: a DataLoader that stacks with
+    the default collate is rebuilt to group each batch by image size (:func:`segprune.data.loader.size_tolerant`),
     and each group runs as one batch, so same-size data is evaluated exactly as before.
 
     Args:
@@ -202,18 +198,14 @@ def evaluate(model: nn.Module, loader, *, num_classes: int, ignore_index: int = 
     Returns:
         The dict of :meth:`ConfusionMatrix.compute`.
     """
-    matrix, was_training = ConfusionMatrix(num_classes, ignore_index=ignore_index), model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for batch in size_tolerant(loader):
-                for images, targets in size_groups(batch):
-                    logits = predict(model, images.to(device), crop=crop, stride=stride, flip=flip, scales=scales)
-                    if logits.shape[-2:] != targets.shape[-2:]:
-                        logits = F.interpolate(logits, size=targets.shape[-2:], mode="bilinear", align_corners=False)
-                    matrix.update(logits, targets.to(device))
-    finally:
-        model.train(was_training)
+    matrix = ConfusionMatrix(num_classes, ignore_index=ignore_index)
+    with eval_mode(model), torch.inference_mode():
+        for batch in size_tolerant(loader):
+            for images, targets in size_groups(batch):
+                logits = predict(model, images.to(device), crop=crop, stride=stride, flip=flip, scales=scales)
+                if logits.shape[-2:] != targets.shape[-2:]:
+                    logits = F.interpolate(logits, size=targets.shape[-2:], mode="bilinear", align_corners=False)
+                matrix.update(logits, targets.to(device))
     if all_reduce:
         matrix.all_reduce()
     return matrix.compute()

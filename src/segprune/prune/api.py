@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import copy
 import functools
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from torch import nn
 
+from segprune._utils import deprecated
 from segprune.prune.cost import CostModel
 from segprune.prune.criteria import CRITERIA
 from segprune.prune.fold import apply_folds, with_biases
 from segprune.prune.graph import ChannelGroup, ChannelGroups, channel_groups
 from segprune.prune.latency import LatencyTable, latency_removal, next_target
-from segprune.prune.methods import METHODS, select_target
 from segprune.prune.plan import Plan
+from segprune.prune.select import SELECTIONS, select_target
 from segprune.prune.verify import Verification, unfolded, verify_removal
 
 
@@ -92,7 +92,7 @@ def prune(model: nn.Module, example_inputs, *, ratio: float | None = None, targe
         method: the older name of `select` (a recipe's "method" is something else: segprune.workflows.METHODS).
     """
     if method is not None:
-        warnings.warn("prune(method=...) is now prune(select=...)", DeprecationWarning, stacklevel=2)
+        deprecated("prune(method=...)", "use prune(select=...)")
         select = method
     if sum(v is not None for v in (ratio, target_macs, target_params, target_latency)) != 1:
         raise ValueError("give exactly one of ratio, target_macs, target_params, target_latency")
@@ -110,9 +110,9 @@ def prune(model: nn.Module, example_inputs, *, ratio: float | None = None, targe
         raise ValueError("the model has no prunable channel (every channel group is frozen)")
     score = _criterion(criterion, seed)
     scores = {g.id: s for g in groups if not g.frozen and (s := score(g, model)) is not None}
-    if select not in METHODS:
-        raise ValueError(f"unknown selection {select!r}; choose from {sorted(METHODS)}")
-    choose = functools.partial(_select, model=model, scores=scores, method=select, ratio=ratio,
+    if select not in SELECTIONS:
+        raise ValueError(f"unknown selection {select!r}; choose from {sorted(SELECTIONS)}")
+    choose = functools.partial(_select, model=model, scores=scores, selection=select, ratio=ratio,
                                target_macs=target_macs, target_params=target_params, min_keep=min_keep,
                                round_to=round_to, target_latency=target_latency, latency=latency)
     if target_latency is not None and measure is not None:
@@ -195,14 +195,14 @@ def _verify_modes(groups) -> tuple[str, ...]:
     return ("train",) if getattr(groups, "eval_in_train", False) else ("eval", "train")
 
 
-def _select(groups, *, model, scores, method, ratio, target_macs, target_params, min_keep, round_to,
+def _select(groups, *, model, scores, selection, ratio, target_macs, target_params, min_keep, round_to,
             target_latency=None, latency=None):
     """What to cut from `groups` (their frozen channels excluded): a ratio, or the fewest cuts reaching a target."""
     if target_latency is not None:
         return latency_removal(model, groups, scores, table=latency, target=target_latency, min_keep=min_keep,
                                round_to=round_to)
     if ratio is not None:
-        return METHODS[method](groups, scores, ratio=ratio, min_keep=min_keep, round_to=round_to)
+        return SELECTIONS[selection](groups, scores, ratio=ratio, min_keep=min_keep, round_to=round_to)
     metric, target = ("macs", target_macs) if target_macs is not None else ("params", target_params)
     cost = CostModel(model, groups)
     return select_target(groups, scores, cost=lambda r: cost.relative(r, metric), target=target,

@@ -40,7 +40,7 @@ from torch import nn
 
 from segprune._utils import IGNORE_INDEX, eval_mode, logits, tensors
 from segprune.prune.api import PruneResult, _criterion
-from segprune.prune.graph import channel_groups
+from segprune.prune.graph import PRODUCERS, channel_groups
 from segprune.prune.plan import ACTIVATIONS, Plan
 from segprune.prune.record import OpRecorder, module_calls
 from segprune.prune.rules import op_name
@@ -462,9 +462,6 @@ def _candidates(current, example_inputs, order, removed) -> list[Block]:
 
 
 # --- structure optimisation: slim named layers to a given width -----------------------------------------------
-_PRODUCERS = (nn.modules.conv._ConvNd, nn.Linear)
-
-
 def slim_layers(model: nn.Module, example_inputs, widths: dict[str, int], *, criterion: str | Callable = "l1",
                 groups=None, inplace: bool = False):
     """Set the output width of named layers (Miao et al.'s head slimming: PSPNet's PPM branches, its 3x3 head conv)
@@ -502,7 +499,7 @@ def _layers(model: nn.Module, name: str) -> list[str]:
     if name not in names:
         near = [n for n in names if n and (name.split(".")[-1] in n)][:5]
         raise ValueError(f"slim_layers: the model has no layer {name!r}" + (f" (similar: {near})" if near else ""))
-    found = [n for n, m in names.items() if (n == name or n.startswith(name + ".")) and isinstance(m, _PRODUCERS)]
+    found = [n for n, m in names.items() if (n == name or n.startswith(name + ".")) and isinstance(m, PRODUCERS)]
     if not found:
         raise ValueError(f"slim_layers: {name!r} is a {type(names[name]).__name__} with no conv or linear layer")
     return found

@@ -11,9 +11,7 @@ from __future__ import annotations
 import numpy as np
 from torch import nn
 
-from segprune.prune.graph import ChannelGroups
-
-_PRODUCERS = (nn.modules.conv._ConvNd, nn.Linear)
+from segprune.prune.graph import PRODUCERS, ChannelGroups
 
 
 class CostModel:
@@ -57,6 +55,6 @@ class CostModel:
 
 def _param_parts(module: nn.Module) -> tuple[int, int]:
     """(weights that shrink with both sides, parameters that shrink with the output side only)."""
-    both = module.weight.numel() if isinstance(module, _PRODUCERS) and module.weight is not None else 0
+    both = module.weight.numel() if isinstance(module, PRODUCERS) and module.weight is not None else 0
     total = sum(p.numel() for p in module.parameters(recurse=False))
     return both, total - both

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from segprune.prune.graph import ChannelGroup
+from segprune.prune.graph import PRODUCERS, ChannelGroup
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm)
 
@@ -106,7 +106,7 @@ class Taylor:
             return forward_hook
 
         handles = [m.register_forward_hook(hook(n)) for n, m in self.model.named_modules()
-                   if isinstance(m, _NORMS + (nn.modules.conv._ConvNd, nn.Linear))]
+                   if isinstance(m, _NORMS + PRODUCERS)]
         try:
             for inputs, target in self.batches:
                 self.model.zero_grad(set_to_none=True)

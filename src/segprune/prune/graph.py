@@ -19,6 +19,9 @@ from torch import nn
 from segprune.prune.state import TraceState
 from segprune.prune.trace import trace
 
+# the layers that make channels (a weight row per output channel): what cost, masking and slimming look for
+PRODUCERS = (nn.modules.conv._ConvNd, nn.Linear)
+
 
 class ChannelGroups(list):
     """The groups of a model (a list), with the MACs of each layer in one eval-mode pass, for cost targets."""

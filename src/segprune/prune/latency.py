@@ -26,7 +26,7 @@ import numpy as np
 from torch import nn
 
 from segprune.prune.graph import ChannelGroup
-from segprune.prune.methods import _Floor
+from segprune.prune.select import _Floor
 
 SCHEMA = 1
 CONDITIONS = ("runtime", "precision", "threads", "dtype", "input", "cpu")  # other conditions: refused

@@ -17,10 +17,8 @@ from torch import nn
 
 from segprune._utils import tensors
 from segprune.prune.criteria import _NORMS
-from segprune.prune.graph import ChannelGroup
+from segprune.prune.graph import PRODUCERS, ChannelGroup
 from segprune.prune.trace import as_call
-
-_PRODUCERS = (nn.modules.conv._ConvNd, nn.Linear)
 
 
 def masked_copy(model: nn.Module, groups: list[ChannelGroup], removed: dict[int, np.ndarray]) -> nn.Module:
@@ -44,7 +42,7 @@ def masked_in_place(model: nn.Module, groups: list[ChannelGroup], removed: dict[
             drop = removed.get(group.id)
             for m in group.members if drop is not None and len(drop) else ():
                 module = model.get_submodule(m.module)
-                if m.role != "out" or not isinstance(module, _PRODUCERS + _NORMS):
+                if m.role != "out" or not isinstance(module, PRODUCERS + _NORMS):
                     continue
                 dead = torch.from_numpy(np.flatnonzero(np.isin(m.index, drop)))
                 out_dim = 1 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 0
@@ -62,7 +60,7 @@ def masked_in_place(model: nn.Module, groups: list[ChannelGroup], removed: dict[
 
 
 def _zero(module: nn.Module, role: str, dead: torch.Tensor) -> None:
-    if role != "out" or not isinstance(module, _PRODUCERS + _NORMS):
+    if role != "out" or not isinstance(module, PRODUCERS + _NORMS):
         return
     out_dim = 1 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 0
     if module.weight is not None:

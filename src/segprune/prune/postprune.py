@@ -31,25 +31,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segprune._utils import IGNORE_INDEX
+from segprune._utils import IGNORE_INDEX, logits
 from segprune.prune.cost import CostModel
 from segprune.prune.criteria import Taylor
 from segprune.prune.graph import ChannelGroup, ChannelGroups, channel_groups
 from segprune.prune.lasso import Reconstruction, apply_reconstruction, consumer_of, select_channels
-from segprune.prune.methods import removal_order
 from segprune.prune.oracle import _zero
 from segprune.prune.plan import Plan
+from segprune.prune.select import removal_order
 from segprune.prune.trace import as_call
 
 FORMAT = "segprune.path/1"
-CRITERIA = ("taylor", "ablation")
+POSTPRUNE_SCORES = ("taylor", "ablation")  # how a path step scores dL per channel (not prune.criteria)
 SELECTORS = ("rank", "lasso")
 
 
 def default_loss(output, target: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of the main logits (a tensor or the "out" entry of a dict), ignoring ``IGNORE_INDEX``."""
-    logits = output["out"] if isinstance(output, dict) else output
-    return F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(logits(output), target, ignore_index=IGNORE_INDEX)
 
 
 @dataclass
@@ -212,8 +211,8 @@ def _checked_batches(prune_batches) -> list:
 def _check(step, criterion: str, selector: str, min_macs: float) -> None:
     if isinstance(step, bool) or not (isinstance(step, int) and step >= 1 or isinstance(step, float) and 0 < step < 1):
         raise ValueError(f"step must be a fraction of the MACs in (0, 1) or a channel count >= 1, got {step!r}")
-    if criterion not in CRITERIA:
-        raise ValueError(f"unknown path criterion {criterion!r}; choose from {', '.join(CRITERIA)}")
+    if criterion not in POSTPRUNE_SCORES:
+        raise ValueError(f"unknown path criterion {criterion!r}; choose from {', '.join(POSTPRUNE_SCORES)}")
     if selector not in SELECTORS:
         raise ValueError(f"unknown selector {selector!r}; choose from {', '.join(SELECTORS)}")
     if not 0 <= min_macs < 1:

@@ -24,8 +24,8 @@ from segprune.prune.api import PruneResult, _criterion, prune
 from segprune.prune.cost import CostModel
 from segprune.prune.criteria import Taylor
 from segprune.prune.graph import channel_groups
-from segprune.prune.methods import removal_order, round_removal, select_uniform
 from segprune.prune.plan import Plan
+from segprune.prune.select import removal_order, round_removal, select_uniform
 
 Finetune = Callable[[nn.Module, int], object]
 OnStage = Callable[[str, nn.Module, PruneResult], object]

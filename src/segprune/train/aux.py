@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segprune._utils import IGNORE_INDEX, eval_mode
+from segprune._utils import IGNORE_INDEX, eval_mode, logits
 
 ATTRIBUTE = "segprune_aux"
 
@@ -160,5 +160,4 @@ def _channels(model: nn.Module, layers: list[str], example_inputs: torch.Tensor)
         if not isinstance(feature, torch.Tensor) or feature.dim() != 4:
             what = "did not run" if name not in seen else f"returns {type(feature).__name__}"
             raise ValueError(f"aux_layers: {name} {what}; name a module that returns a feature map (N, C, H, W)")
-    logits = out["out"] if isinstance(out, dict) else out
-    return {name: seen[name].shape[1] for name in layers}, logits.shape[1]
+    return {name: seen[name].shape[1] for name in layers}, logits(out).shape[1]

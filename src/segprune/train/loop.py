@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from segprune._utils import IGNORE_INDEX, unwrap
+from segprune._utils import IGNORE_INDEX, deprecated, unwrap
 from segprune.train.distributed import is_main, mean_across
 from segprune.train.log import EpochLog
 from segprune.train.resume import Checkpoints, Progress, epoch_batches
@@ -116,8 +116,8 @@ def resolve_loss(loss: Callable | None, criterion: Callable | None, loss_fn: Cal
     if sum(x is not None for x in (loss, criterion, loss_fn)) > 1:
         raise ValueError("give one of loss=, criterion= (pixel loss) or loss_fn= (the older name of loss=)")
     if criterion is not None or loss_fn is not None:
-        warnings.warn("fit(criterion=..., loss_fn=...) are deprecated: pass loss=SegmentationLoss(criterion) or "
-                      "loss=your_loss", DeprecationWarning, stacklevel=3)
+        deprecated(f"fit({'criterion' if criterion is not None else 'loss_fn'}=...)",
+                   "pass loss=SegmentationLoss(criterion) or loss=your_loss", stacklevel=3)
     if loss_fn is not None:
         return loss_fn
     if loss is None or criterion is not None:
@@ -166,6 +166,9 @@ def train_one_epoch(
 ) -> float:
     """Train ``model`` for one pass over ``loader``.
 
+    A model in eval mode is put in training mode; one already training is left as it is, so submodules its user
+    froze in eval mode (a pretrained stem's BatchNorm) stay frozen.
+
     Args:
         model: Returns logits or a dict with ``"out"`` and, in training, optionally ``"aux"``.
         loader: Iterable of (images, targets) batches.
@@ -176,7 +179,7 @@ def train_one_epoch(
         regularizer: Called as ``regularizer(model)`` between ``backward()`` and ``step()``; it edits ``.grad``.
         extra_loss: ``extra_loss(images, output)`` added to the loss (see ``segprune.train.distill``).
         device: Device to move batches to; the model must already be there.
-        progress: Show a tqdm bar with the running loss.
+        progress: Show a tqdm bar with the running loss (on a terminal only, see :func:`show_bar`).
         desc: Label of the progress bar.
         accumulate: Step the optimizer every ``accumulate`` batches, on the gradient of their mean loss (the last
             group of an epoch may be shorter; it is averaged over its own size).
@@ -190,10 +193,11 @@ def train_one_epoch(
         The mean of the per-iteration losses.
     """
     loss = loss if loss is not None else SegmentationLoss()
-    model.train()
+    if not model.training:  # a training model keeps the modes its user chose (a BatchNorm frozen in eval mode)
+        model.train()
     optimizer.zero_grad(set_to_none=True)
     total, steps, length = 0.0, 0, start + len(loader)
-    bar = tqdm(loader, desc=desc, disable=not progress, leave=False)
+    bar = tqdm(loader, desc=desc, disable=not show_bar(progress), leave=False)
     for index, (images, targets) in enumerate(bar, start=start):
         group = min(accumulate, length - index // accumulate * accumulate)
         stepping = (index + 1) % accumulate == 0 or index + 1 == length
@@ -209,6 +213,12 @@ def train_one_epoch(
         if on_batch is not None:
             on_batch(index, value, stepping)
     return total / max(steps, 1)
+
+
+def show_bar(progress: bool) -> bool:
+    """Whether to draw a progress bar: when asked and stderr is a terminal. In a log file or a pipe every redraw
+    of a bar is one more carriage-return frame; there, the per-epoch line the caller prints is the progress."""
+    return progress and sys.stderr.isatty()
 
 
 def poly_lr(optimizer: torch.optim.Optimizer, *, total_iters: int, power: float = 0.9):

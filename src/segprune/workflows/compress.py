@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segprune import checkpoint
-from segprune._utils import IGNORE_INDEX, eval_mode
+from segprune._utils import IGNORE_INDEX, eval_mode, logits
 from segprune.eval.profile import compare_latency, profile
 from segprune.eval.validation import miou_metric, val_miou
 from segprune.export.fuse import fuse_conv_bn
@@ -38,7 +38,7 @@ from segprune.train.aux import AuxLoss, add_losses
 from segprune.train.distill import distillation
 from segprune.train.loop import SegmentationLoss, fit
 from segprune.workflows import rundir
-from segprune.workflows.data import class_names
+from segprune.workflows.data import class_names, inferred_classes_note
 from segprune.workflows.methods import criterion, method, regularizer
 from segprune.workflows.recipe import Recipe, as_plain, slim_widths
 from segprune.workflows.steps import latency_step, table_file
@@ -56,6 +56,8 @@ def run(r: Recipe, out: str | Path, *, force: bool = False, progress: bool = Tru
     start, log = time.perf_counter(), rundir.RunLog(out / "log.txt", progress)
     rundir.seed_everything(r.seed, r.threads)
     train_loader, val, num_classes = task.loaders(r)
+    if note := inferred_classes_note(train_loader):
+        log(note)
     model_kwargs = r.model_kwargs(num_classes)
     model = create_model(r.model, **model_kwargs).to(r.device)
     task.check_model(model, r.model)
@@ -260,7 +262,7 @@ class Stages:
         path = pruning_path(model, self.example, batches, val_miou(self.val, self.num_classes, device=r.device),
                             step=int(r.path_step) if r.path_step >= 1 else r.path_step, criterion=r.path_criterion,
                             selector=r.path_selector, recover=recover, min_macs=r.path_min_macs, min_keep=r.min_keep,
-                            loss_fn=lambda out, y: pixel_loss(out["out"] if isinstance(out, dict) else out, y),
+                            loss_fn=lambda out, y: pixel_loss(logits(out), y),
                             log=self.log)
         chosen = select(path, delta=r.path_delta, rule=r.path_rule)
         path.save(self.out / "path.json", selected=chosen)
@@ -334,7 +336,7 @@ class Stages:
 def _logit_classes(model: nn.Module, example) -> int:
     with eval_mode(model), torch.no_grad():
         out = model(example)
-    return (out["out"] if isinstance(out, dict) else out).shape[1]
+    return logits(out).shape[1]
 
 
 def layer_widths(before: nn.Module, after: nn.Module, groups) -> dict[str, list[int]]:

@@ -75,10 +75,23 @@ def semantic_datasets(r) -> tuple[Dataset, Dataset, int]:
         kw = dict(size=r.size, num_classes=r.num_classes, seed=r.seed)
         return (SyntheticScenes(num_samples=r.train_samples, split="train", **kw),
                 SyntheticScenes(num_samples=r.val_samples, split="val", **kw), r.num_classes)
-    train = open_dataset(r.data, r.data_root, split="train", transform=train_transforms(crop=r.size, seed=r.seed))
+    # a dataset that infers its classes (a folder) takes the recipe's count instead, when the recipe gives one
+    classes = {"num_classes": r.num_classes} if "num_classes" in r.given else {}
+    train = open_dataset(r.data, r.data_root, split="train", transform=train_transforms(crop=r.size, seed=r.seed),
+                         **classes)
     val = open_dataset(r.data, r.data_root, split=r.val_split,
-                       transform=eval_transforms(size=r.eval_size if all(r.eval_size) else None))
+                       transform=eval_transforms(size=r.eval_size if all(r.eval_size) else None), **classes)
     return first(train, r.train_samples), first(val, r.val_samples), train.num_classes
+
+
+def inferred_classes_note(data) -> str | None:
+    """The line a run logs when its class count was inferred from the data (a folder's largest mask label), so
+    the user sees what the model is built with and how to choose it; None when the count was known."""
+    dataset = base_dataset(getattr(data, "dataset", data))
+    if not getattr(dataset, "inferred_classes", False):
+        return None
+    return (f"{dataset.num_classes} classes, inferred from the largest mask label in {dataset.root} "
+            "(set num_classes in the recipe to choose)")
 
 
 def semantic_loaders(r) -> tuple[DataLoader, DataLoader, int]:
@@ -132,7 +145,9 @@ def evaluation_dataset(spec: str, config: dict, *, split: str, samples: int = 0,
         return SyntheticScenes(num_samples=samples or r["val_samples"], size=tuple(r["size"]), seed=r["seed"],
                                num_classes=config.get("model_kwargs", {}).get("num_classes", r["num_classes"]),
                                split=split)
-    return open_dataset(kind, root, split=split, transform=eval_transforms(size=eval_size))
+    classes = config.get("model_kwargs", {}).get("num_classes")  # a folder is read with the model's classes
+    return open_dataset(kind, root, split=split, transform=eval_transforms(size=eval_size),
+                        **({"num_classes": classes} if classes else {}))
 
 
 def instance_dataset(spec: str, *, size=(550, 550), train: bool = False, seed: int = 0, split: str = "train",

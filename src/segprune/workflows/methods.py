@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from segprune._utils import logits
 from segprune.prune import BNSparsity, CAPSparsity, Taylor
 
 
@@ -78,4 +79,4 @@ def criterion(name: str, model: nn.Module, batches=(), pixel_loss: Callable | No
     batches = list(batches)
     if not batches or pixel_loss is None:
         raise ValueError(f"method {name} scores channels on training batches: it needs data (run a recipe)")
-    return Taylor(model, batches, lambda out, y: pixel_loss(out["out"] if isinstance(out, dict) else out, y))
+    return Taylor(model, batches, lambda out, y: pixel_loss(logits(out), y))

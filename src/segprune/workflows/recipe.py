@@ -9,9 +9,11 @@ functions never take a Recipe: the workflows unpack it into keyword arguments.
 
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import ClassVar
 
 import yaml
 
@@ -36,6 +38,8 @@ class Recipe:
     """Everything a run does, in sections (see the module docstring). The defaults are the demo: 2 CPU cores,
     about 2 minutes."""
 
+    # the settings a recipe file or override named (the others hold defaults); not a setting, never saved
+    given: ClassVar[frozenset[str]] = frozenset()
     # --- what: the task, the model and the data
     name: str = "demo"
     task: str = "semantic"  # or "instance" (YOLACT: box and mask AP)
@@ -43,7 +47,7 @@ class Recipe:
     width: float = 0.25  # the demo's; 0 = the model's own default width
     data: str = "synthetic"  # or a dataset name of segprune.data.build_dataset, with data_root
     data_root: str = ""
-    num_classes: int = 6  # synthetic data only; real datasets bring their own
+    num_classes: int = 6  # synthetic data; a folder dataset infers it from its masks unless given
     size: tuple[int, int] = (96, 128)  # training crop (H, W); synthetic scene size
     eval_size: tuple[int, int] = (0, 0)  # resize validation images to (H, W); (0, 0) = their own size
     train_samples: int = 320  # synthetic: how many to generate; real data: use the first N (0 = all)
@@ -161,7 +165,7 @@ def recipe_from(path: str | Path | None = None, overrides: dict | None = None) -
     """A Recipe from a flat YAML file and `key=value` overrides; unknown keys and bad types raise ValueError."""
     values = {}
     if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        loaded = read_recipe_file(path) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: a recipe is a flat mapping of settings")
         values.update(loaded)
@@ -169,10 +173,32 @@ def recipe_from(path: str | Path | None = None, overrides: dict | None = None) -
     recipe, known = Recipe(), {f.name: f for f in fields(Recipe)}
     for key, value in values.items():
         if key not in known:
-            where = f" in {path}" if path else ""
-            raise ValueError(f"unknown setting {key!r}{where}; known: {', '.join(known)}")
+            raise ValueError(_unknown(key, path, list(known)))
         setattr(recipe, key, _typed(key, value, getattr(Recipe(), key)))
+    recipe.given = frozenset(values)
     return recipe.check()
+
+
+def _unknown(key: str, path, known: list[str]) -> str:
+    """The error of an unknown setting: the close name first (a typo is the usual cause), then every name."""
+    where = f" in {path}" if path else ""
+    close = difflib.get_close_matches(key, known, n=1)
+    guess = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown setting {key!r}{where}{guess} (known: {', '.join(known)})"
+
+
+def read_recipe_file(path: str | Path):
+    """The parsed YAML (or JSON) of a recipe file; a syntax error is a one-line ValueError naming the file, line
+    and column (the CLI prints ValueErrors as one line, not a traceback)."""
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(path)
+        why = "; ".join(filter(None, (err.context, err.problem)))
+        raise ValueError(f"{where}: not valid YAML ({why})") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML ({err})") from None
 
 
 def _typed(key, value, default):
@@ -223,6 +249,6 @@ def with_model(path: str | Path | None, overrides: dict, model: str | None) -> d
     names one (the recipe default 0.25 belongs to the demo's PSPNet-R18, not to any model named on the CLI)."""
     if not model:
         return overrides
-    from_file = yaml.safe_load(Path(path).read_text()) if path else {}
+    from_file = read_recipe_file(path) if path else {}
     named = "width" in overrides or (isinstance(from_file, dict) and "width" in from_file)
     return {**overrides, "model": model, **({} if named else {"width": 0})}

@@ -75,7 +75,11 @@ def step_recipe(config: dict, path: str | Path | None = None, overrides: dict | 
     known = {f.name for f in dataclasses.fields(Recipe)}
     saved = {k: v for k, v in config.get("recipe", {}).items() if k in known}
     base = {"task": task_name(config), **saved} if path is None else {}
-    return recipe_from(path, {**base, **(overrides or {})})
+    recipe = recipe_from(path, {**base, **(overrides or {})})
+    if "num_classes" in base and "num_classes" not in (overrides or {}) and \
+            saved["num_classes"] != config.get("model_kwargs", {}).get("num_classes"):
+        recipe.given -= {"num_classes"}  # a saved default the model was not built with: its data chose the count
+    return recipe
 
 
 def finetune_checkpoint(folder: str | Path, out: str | Path, *, recipe_path: str | Path | None = None,

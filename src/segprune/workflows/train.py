@@ -21,6 +21,7 @@ from segprune.train.aux import AuxLoss
 from segprune.train.loop import SegmentationLoss, fit
 from segprune.train.resume import Checkpoints
 from segprune.workflows import rundir
+from segprune.workflows.data import inferred_classes_note
 from segprune.workflows.methods import method, regularizer
 from segprune.workflows.recipe import Recipe, as_plain
 from segprune.workflows.tasks import task_of
@@ -61,6 +62,8 @@ def run_training(recipe: Recipe, out: str | Path, device="cpu", *, resume: bool 
 
     say(f"{'resuming' if resume else 'training'} {recipe.model} ({task.name}) on {recipe.data} for {recipe.epochs} "
         f"epochs ({world} process(es), device {device})")
+    if note := inferred_classes_note(train_loader):
+        say(note)
     loss = task.loss(recipe, net, train_loader)
     if aux is not None:
         loss = SegmentationLoss(aux.criterion(task.pixel_loss(recipe, train_loader)))

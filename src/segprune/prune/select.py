@@ -1,4 +1,4 @@
-"""Methods decide what to cut from the criteria's scores; they never look at weights themselves.
+"""Selection decides what to cut from the criteria's scores; it never looks at weights itself.
 
 `ratio` is always the fraction of prunable channels removed. A per-layer floor keeps at least
 `max(1, ceil(min_keep * width))` channels of every member of a group (a group joined by a concat holds
@@ -113,4 +113,4 @@ def _at_floor(groups, scores, order) -> list[str]:
     return [g.modules("out")[0] for g in groups if g.id in scores and taken.get(g.id, 0) < g.prunable.sum()]
 
 
-METHODS = {"global": select_global, "uniform": select_uniform}
+SELECTIONS = {"global": select_global, "uniform": select_uniform}
