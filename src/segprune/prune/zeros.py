@@ -28,7 +28,7 @@ NONZERO = set(
 RESET = {"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "linear",
          "zeros_like", "zero", "new_zeros"}
 _ADDITIVE = {"add", "sub", "rsub"}
-# products and contractions: a traced factor carries the same channel in every traced operand (rules.py)
+# products and contractions: a traced factor carries the same channel in every traced operand (rules/attention.py)
 _PRODUCTS = {"mul", "matmul", "rmatmul", "mm", "bmm", "einsum"}
 _NORMS = {"batch_norm", "group_norm", "layer_norm", "instance_norm"}
 
