@@ -7,6 +7,7 @@ import numpy as np
 from segprune.prune.rules.base import _arg, rule, unknown
 from segprune.prune.surgery import surgery_for
 
+
 # --- producers and consumers ------------------------------------------------------------------------
 def _owner(st, param, name):
     """(module name, module) owning a weight, or None when the weight is computed or not a parameter."""

@@ -8,6 +8,7 @@ from segprune._utils import tensors
 from segprune.prune.rules.base import _arg, _dim, rule
 from segprune.prune.rules.elementwise import elementwise
 
+
 # --- reductions ---------------------------------------------------------------------------------------
 @rule("sum", "mean", "amax", "amin", "std", "var", "norm", "prod", "logsumexp", "nansum", "nanmean", "median",
       "max", "min", "argmax", "argmin", "all", "any")
