@@ -13,6 +13,7 @@ row also records our default build (256-channel auxiliary head as in the release
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -87,6 +88,7 @@ def measure(name: str, num_classes: int, size: tuple[int, int], params: float, m
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     start = time.perf_counter()
     check = meta_vs_cpu()
     rows = [measure(*entry) for entry in PUBLISHED]
