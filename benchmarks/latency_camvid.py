@@ -5,25 +5,28 @@ One seed per run (initialisation, data order, fine-tuning all follow it):
 1. PSPNet-R18 x0.25 is trained on CamVid train at --size for --epochs (AdamW, poly decay) with the validation
    split's mIoU recorded after every epoch (the curve, to show the plateau); cached under --cache, so a rerun
    skips training;
-2. an eager-CPU :class:`segprune.LatencyTable` at --threads threads is measured for it (cached beside it);
+2. a :class:`segprune.LatencyTable` on --runtime (``eager``, ``onnxruntime``, ``openvino:fp32``, any registered
+   runtime and precision) at --threads threads is measured for it (cached beside it);
 3. three pruned models; ours (latency and MAC allocation) share one importance, --criterion: ``taylor`` (first-order
    loss change on 8 training batches, HALP's importance: importance per millisecond is only meaningful when the
    importance estimates the loss) or ``l1`` (filter norms, which do not compare across layers); the peer keeps its
    own magnitude importance:
-   - ``latency``: ``prune(target_latency=--target, latency=table)``;
+   - ``latency``: ``prune(target_latency=--target, latency=table)``, with ``--closed-loop`` measured on the
+     runtime and re-allocated until within 5 % of the target (:class:`segprune.eval.latency.LatencyMeter`);
    - ``macs``: ``prune(target_macs=m)``, one global threshold, with m chosen so that its *measured* latency matches
      the latency model's (the table's guess first, then secant steps on interleaved measurements);
    - ``peer``: torch-pruning's MagnitudePruner (L1, global), its pruning ratio bisected on measured latency;
 4. the train-only auxiliary head is dropped from all three (the peer leaves it unpruned), each is fine-tuned for
    --finetune-epochs with the same learning rate, and evaluated on the CamVid test split;
-5. latency: all three and the unpruned model fused and timed interleaved, --rounds rounds, median.
+5. latency: all three and the unpruned model fused, deployed on --runtime (outputs checked against eager) and timed
+   interleaved, --rounds rounds, median. Every latency in a run (table, matching, final timing) is on --runtime.
 
-    python benchmarks/latency_camvid.py --seed 1 [--criterion taylor] [--epochs 40] [--finetune-epochs 8]
+    python benchmarks/latency_camvid.py --seed 1 [--criterion taylor] [--runtime openvino:fp32 --closed-loop]
     python benchmarks/latency_camvid.py --summarise results/latency_camvid_taylor_seed1.json ...
 
-A run writes results/latency_camvid_<criterion>_seed<N>.json; --summarise writes
-results/latency_camvid_<criterion>.{json,md} (mean and standard error over seeds, paired differences) and puts its
-rows into results/latency_aware.json.
+A run writes results/latency_camvid_<criterion>[_<runtime>]_seed<N>.json (no runtime part for eager); --summarise
+writes results/latency_camvid_<criterion>[_<runtime>].{json,md} (mean and standard error over seeds, paired
+differences) and puts its rows into results/latency_aware.json.
 """
 
 from __future__ import annotations
@@ -46,10 +49,11 @@ from common import RESULTS, machine, write_result  # noqa: E402
 
 import segprune  # noqa: E402
 from segprune._utils import IGNORE_INDEX  # noqa: E402
-from segprune.eval.latency import RuntimeTimer, measure_latency_table  # noqa: E402
+from segprune.eval.latency import LatencyMeter, RuntimeTimer, measure_latency_table  # noqa: E402
 from segprune.eval.metrics import evaluate  # noqa: E402
 from segprune.eval.profile import count_macs  # noqa: E402
 from segprune.export.fuse import fuse_conv_bn  # noqa: E402
+from segprune.export.runtimes import parse, spec_type  # noqa: E402
 from segprune.models import create_model  # noqa: E402
 from segprune.prune import Taylor  # noqa: E402
 from segprune.train.loop import fit  # noqa: E402
@@ -88,9 +92,17 @@ def trained(args, train_loader, val_loader, k) -> tuple[torch.nn.Module, list[fl
     return model, curve
 
 
+RUNTIME = "eager"  # set by main() from --runtime: every latency of a run is measured on it
+
+
 def timed(models: dict, x, threads: int, rounds: int) -> dict:
     fused = {label: fuse_conv_bn(copy.deepcopy(m).eval(), x) for label, m in models.items()}
-    return RuntimeTimer("eager", threads).time_models(fused, x, rounds)
+    return RuntimeTimer(RUNTIME, threads).time_models(fused, x, rounds)
+
+
+def tag(runtime: str) -> str:
+    """The file-name part of a runtime spec: '' for eager (the first runs' names), else '_openvino_fp32'."""
+    return "" if runtime == "eager" else "_" + runtime.replace(":", "_")
 
 
 def latency_of(model, reference, x, threads, rounds=7) -> float:
@@ -139,13 +151,17 @@ def pruned_models(base, x, table, args, train_loader) -> tuple[dict, dict]:
     """allocation -> pruned model, and how the MAC and peer models were matched to the latency model."""
     groups, score = segprune.channel_groups(base, x), importance(args.criterion, base, train_loader)
     ours = lambda **kw: segprune.prune(base, x, criterion=score, groups=groups, **kw).model  # noqa: E731
-    lat = ours(target_latency=args.target, latency=table)
+    meter = LatencyMeter(base, x, args.runtime, threads=args.threads) if args.closed_loop else None
+    result = segprune.prune(base, x, criterion=score, groups=groups, target_latency=args.target, latency=table,
+                            measure=meter)
+    lat, closed = result.model, result.latency
     logs = {"macs": [], "peer": []}
     # MAC allocation: higher MAC target = slower, so the knob is 1 - target_macs
     macs, knob = match(lambda p: ours(target_macs=1 - p), 0.0, 0.95, lat, x, args.threads, logs["macs"])
     peer, ratio = match(lambda p: peer_prune(base, x, p), 0.0, 0.9, lat, x, args.threads, logs["peer"])
     return {"latency": lat, "macs": macs, "peer": peer}, {"macs_target": round(1 - knob, 4),
-                                                          "peer_ratio": round(ratio, 4), "search": logs}
+                                                          "peer_ratio": round(ratio, 4), "search": logs,
+                                                          "closed_loop": closed}
 
 
 def run(args) -> dict:
@@ -159,9 +175,12 @@ def run(args) -> dict:
         return None
     base.eval()
     train_s = time.perf_counter() - t0
-    table_path = Path(args.cache) / f"table_s{args.seed}_e{args.epochs}_t{args.threads}.json"
-    table = (segprune.LatencyTable.load(table_path, runtime="eager", threads=args.threads, input=x.shape, model=base)
-             if table_path.exists() else measure_latency_table(base, x, threads=args.threads, name="pspnet_r18_x025"))
+    table_path = Path(args.cache) / f"table_s{args.seed}_e{args.epochs}_t{args.threads}{tag(args.runtime)}.json"
+    runtime, precision = parse(args.runtime)
+    table = (segprune.LatencyTable.load(table_path, runtime=runtime.name, precision=precision, threads=args.threads,
+                                        input=x.shape, model=base)
+             if table_path.exists() else measure_latency_table(base, x, runtime=args.runtime, threads=args.threads,
+                                                               name="pspnet_r18_x025"))
     table.save(table_path)
     models, matching = pruned_models(base, x, table, args, train_loader)
     rows = [{"allocation": "unpruned", "miou": evaluate(base, test_loader, num_classes=k)["miou"]}]
@@ -186,8 +205,8 @@ def run(args) -> dict:
             "budget": {"model": "pspnet_resnet18", "width": 0.25, "size": args.size, "epochs": args.epochs,
                        "lr": args.lr, "finetune_epochs": args.finetune_epochs, "finetune_lr": args.finetune_lr,
                        "optimizer": "adamw", "seed": args.seed, "target_latency": args.target,
-                       "runtime": "eager", "threads": args.threads, "rounds": args.rounds,
-                       "criterion": args.criterion},
+                       "runtime": args.runtime, "threads": args.threads, "rounds": args.rounds,
+                       "criterion": args.criterion, **({"closed_loop": True} if args.closed_loop else {})},
             "train_seconds": round(train_s, 1), "val_curve": [round(v, 4) for v in curve],
             "matching": matching, "rows": rows}
 
@@ -230,9 +249,11 @@ def markdown(s: dict) -> str:
     b = s["budget"]
     lines = [f"# CamVid accuracy at equal measured latency (seeds {b['seed']})", "",
              f"PSPNet-R18 x{b['width']} at {b['size'][0]}x{b['size'][1]}, trained {b['epochs']} epochs (AdamW, lr "
-             f"{b['lr']}), pruned to {b['target_latency']} of its eager latency ({b['threads']} thread; our "
+             f"{b['lr']}), pruned to {b['target_latency']} of its {b['runtime']} latency ({b['threads']} thread; our "
              f"importance: {b['criterion']}), fine-tuned "
-             f"{b['finetune_epochs']} epochs (lr {b['finetune_lr']}); test split mIoU, mean ± s.e. over seeds.", "",
+             f"{b['finetune_epochs']} epochs (lr {b['finetune_lr']}); test split mIoU, mean ± s.e. over seeds"
+             + ("; the latency allocation closed-loop (measured and re-allocated)." if b.get("closed_loop") else "."),
+             "",
              "| allocation | test mIoU % | s.e. | per seed | latency ratio | MACs ratio |",
              "|---|---:|---:|---|---:|---:|"]
     lines += [f"| {r['allocation']} | {r['miou_mean']:.2f} | {r['miou_se']:.2f} | {', '.join(map(str, r['per_seed']))}"
@@ -252,12 +273,13 @@ def into_latency_aware(s: dict) -> None:
     data = json.loads(path.read_text())
     model = (f"pspnet_resnet18_x0.25 camvid {s['budget']['size'][0]}x{s['budget']['size'][1]} "
              f"({s['budget']['criterion']})")
-    data["rows"] = [r for r in data["rows"] if r["model"] != model]
-    data["rows"] += [{"model": model, "runtime": "eager", "allocation": r["allocation"] if r["allocation"] != "unpruned"
+    runtime = s["budget"]["runtime"]
+    data["rows"] = [r for r in data["rows"] if (r["model"], r["runtime"]) != (model, runtime)]
+    data["rows"] += [{"model": model, "runtime": runtime, "allocation": r["allocation"] if r["allocation"] != "unpruned"
                       else "none", "target": s["budget"]["target_latency"], "latency_ratio": r["latency_ratio"],
                       "macs_ratio": r["macs_ratio"], "miou": round(r["miou_mean"] / 100, 4),
                       "miou_se": round(r["miou_se"] / 100, 4), "seeds": s["budget"]["seed"]} for r in s["rows"]]
-    data.setdefault("camvid_paired", {})[s["budget"]["criterion"]] = s["paired"]
+    data.setdefault("camvid_paired", {})[s["budget"]["criterion"] + tag(runtime)] = s["paired"]
     command = "python benchmarks/latency_camvid.py --summarise " + " ".join(str(p) for p in s["sources"])
     data["commands"] = [c for c in data["commands"] if c != command] + [command]
     write_result("latency_aware", data)
@@ -279,19 +301,25 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--cache", default="/tmp/segprune_latency_camvid", help="trained models and tables")
     p.add_argument("--criterion", choices=["taylor", "l1"], default="taylor", help="importance of our allocations")
+    p.add_argument("--runtime", type=spec_type, default="eager", help="where every latency is measured: "
+                   "a registered runtime, optionally with a precision (openvino:fp32)")
+    p.add_argument("--closed-loop", action="store_true", help="measure the latency allocation on --runtime and "
+                   "re-allocate until within 5 %% of --target")
     p.add_argument("--train-only", action="store_true", help="train (into --cache) and stop")
     p.add_argument("--summarise", nargs="+", type=Path, help="seed results to combine")
     args = p.parse_args()
     if args.summarise:
         s = summarise(args.summarise)
-        name = f"latency_camvid_{s['budget']['criterion']}"
+        name = f"latency_camvid_{s['budget']['criterion']}{tag(s['budget']['runtime'])}"
         write_result(name, s)
         (RESULTS / f"{name}.md").write_text(markdown(s))
         into_latency_aware(s)
         return
+    global RUNTIME
+    RUNTIME = args.runtime
     result = run(args)
     if result is not None:
-        write_result(f"latency_camvid_{args.criterion}_seed{args.seed}", result)
+        write_result(f"latency_camvid_{args.criterion}{tag(args.runtime)}_seed{args.seed}", result)
 
 
 if __name__ == "__main__":
