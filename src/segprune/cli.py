@@ -22,6 +22,7 @@ from segprune.models import create_model
 from segprune.prune import channel_groups
 from segprune.train import distributed
 from segprune.workflows import bench as benchmark
+from segprune.workflows import rundir
 from segprune.workflows.compress import run
 from segprune.workflows.data import data_spec, has_splits, instance_dataset, open_dataset, with_data
 from segprune.workflows.inference import predict_images, report_folders
@@ -192,10 +193,10 @@ def cmd_predict(args) -> None:
 def cmd_bench(args) -> None:
     result = benchmark.bench(args.checkpoints, input_size=tuple(args.input_size), batch=args.batch,
                              rounds=args.rounds, runs=args.runs, warmup=args.warmup, threads=args.threads,
-                             fuse=args.fuse, onnx=args.onnx, runtimes=args.runtime)
+                             fuse=args.fuse, onnx=args.onnx, runtimes=args.runtime, json_path=args.json,
+                             force=args.force)
     print(benchmark.table(result))
     if args.json:
-        benchmark.write_json(result, args.json)
         print(f"JSON in {args.json}")
 
 
@@ -203,9 +204,9 @@ def cmd_export(args) -> None:
     outs = [p for p in (args.onnx, args.torchscript) if p]
     if not outs:
         raise ValueError("export needs --onnx OUT.onnx and/or --torchscript OUT.pt")
-    for out in outs:
-        if Path(out).exists() and not args.force:
-            raise FileExistsError(f"{out} already exists; pass --force to overwrite")
+    for option, out in (("--onnx", args.onnx), ("--torchscript", args.torchscript)):
+        if out:
+            rundir.claim_file(out, force=args.force, option=option)
     model = checkpoint.load(args.checkpoint)
     x = benchmark.example_input(args.checkpoint, tuple(args.input_size or _trained_size(args.checkpoint)),
                                 args.batch)
@@ -248,6 +249,7 @@ def _deploy_parsers(sub) -> None:
                    help=f"time on these runtimes, side by side: {', '.join(runtime_names())} (e.g. openvino:fp32)")
     b.add_argument("--onnx", action="store_true", help="also time on onnxruntime (as --runtime eager onnxruntime)")
     b.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    b.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     b.set_defaults(func=cmd_bench)
     e = sub.add_parser("export", help="export a checkpoint folder to ONNX (checked with onnxruntime) / TorchScript")
     e.add_argument("checkpoint")

@@ -28,14 +28,6 @@ from segprune.workflows.recipe import Recipe, recipe_from
 from segprune.workflows.tasks import task_of
 
 
-def claim_checkpoint(out: str | Path, *, force: bool) -> Path:
-    """Refuse an ``out`` that already holds a checkpoint (or a run) unless ``force``; before any work."""
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not force:
-        raise FileExistsError(f"{out} already holds a checkpoint; choose another --out or pass --force to overwrite")
-    return out
-
-
 def task_name(config: dict) -> str:
     """The task a checkpoint was trained for (checkpoints before tasks were semantic)."""
     return config.get("task", config.get("recipe", {}).get("task", "semantic"))
@@ -54,7 +46,7 @@ def prune_checkpoint(folder: str | Path, out: str | Path, *, method_name: str = 
     if method(method_name).needs_data:
         raise ValueError(f"method {method_name} needs training data: run a recipe with `method: {method_name}` "
                          f"(segprune run); on a checkpoint choose from {', '.join(checkpoint_methods())}")
-    out = claim_checkpoint(out, force=force)
+    out = rundir.claim(out, force=force)
     model, plan, config = checkpoint.load(folder), checkpoint.load_plan(folder), checkpoint.load_config(folder)
     x = torch.zeros(1, 3, *size)
     example = model.prune_inputs(x) if hasattr(model, "prune_inputs") else x  # YOLACT: prototypes <-> coefficients
@@ -86,7 +78,7 @@ def finetune_checkpoint(folder: str | Path, out: str | Path, *, recipe_path: str
                         overrides: dict | None = None, force: bool = False, progress: bool = True) -> Recipe:
     """Fine-tune the model in checkpoint ``folder`` ``finetune_epochs`` at ``finetune_lr`` on its recipe's
     training data (or ``recipe_path``'s) into checkpoint ``out``; returns the recipe used."""
-    out = claim_checkpoint(out, force=force)
+    out = rundir.claim(out, force=force)
     model, config = checkpoint.load(folder), checkpoint.load_config(folder)
     recipe = step_recipe(config, recipe_path, overrides or {})
     task = task_of(task_name(config))
