@@ -1,4 +1,5 @@
-"""The step-by-step commands on checkpoint folders: prune, fine-tune, evaluate (`segprune prune|finetune|eval`).
+"""The step-by-step commands on checkpoint folders: prune, fine-tune, evaluate (`segprune prune|finetune|eval`), and
+the channel groups of a registered model (`segprune groups`).
 
 Each checks where it will write before it works, so a refused ``--out`` costs nothing. A checkpoint folder holds
 its config (model, its arguments, the recipe it was trained with, the task), so a step after training reads the
@@ -8,6 +9,7 @@ data, sizes and task from there unless told otherwise.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 
 import torch
@@ -18,7 +20,8 @@ from segprune import checkpoint
 from segprune.eval.latency import LatencyMeter, cpu_model, measure_latency_table
 from segprune.eval.metrics import evaluate
 from segprune.export.runtimes import parse
-from segprune.prune import prune
+from segprune.models import create_model
+from segprune.prune import channel_groups, prune
 from segprune.prune.latency import LatencyTable
 from segprune.train.loop import fit
 from segprune.workflows import rundir
@@ -26,6 +29,16 @@ from segprune.workflows.data import evaluation_dataset, instance_dataset
 from segprune.workflows.methods import checkpoint_methods, method
 from segprune.workflows.recipe import Recipe, recipe_from
 from segprune.workflows.tasks import task_of
+
+
+def model_groups(name: str, *, num_classes: int = 19, width: float = 1.0, size: int = 256) -> tuple[list, list[str]]:
+    """`segprune groups`: the channel groups of registered model ``name`` traced on a ``size``² input, and the
+    warnings the trace gave, as text."""
+    model = create_model(name, num_classes=num_classes, width=width)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        groups = channel_groups(model, torch.zeros(1, 3, size, size))
+    return groups, [str(w.message) for w in caught]
 
 
 def task_name(config: dict) -> str:
