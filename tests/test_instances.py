@@ -519,7 +519,7 @@ def test_cli_trains_and_evaluates_an_instance_model(tmp_path, coco_tree, capsys)
         assert main(["eval", str(tuned), "--data", data]) == 0
     assert "mask AP" in capsys.readouterr().out
     assert main(["train", "--task", "instance", "--data", "synthetic", *common]) == 2  # the folder is in use
-    assert "already holds a run" in capsys.readouterr().err
+    assert "already holds checkpoints" in capsys.readouterr().err
 
 
 def test_slimming_penalises_the_prunable_bn_scales_and_cap_is_refused():

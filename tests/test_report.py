@@ -199,7 +199,7 @@ def test_report_command_names_bad_folders(tmp_path, capsys):
     good.mkdir()
     write_report(good, fake_report())
     with pytest.raises(ValueError, match="is one of the run folders"):
-        combined_report([good], good, force=True)
+        combined_report([good], good)
 
 
 def instance_report(title, mask_ap=(0.30, 0.28)):

@@ -8,26 +8,19 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from pathlib import Path
 
-import torch
-
 from segprune import checkpoint
-from segprune.data.check import check_splits
-from segprune.data.instances import DATA_LOSS, check_instances
-from segprune.export import export_onnx, export_torchscript, fuse_conv_bn
 from segprune.export.runtimes import runtime_names, spec_type
-from segprune.models import create_model
-from segprune.prune import channel_groups
 from segprune.train import distributed
 from segprune.workflows import bench as benchmark
 from segprune.workflows.compress import run
-from segprune.workflows.data import data_spec, has_splits, instance_dataset, open_dataset, with_data
+from segprune.workflows.data import check_data, check_instance_data, with_data
+from segprune.workflows.deploy import export_checkpoint
 from segprune.workflows.inference import predict_images, report_folders
 from segprune.workflows.methods import checkpoint_methods
 from segprune.workflows.recipe import demo_recipe, recipe_from, with_model
-from segprune.workflows.steps import evaluate_checkpoint, finetune_checkpoint, prune_checkpoint
+from segprune.workflows.steps import evaluate_checkpoint, finetune_checkpoint, model_groups, prune_checkpoint
 from segprune.workflows.train import run_training
 
 
@@ -88,10 +81,7 @@ def cmd_finetune(args) -> None:
 def cmd_check(args) -> None:
     if args.task == "instance":
         return _check_instances(args)
-    kind, root = data_spec(args.data)
-    # check_sizes off: each file is read once, in the check itself, so every bad one is reported
-    checks = check_splits(lambda split: open_dataset(kind, root, split=split, check_sizes=False),
-                          args.split if has_splits(kind) else ["all"])
+    kind, checks = check_data(args.data, args.split)
     for check in checks:
         print(f"{kind} {check.summary()}")
         for line in check.problems:
@@ -105,15 +95,11 @@ def cmd_check(args) -> None:
 
 def _check_instances(args) -> None:
     """`segprune check --task instance`: the annotation file's findings, then every image read."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the summary warning repeats what is printed here
-        dataset = instance_dataset(args.data, size=None)
-    problems = getattr(dataset, "problems", None)
-    for line in [] if problems is None else [problems.summary(), *problems.lines()]:
+    found = check_instance_data(args.data)
+    for line in found["notes"]:
         print(f"  {line}")
-    failures = check_instances(dataset)
-    lost = 0 if problems is None else sum(problems.count(kind) for kind in DATA_LOSS)
-    print(f"{args.data}: {len(dataset)} images, {len(failures)} unreadable, {lost} annotation problem(s)")
+    failures, lost = found["unreadable"], found["lost"]
+    print(f"{args.data}: {found['images']} images, {len(failures)} unreadable, {lost} annotation problem(s)")
     for line in failures:
         print(f"  {line}")
     if failures or lost:
@@ -121,16 +107,13 @@ def _check_instances(args) -> None:
 
 
 def cmd_groups(args) -> None:
-    model = create_model(args.model, num_classes=args.num_classes, width=args.width)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        groups = channel_groups(model, torch.zeros(1, 3, args.size, args.size))
+    groups, caught = model_groups(args.model, num_classes=args.num_classes, width=args.width, size=args.size)
     for g in groups:
         print(g)
     prunable = sum(int(g.prunable.sum()) for g in groups)
     print(f"{len(groups)} groups, {prunable} prunable channels of {sum(g.size for g in groups)}")
-    for w in caught:
-        print(f"warning: {w.message}")
+    for message in caught:
+        print(f"warning: {message}")
 
 
 def cmd_train(args) -> None:
@@ -192,45 +175,27 @@ def cmd_predict(args) -> None:
 def cmd_bench(args) -> None:
     result = benchmark.bench(args.checkpoints, input_size=tuple(args.input_size), batch=args.batch,
                              rounds=args.rounds, runs=args.runs, warmup=args.warmup, threads=args.threads,
-                             fuse=args.fuse, onnx=args.onnx, runtimes=args.runtime)
+                             fuse=args.fuse, onnx=args.onnx, runtimes=args.runtime, json_path=args.json,
+                             force=args.force)
     print(benchmark.table(result))
     if args.json:
-        benchmark.write_json(result, args.json)
         print(f"JSON in {args.json}")
 
 
 def cmd_export(args) -> None:
-    outs = [p for p in (args.onnx, args.torchscript) if p]
-    if not outs:
-        raise ValueError("export needs --onnx OUT.onnx and/or --torchscript OUT.pt")
-    for out in outs:
-        if Path(out).exists() and not args.force:
-            raise FileExistsError(f"{out} already exists; pass --force to overwrite")
-    model = checkpoint.load(args.checkpoint)
-    x = benchmark.example_input(args.checkpoint, tuple(args.input_size or _trained_size(args.checkpoint)),
-                                args.batch)
-    benchmark.check_takes(args.checkpoint, model, x)
-    if args.fuse:
-        model = fuse_conv_bn(model, x)
-    try:
-        if args.onnx:
-            r = export_onnx(model, x, args.onnx, opset=args.opset, dynamic=args.dynamic, atol=args.atol, rtol=args.rtol)
-            axes = ", ".join(r["dynamic_axes"].values()) or "none"
-            print(f"{r['path']}: {r['file_bytes'] / 1024:,.1f} KiB, opset {r['opset']} ({r['exporter']} exporter), "
-                  f"dynamic axes: {axes}; onnxruntime max abs diff {r['max_abs_diff']:.2e} on {r['checked_shapes']}")
-            for note in r["notes"]:
-                print(f"  note: {note}")
-        if args.torchscript:
-            r = export_torchscript(model, x, args.torchscript)
-            print(f"{r['path']}: {r['file_bytes'] / 1024:,.1f} KiB, max abs diff {r['max_abs_diff']:.2e}")
-    except ImportError as err:
-        raise ValueError(str(err)) from err
-
-
-def _trained_size(folder) -> tuple[int, int]:
-    """The input size a checkpoint's recipe trained at (``config.json``), else 512×512."""
-    size = checkpoint.load_config(folder).get("recipe", {}).get("size")
-    return tuple(size) if isinstance(size, list) and len(size) == 2 else (512, 512)
+    results = export_checkpoint(args.checkpoint, onnx=args.onnx, torchscript=args.torchscript, fuse=args.fuse,
+                                input_size=args.input_size, batch=args.batch, opset=args.opset,
+                                dynamic=args.dynamic, atol=args.atol, rtol=args.rtol, force=args.force)
+    if "onnx" in results:
+        r = results["onnx"]
+        axes = ", ".join(r["dynamic_axes"].values()) or "none"
+        print(f"{r['path']}: {r['file_bytes'] / 1024:,.1f} KiB, opset {r['opset']} ({r['exporter']} exporter), "
+              f"dynamic axes: {axes}; onnxruntime max abs diff {r['max_abs_diff']:.2e} on {r['checked_shapes']}")
+        for note in r["notes"]:
+            print(f"  note: {note}")
+    if "torchscript" in results:
+        r = results["torchscript"]
+        print(f"{r['path']}: {r['file_bytes'] / 1024:,.1f} KiB, max abs diff {r['max_abs_diff']:.2e}")
 
 
 def _deploy_parsers(sub) -> None:
@@ -248,6 +213,7 @@ def _deploy_parsers(sub) -> None:
                    help=f"time on these runtimes, side by side: {', '.join(runtime_names())} (e.g. openvino:fp32)")
     b.add_argument("--onnx", action="store_true", help="also time on onnxruntime (as --runtime eager onnxruntime)")
     b.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    b.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     b.set_defaults(func=cmd_bench)
     e = sub.add_parser("export", help="export a checkpoint folder to ONNX (checked with onnxruntime) / TorchScript")
     e.add_argument("checkpoint")

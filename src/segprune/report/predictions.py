@@ -47,18 +47,8 @@ def output_names(files: Sequence[Path]) -> list[str]:
     return [f"{n}_{k}" if names.count(n) > 1 else n for k, n in enumerate(names)]
 
 
-def check_out(out: str | Path, *, overwrite: bool = False) -> Path:
-    """``out`` as a folder to write predictions into; refused (before any work) when it already holds some."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"{out}: exists and is not a folder; choose another --out")
-    if (out / SUMMARY).exists() and not overwrite:
-        raise FileExistsError(f"{out} already holds predictions ({SUMMARY}); choose another --out or pass --force")
-    return out
-
-
-def write_predictions(predictor: Predictor, inputs: Sequence[str | Path], out: str | Path, *,
-                      overwrite: bool = False, alpha: float = 0.5, overlay_format: str = "jpg") -> dict:
+def write_predictions(predictor: Predictor, inputs: Sequence[str | Path], out: str | Path, *, alpha: float = 0.5,
+                      overlay_format: str = "jpg") -> dict:
     """Predict every image of ``inputs`` and write ``<name>_mask.png``, ``<name>_overlay.<overlay_format>`` and
     ``predictions.json`` into ``out``.
 
@@ -66,7 +56,6 @@ def write_predictions(predictor: Predictor, inputs: Sequence[str | Path], out: s
         predictor: The model and its settings (size, tile, ...), see :class:`~segprune.eval.inference.Predictor`.
         inputs: Image files and folders of images.
         out: Output folder (created).
-        overwrite: Write into a folder that already holds predictions.
         alpha: Weight of the class colours in the overlays.
         overlay_format: ``jpg`` (small) or ``png`` (exact).
 
@@ -75,7 +64,7 @@ def write_predictions(predictor: Predictor, inputs: Sequence[str | Path], out: s
         ``overlay``, ``size`` [H, W], ``class_share`` {class name: fraction of pixels} or ``error``), ``failed``
         (how many could not be predicted), ``num_classes``, ``class_names``.
     """
-    out = check_out(out, overwrite=overwrite)
+    out = Path(out)  # claimed by the caller (segprune.workflows.rundir): this writes over earlier predictions
     files = image_files(inputs)
     out.mkdir(parents=True, exist_ok=True)
     entries = [_predict_one(predictor, file, out, name, alpha, overlay_format)

@@ -451,15 +451,14 @@ def _names(folders: Sequence[Path]) -> list[str]:
     return [f"{f.parent.name}/{f.name}" if names.count(n) > 1 else n for f, n in zip(folders, names)]
 
 
-def combined_report(folders: Sequence[str | Path], out: str | Path, *, force: bool = False,
-                    reports: Sequence[dict] | None = None) -> dict:
+def combined_report(folders: Sequence[str | Path], out: str | Path, *, reports: Sequence[dict] | None = None) -> dict:
     """One report (report.json, report.md, report.html in `out`) over several run folders: a table with one row
     per run and the accuracy vs MACs / latency plots across all of them. `reports`: the runs' reports when they
-    were measured by the caller (one per folder), instead of each folder's report.json.
+    were measured by the caller (one per folder), instead of each folder's report.json. A report already in `out`
+    is replaced: commands claim `out` first (:func:`segprune.workflows.rundir.claim`).
 
     Raises:
         FileNotFoundError / ValueError: a folder without a readable report.json (named).
-        FileExistsError: `out` already holds a report and `force` is not set.
     """
     folders, out = [Path(f) for f in folders], Path(out)
     if not folders:
@@ -472,9 +471,6 @@ def combined_report(folders: Sequence[str | Path], out: str | Path, *, force: bo
                          "put mIoU and mask AP on one axis; report semantic and instance runs separately")
     if any(out.resolve() == f.resolve() for f in folders):
         raise ValueError(f"{out}: is one of the run folders; its own report would be replaced: choose another --out")
-    existing = [name for name in FILES if (out / name).exists()]
-    if existing and not force:
-        raise FileExistsError(f"{out} already holds {', '.join(existing)}; choose another --out or pass --force")
     names = _names(folders)
     title = f"{len(reports)} runs" if len(reports) > 1 else reports[0]["title"]
     combined = {"title": title, "accuracy": accuracy_of(reports[0])[0],

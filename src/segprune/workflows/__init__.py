@@ -3,11 +3,12 @@
 - :mod:`~segprune.workflows.recipe`: the flat typed Recipe, read from YAML and ``--set`` overrides;
 - :mod:`~segprune.workflows.methods`: the one registry of methods (sparsity, criterion, strategy);
 - :mod:`~segprune.workflows.tasks`: the Task interface (semantic, instance);
-- :mod:`~segprune.workflows.data`: datasets and loaders of a recipe or a ``--data`` string;
-- :mod:`~segprune.workflows.rundir`: run folders (refuse, clear, seed, log);
+- :mod:`~segprune.workflows.data`: datasets and loaders of a recipe or a ``--data`` string, ``segprune check``;
+- :mod:`~segprune.workflows.rundir`: output folders (claim: the one refusal of a used output; clear, seed, log);
 - :mod:`~segprune.workflows.compress` (``segprune run|demo``), :mod:`~segprune.workflows.train`
-  (``segprune train``), :mod:`~segprune.workflows.steps` (``prune|finetune|eval`` on checkpoints),
-  :mod:`~segprune.workflows.bench` (``segprune bench``).
+  (``segprune train``), :mod:`~segprune.workflows.steps` (``prune|finetune|eval|groups`` on checkpoints and
+  models), :mod:`~segprune.workflows.bench` (``segprune bench``), :mod:`~segprune.workflows.deploy`
+  (``segprune export``), :mod:`~segprune.workflows.inference` (``segprune predict|report``).
 
 Nothing below this floor imports it; ``cli.py`` parses arguments and calls it.
 """

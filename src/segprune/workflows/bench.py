@@ -28,6 +28,7 @@ from segprune.eval.profile import compare_latency, count_macs, count_params, fil
 from segprune.export.deploy import deploy
 from segprune.export.fuse import fuse_conv_bn
 from segprune.export.runtimes import get_runtime, parse, runtime_names
+from segprune.workflows import rundir
 
 RATIO_KEYS = ("params", "macs", "weights_bytes", "onnx_bytes", "latency_ms", "onnx_latency_ms")
 
@@ -94,7 +95,8 @@ def machine() -> dict:
 
 def bench(folders: list[str | Path], *, input_size: tuple[int, int], batch: int = 1, rounds: int = 7,
           runs: int = 10, warmup: int = 3, threads: int = 1, fuse: bool = True, onnx: bool = False,
-          runtimes: Sequence[str] = ("eager",), slow: float = 1.5) -> dict:
+          runtimes: Sequence[str] = ("eager",), slow: float = 1.5, json_path: str | Path | None = None,
+          force: bool = False) -> dict:
     """Cost and interleaved latency of several checkpoints on one input size, on each runtime asked for.
 
     Every checkpoint is deployed on every runtime (exported once where a runtime takes ONNX, outputs checked against
@@ -107,6 +109,8 @@ def bench(folders: list[str | Path], *, input_size: tuple[int, int], batch: int 
         onnx: the older spelling of adding ``onnxruntime`` to ``runtimes``.
         slow: flag a runtime whose latency is at least this multiple of the fastest runtime's on a checkpoint;
             the flag names the runtime's slowest op types where it can profile (onnxruntime, OpenVINO).
+        json_path: Also write the result there as JSON (see :func:`write_json`); claimed before any work, so an
+            existing file is refused unless ``force``.
 
     Returns:
         ``settings``, ``machine`` and ``rows``: per checkpoint its ``name``, ``path``, ``params``, ``macs``,
@@ -118,6 +122,8 @@ def bench(folders: list[str | Path], *, input_size: tuple[int, int], batch: int 
     specs = list(dict.fromkeys([*runtimes, *(["onnxruntime"] if onnx else [])]))
     for spec in specs:
         parse(spec)  # an unknown runtime or precision is refused before any work
+    if json_path:
+        rundir.claim_file(json_path, force=force, option="--json")
     folders = [Path(f) for f in folders]
     if not folders:
         raise ValueError("bench needs at least one checkpoint folder")
@@ -146,7 +152,10 @@ def bench(folders: list[str | Path], *, input_size: tuple[int, int], batch: int 
                 entry["speedup"] = base / entry["latency_ms"]
     settings = dict(input_size=list(input_size), batch=batch, rounds=rounds, runs=runs, warmup=warmup,
                     threads=threads, fused=fuse, onnx=onnx, runtimes=specs)
-    return dict(settings=settings, machine=machine(), rows=list(rows.values()))
+    result = dict(settings=settings, machine=machine(), rows=list(rows.values()))
+    if json_path:
+        write_json(result, json_path)
+    return result
 
 
 def _deployed(models: dict[str, nn.Module], x: torch.Tensor, specs: list[str], tmp: Path, threads: int,
@@ -245,7 +254,4 @@ def _notes(rows: list[dict]) -> list[str]:
 
 def write_json(result: dict, path: str | Path) -> None:
     """Write ``result`` to ``path`` atomically (temporary file, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, path)
+    rundir.write_atomic(Path(path), json.dumps(result, indent=2) + "\n")

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import warnings
+from collections.abc import Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from segprune.data import DATASETS, build_dataset, eval_transforms, train_transforms
-from segprune.data.instances import CocoInstances
+from segprune.data.check import SplitCheck, check_splits
+from segprune.data.instances import DATA_LOSS, CocoInstances, check_instances
 from segprune.data.synthetic import SyntheticInstances, SyntheticScenes
 from segprune.workflows.recipe import Recipe
 
@@ -171,3 +174,29 @@ def instance_dataset(spec: str, *, size=(550, 550), train: bool = False, seed: i
     if kind != "coco" or not sep or not images or not annotations:
         raise ValueError(f"instance data is coco:IMAGES_DIR:ANNOTATIONS_JSON or synthetic, got {spec!r}")
     return CocoInstances(images, annotations, size=size, train=train, seed=seed)
+
+
+def check_data(spec: str, splits: Sequence[str] = ("train", "val", "test")) -> tuple[str, list[SplitCheck]]:
+    """`segprune check`: read every sample of the semantic dataset ``spec`` (``KIND:PATH``) in ``splits`` (all of
+    it where it has no splits); returns (kind, one check per split, naming every bad file)."""
+    kind, root = data_spec(spec)
+    # check_sizes off: each file is read once, in the check itself, so every bad one is reported
+    checks = check_splits(lambda split: open_dataset(kind, root, split=split, check_sizes=False),
+                          list(splits) if has_splits(kind) else ["all"])
+    return kind, checks
+
+
+def check_instance_data(spec: str) -> dict:
+    """`segprune check --task instance`: the annotation file's findings, then every image read.
+
+    Returns:
+        ``images`` (how many), ``notes`` (the annotation findings: a summary, then one line each), ``unreadable``
+        (a line per image that cannot be read) and ``lost`` (annotation problems that lose data).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the summary warning repeats what the findings say
+        dataset = instance_dataset(spec, size=None)
+    problems = getattr(dataset, "problems", None)
+    return {"images": len(dataset), "notes": [] if problems is None else [problems.summary(), *problems.lines()],
+            "unreadable": check_instances(dataset),
+            "lost": 0 if problems is None else sum(problems.count(kind) for kind in DATA_LOSS)}

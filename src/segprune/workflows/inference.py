@@ -21,8 +21,9 @@ from segprune.data import IMAGENET_MEAN, IMAGENET_STD
 from segprune.data.synthetic import SyntheticScenes
 from segprune.eval.inference import OnnxModel, Predictor
 from segprune.eval.profile import compare_latency, profile
-from segprune.report.predictions import check_out, write_predictions
-from segprune.report.writer import combined_report, write_model_report
+from segprune.report.predictions import SUMMARY, write_predictions
+from segprune.report.writer import FILES, combined_report, write_model_report
+from segprune.workflows import rundir
 from segprune.workflows.data import class_names, semantic_datasets
 from segprune.workflows.steps import step_recipe, task_name
 from segprune.workflows.tasks import task_of
@@ -53,8 +54,8 @@ def predictor(source: str | Path, *, device="cpu", runtime: str = "onnxruntime",
 def predict_images(source: str | Path, images, out: str | Path, *, force: bool = False, **settings) -> dict:
     """Masks (palette PNGs keeping the labels) and overlays of ``images`` (files or folders) in ``out``, with
     predictions.json; ``out`` is checked before the model is loaded. Returns the summary."""
-    check_out(out, overwrite=force)
-    return write_predictions(predictor(source, **settings), images, out, overwrite=force)
+    rundir.claim(out, writes=(SUMMARY,), force=force)
+    return write_predictions(predictor(source, **settings), images, out)
 
 
 def checkpoint_in(folder: str | Path) -> Path:
@@ -73,11 +74,14 @@ def report_folders(folders, out: str | Path, *, force: bool = False, threads: in
     """`segprune report`: compression runs (report.json with before/after) are combined as they are; folders that
     hold only a checkpoint are evaluated on their recipe's validation split, measured (latency interleaved
     across them) and each gets its own report.json/md/html; several are then combined as steps, each against the
-    first (the unpruned model), like `segprune bench`."""
+    first (the unpruned model), like `segprune bench`. ``out`` is claimed before any work wherever a combined
+    report goes there (not for one checkpoint folder, whose report is its own)."""
     folders = [Path(f) for f in folders]
     runs = [f for f in folders if _is_run(f)]
+    if len(runs) == len(folders) or (not runs and len(folders) > 1):
+        rundir.claim(out, writes=FILES, force=force)
     if len(runs) == len(folders):
-        return combined_report(folders, out, force=force)
+        return combined_report(folders, out)
     if runs:
         raise ValueError(f"segprune report: mix of compression runs ({', '.join(map(str, runs))}) and checkpoint "
                          "folders; report them separately")
@@ -88,7 +92,7 @@ def report_folders(folders, out: str | Path, *, force: bool = False, threads: in
     if len(folders) == 1:
         return {"runs": [str(folders[0])], "notes": [], "path": str(folders[0] / "report.html")}
     steps = [_as_step(row, rows[0]) for row in rows]
-    return combined_report(folders, out, force=force, reports=steps)
+    return combined_report(folders, out, reports=steps)
 
 
 def _is_run(folder: Path) -> bool:

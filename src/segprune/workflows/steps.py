@@ -1,4 +1,5 @@
-"""The step-by-step commands on checkpoint folders: prune, fine-tune, evaluate (`segprune prune|finetune|eval`).
+"""The step-by-step commands on checkpoint folders: prune, fine-tune, evaluate (`segprune prune|finetune|eval`), and
+the channel groups of a registered model (`segprune groups`).
 
 Each checks where it will write before it works, so a refused ``--out`` costs nothing. A checkpoint folder holds
 its config (model, its arguments, the recipe it was trained with, the task), so a step after training reads the
@@ -8,6 +9,7 @@ data, sizes and task from there unless told otherwise.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 
 import torch
@@ -18,7 +20,8 @@ from segprune import checkpoint
 from segprune.eval.latency import LatencyMeter, cpu_model, measure_latency_table
 from segprune.eval.metrics import evaluate
 from segprune.export.runtimes import parse
-from segprune.prune import prune
+from segprune.models import create_model
+from segprune.prune import channel_groups, prune
 from segprune.prune.latency import LatencyTable
 from segprune.train.loop import fit
 from segprune.workflows import rundir
@@ -28,12 +31,14 @@ from segprune.workflows.recipe import Recipe, recipe_from
 from segprune.workflows.tasks import task_of
 
 
-def claim_checkpoint(out: str | Path, *, force: bool) -> Path:
-    """Refuse an ``out`` that already holds a checkpoint (or a run) unless ``force``; before any work."""
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not force:
-        raise FileExistsError(f"{out} already holds a checkpoint; choose another --out or pass --force to overwrite")
-    return out
+def model_groups(name: str, *, num_classes: int = 19, width: float = 1.0, size: int = 256) -> tuple[list, list[str]]:
+    """`segprune groups`: the channel groups of registered model ``name`` traced on a ``size``² input, and the
+    warnings the trace gave, as text."""
+    model = create_model(name, num_classes=num_classes, width=width)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        groups = channel_groups(model, torch.zeros(1, 3, size, size))
+    return groups, [str(w.message) for w in caught]
 
 
 def task_name(config: dict) -> str:
@@ -54,7 +59,7 @@ def prune_checkpoint(folder: str | Path, out: str | Path, *, method_name: str = 
     if method(method_name).needs_data:
         raise ValueError(f"method {method_name} needs training data: run a recipe with `method: {method_name}` "
                          f"(segprune run); on a checkpoint choose from {', '.join(checkpoint_methods())}")
-    out = claim_checkpoint(out, force=force)
+    out = rundir.claim(out, force=force)
     model, plan, config = checkpoint.load(folder), checkpoint.load_plan(folder), checkpoint.load_config(folder)
     x = torch.zeros(1, 3, *size)
     example = model.prune_inputs(x) if hasattr(model, "prune_inputs") else x  # YOLACT: prototypes <-> coefficients
@@ -86,7 +91,7 @@ def finetune_checkpoint(folder: str | Path, out: str | Path, *, recipe_path: str
                         overrides: dict | None = None, force: bool = False, progress: bool = True) -> Recipe:
     """Fine-tune the model in checkpoint ``folder`` ``finetune_epochs`` at ``finetune_lr`` on its recipe's
     training data (or ``recipe_path``'s) into checkpoint ``out``; returns the recipe used."""
-    out = claim_checkpoint(out, force=force)
+    out = rundir.claim(out, force=force)
     model, config = checkpoint.load(folder), checkpoint.load_config(folder)
     recipe = step_recipe(config, recipe_path, overrides or {})
     task = task_of(task_name(config))

@@ -81,7 +81,7 @@ def run_training(recipe: Recipe, out: str | Path, device="cpu", *, resume: bool 
     if main_rank:
         checkpoint.save(out / "model", model, config=config)
         # an instance run's file keeps COCOeval's own figures, as before the Task interface
-        (out / "metrics.json").write_text(json.dumps(metrics.get("coco", metrics), indent=2))
+        rundir.write_atomic(out / "metrics.json", json.dumps(metrics.get("coco", metrics), indent=2))
         say(f"{recipe.val_split} {task.summary(metrics)}; model in {out / 'model'}", always=True)  # even --quiet
     distributed.barrier()
     return metrics
