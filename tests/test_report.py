@@ -18,8 +18,11 @@ from segprune import checkpoint
 from segprune.cli import main
 from segprune.prune import channel_groups
 from segprune.report import html, plots
+from segprune.report.combined import combined_report
+from segprune.report.common import read_curves
 from segprune.report.environment import environment
-from segprune.report.writer import combined_report, read_curves, write_model_report, write_report
+from segprune.report.model import write_model_report
+from segprune.report.run import write_report
 from segprune.workflows import recipe_from, run, tasks
 from segprune.workflows.compress import layer_widths
 

@@ -32,8 +32,9 @@ from segprune.prune.plan import Plan
 from segprune.prune.postprune import pruning_path, select
 from segprune.prune.schedules import layer_by_layer, two_stage_global
 from segprune.prune.trace import trace
+from segprune.report.common import table
 from segprune.report.plots import plot_path
-from segprune.report.writer import table, write_report
+from segprune.report.run import write_report
 from segprune.train.aux import AuxLoss, add_losses
 from segprune.train.distill import distillation
 from segprune.train.loop import SegmentationLoss, fit

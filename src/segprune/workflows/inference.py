@@ -21,8 +21,10 @@ from segprune.data import IMAGENET_MEAN, IMAGENET_STD
 from segprune.data.synthetic import SyntheticScenes
 from segprune.eval.inference import OnnxModel, Predictor
 from segprune.eval.profile import compare_latency, profile
+from segprune.report.combined import combined_report
+from segprune.report.common import FILES
+from segprune.report.model import write_model_report
 from segprune.report.predictions import SUMMARY, write_predictions
-from segprune.report.writer import FILES, combined_report, write_model_report
 from segprune.workflows import rundir
 from segprune.workflows.data import class_names, semantic_datasets
 from segprune.workflows.steps import step_recipe, task_name

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import yaml
 
-from segprune.report.writer import _write as write_atomic
+from segprune.report.common import write_atomic
 
 # what a run that failed before its first checkpoint leaves
 LEFTOVERS = ("recipe.yaml", "log.txt", "tensorboard", "train.csv")

@@ -24,7 +24,7 @@ from segprune.data.loader import size_groups, size_tolerant
 from segprune.eval.instances import evaluate_model
 from segprune.eval.metrics import evaluate, predict
 from segprune.models.yolact_loss import InstanceLoss, YolactLoss
-from segprune.report.writer import INSTANCE_ROWS, ROWS
+from segprune.report.common import INSTANCE_ROWS, ROWS
 from segprune.train.distributed import ShardSampler
 from segprune.train.loop import SegmentationLoss
 from segprune.workflows.data import base_dataset, class_names, instance_datasets, semantic_loaders
