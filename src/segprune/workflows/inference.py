@@ -38,9 +38,8 @@ def predictor(source: str | Path, *, device="cpu", runtime: str = "onnxruntime",
     if str(source).endswith(".onnx"):
         return Predictor(OnnxModel(source, runtime=runtime), **settings)
     config = checkpoint.load_config(source)
-    if not checkpoint_task(config).per_pixel:
-        raise ValueError(f"{source}: predict writes per-pixel masks; this checkpoint holds an "
-                         f"{checkpoint_task(config).name} model")
+    if not (task := checkpoint_task(config)).per_pixel:
+        raise ValueError(f"{source}: predict writes per-pixel masks; this checkpoint holds an {task.name} model")
     recipe = config.get("recipe", {})
     synthetic = recipe.get("data", "synthetic") == "synthetic"
     defaults = dict(mean=SyntheticScenes.MEAN if synthetic else IMAGENET_MEAN,
