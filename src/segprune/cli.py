@@ -20,7 +20,14 @@ from segprune.workflows.deploy import export_checkpoint
 from segprune.workflows.inference import predict_images, report_folders
 from segprune.workflows.methods import checkpoint_methods
 from segprune.workflows.recipe import demo_recipe, recipe_from, with_model
-from segprune.workflows.steps import evaluate_checkpoint, finetune_checkpoint, model_groups, prune_checkpoint
+from segprune.workflows.steps import (
+    checkpoint_task,
+    evaluate_checkpoint,
+    finetune_checkpoint,
+    model_groups,
+    prune_checkpoint,
+)
+from segprune.workflows.tasks import DEFAULT_TASK, TASKS, recorded_task, task_of
 from segprune.workflows.train import run_training
 
 
@@ -38,17 +45,14 @@ def _summary(report: dict, out: str) -> None:
     """The one line a --quiet run prints."""
     b, a = report["before"], report["after"]
     cost = f"params x{a['params'] / b['params']:.3f}, MACs x{a['macs'] / b['macs']:.3f}; report in {out}/report.md"
-    if report.get("task") == "instance":
-        print(f"box AP {b['box_ap']:.4f} -> {a['box_ap']:.4f}, mask AP {b['mask_ap']:.4f} -> {a['mask_ap']:.4f}, "
-              + cost)
-        return
-    print(f"mIoU {b['miou']:.4f} -> {a['miou']:.4f}, " + cost)
-    if "fg_iou" in a:  # a binary (person / background) dataset
-        print(f"foreground IoU {b['fg_iou']:.4f} -> {a['fg_iou']:.4f}")
+    first, *more = recorded_task(report).change(b, a)
+    print(f"{first}, " + cost)
+    for line in more:
+        print(line)
 
 
 def cmd_demo(args) -> None:
-    out = args.out or ("segprune-instance-demo" if args.task == "instance" else "segprune-demo")
+    out = args.out or task_of(args.task).demo_out
     report = run(demo_recipe(args.task, _overrides(args.set)), out, force=args.force, progress=not args.quiet)
     if args.quiet:
         _summary(report, out)
@@ -79,7 +83,7 @@ def cmd_finetune(args) -> None:
 
 
 def cmd_check(args) -> None:
-    if args.task == "instance":
+    if not task_of(args.task).per_pixel:  # instance: COCO annotations
         return _check_instances(args)
     kind, checks = check_data(args.data, args.split)
     for check in checks:
@@ -118,7 +122,7 @@ def cmd_groups(args) -> None:
 
 def cmd_train(args) -> None:
     overrides = with_model(args.recipe, with_data(_overrides(args.set), args.data), args.model)
-    if args.task != "semantic":
+    if args.task:  # else the recipe's
         overrides["task"] = args.task
     recipe = recipe_from(args.recipe, overrides)
     out = Path(args.out or f"runs/{recipe.name}")
@@ -132,12 +136,14 @@ def cmd_train(args) -> None:
 
 def cmd_eval(args) -> None:
     config = checkpoint.load_config(args.checkpoint)
-    if args.task == "instance" and config.get("task") != "instance":
-        raise ValueError(f"{args.checkpoint} holds a semantic model ({config.get('model')}); drop --task instance")
+    task = checkpoint_task(config)
+    if args.task and task_of(args.task) is not task:
+        raise ValueError(f"{args.checkpoint} holds a {task.name} model ({config.get('model')}); "
+                         f"drop --task {args.task}")
     metrics, names = evaluate_checkpoint(args.checkpoint, args.data, split=args.split, samples=args.samples,
                                          batch_size=args.batch_size, eval_size=args.eval_size, device=args.device,
-                                         **({} if config.get("task") == "instance" else
-                                            dict(crop=args.crop, stride=args.stride, flip=args.flip)))
+                                         **(dict(crop=args.crop, stride=args.stride, flip=args.flip)
+                                            if task.per_pixel else {}))
     if "coco" in metrics:
         for kind, name in (("bbox", "box"), ("segm", "mask")):
             m = metrics["coco"][kind]
@@ -246,7 +252,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="sparsity-train, prune, fine-tune, fuse and report on synthetic scenes")
     _run_options(demo)
-    demo.add_argument("--task", choices=("semantic", "instance"), default="semantic",
+    demo.add_argument("--task", choices=tuple(TASKS), default=DEFAULT_TASK,
                       help="instance: YOLACT (test_yolact) with box/mask AP; default --out segprune-instance-demo")
     demo.set_defaults(func=cmd_demo)
     run = sub.add_parser("run", help="run a recipe (flat YAML) end to end")
@@ -283,7 +289,7 @@ def parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="read every sample of a dataset and report every bad file")
     check.add_argument("--data", required=True, metavar="KIND:PATH", help="e.g. camvid:../shared/data/camvid")
     check.add_argument("--split", nargs="+", default=["train", "val", "test"])
-    check.add_argument("--task", choices=("semantic", "instance"), default="semantic",
+    check.add_argument("--task", choices=tuple(TASKS), default=DEFAULT_TASK,
                        help="instance: COCO instances, --data coco:IMAGES_DIR:ANNOTATIONS_JSON")
     check.set_defaults(func=cmd_check)
     groups = sub.add_parser("groups", help="list the channel groups of a registered model")
@@ -297,8 +303,9 @@ def parser() -> argparse.ArgumentParser:
     tr.add_argument("--data", default=None, metavar="KIND[:PATH]", help="e.g. camvid:data/camvid or synthetic")
     tr.add_argument("--recipe", default=None, help="flat YAML recipe")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
-    tr.add_argument("--task", choices=("semantic", "instance"), default="semantic",
-                    help="instance: a YOLACT model on --data synthetic or coco:IMAGES_DIR:ANNOTATIONS_JSON")
+    tr.add_argument("--task", choices=tuple(TASKS), default=None,
+                    help="default: the recipe's (semantic); instance: a YOLACT model on --data synthetic or "
+                         "coco:IMAGES_DIR:ANNOTATIONS_JSON")
     _run_options(tr)
     tr.set_defaults(func=cmd_train)
     ev = sub.add_parser("eval", help="mIoU, per-class IoU and accuracies of a checkpoint folder")
@@ -312,7 +319,7 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--stride", type=int, nargs=2, default=None, metavar=("H", "W"), help="sliding-window step")
     ev.add_argument("--flip", action="store_true", help="average with the mirrored image's prediction")
     ev.add_argument("--device", default="cpu")
-    ev.add_argument("--task", choices=("semantic", "instance"), default="semantic",
+    ev.add_argument("--task", choices=tuple(TASKS), default=None,
                     help="instance: box and mask AP (COCOeval); taken from the checkpoint when it records it")
     ev.set_defaults(func=cmd_eval)
     rep = sub.add_parser("report", help="one report (HTML, Markdown, JSON) over several run folders")

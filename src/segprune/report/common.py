@@ -38,6 +38,9 @@ INSTANCE_ROWS = [("box AP (%)", "box_ap", lambda v: f"{100 * v:.2f}"),
                  ("mask AP50 (%)", "mask_ap50", lambda v: f"{100 * v:.2f}"),
                  ("mask AP75 (%)", "mask_ap75", lambda v: f"{100 * v:.2f}"), *ROWS[1:]]
 COST_KEYS = [key for _, key, _ in ROWS[1:]]
+# A report's rows and accuracy (key, label), by the task it records ("task"; none: semantic). The workflows' Tasks
+# read theirs here, so a report.json read back renders without them; register_task adds a new task's.
+REPORT_TASKS = {None: (ROWS, ("miou", "mIoU (%)")), "instance": (INSTANCE_ROWS, ("mask_ap", "mask AP (%)"))}
 NO_MATPLOTLIB = "matplotlib not installed (pip install segprune[report])"
 FILES = ("report.json", "report.md", "report.html")
 CURVE_LOGS = (("train", "train.csv"), ("fine-tune", "finetune.csv"))  # stage, training log in the run folder
@@ -45,7 +48,7 @@ CURVE_LOGS = (("train", "train.csv"), ("fine-tune", "finetune.csv"))  # stage, t
 
 def accuracy_of(report: dict) -> tuple[str, str]:
     """The accuracy a report is judged by, as (key, label): mask AP for an instance run, else mIoU."""
-    return ("mask_ap", "mask AP (%)") if report.get("task") == "instance" else ("miou", "mIoU (%)")
+    return REPORT_TASKS.get(report.get("task"), REPORT_TASKS[None])[1]
 
 
 def _ratio(before: float, after: float) -> float:
@@ -53,8 +56,8 @@ def _ratio(before: float, after: float) -> float:
 
 
 def rows_of(report: dict) -> list:
-    """The table rows of a report: INSTANCE_ROWS for ``"task": "instance"``, else ROWS (mIoU)."""
-    return INSTANCE_ROWS if report.get("task") == "instance" else ROWS
+    """The table rows of a report: those of the task it records (INSTANCE_ROWS for instance), else ROWS (mIoU)."""
+    return REPORT_TASKS.get(report.get("task"), REPORT_TASKS[None])[0]
 
 
 def table(before: dict, after: dict, *, rows=None) -> str:

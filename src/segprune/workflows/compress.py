@@ -27,7 +27,7 @@ from segprune.eval.validation import miou_metric, val_miou
 from segprune.export.fuse import fuse_conv_bn
 from segprune.models import create_model
 from segprune.prune import CAPSparsity, channel_groups, prune, prune_blocks, slim_layers
-from segprune.prune.criteria import CRITERIA, bn_scale
+from segprune.prune.criteria import CRITERIA
 from segprune.prune.plan import Plan
 from segprune.prune.postprune import pruning_path, select
 from segprune.prune.schedules import layer_by_layer, two_stage_global
@@ -78,8 +78,7 @@ def run(r: Recipe, out: str | Path, *, force: bool = False, progress: bool = Tru
                               threads=r.threads, rounds=r.latency_rounds, runs=r.latency_runs)
     for side, row in (("before", before), ("after", after)):
         row["latency_ms"], row["latency"] = latency[side]["median_ms"], latency[side]
-    report = {"title": f"{r.name}: {r.model} ({r.method}{', instance' if task.name == 'instance' else ''})",
-              **({"task": task.name} if task.name != "semantic" else {}), "recipe": plain,
+    report = {"title": task.title(r), **task.record(), "recipe": plain,
               "seconds": time.perf_counter() - start, "before": before, "after": after,
               "pruning": {**stages.pruning_record(model, groups, removed), **stages.latency_record(pruned)},
               "gamma_histograms": histograms,
@@ -145,14 +144,16 @@ class Stages:
         return losses
 
     def validation(self):
-        """Validation mIoU after every training epoch, kept for the report's curves (semantic runs)."""
-        if self.task.name != "semantic" or self.val is None:
+        """Validation mIoU (the task's ``epoch_metric``) after every training epoch, kept for the report's curves;
+        None for a task validated only at the end."""
+        key = self.task.epoch_metric
+        if key is None or self.val is None:
             return None
 
         def validate(model: nn.Module) -> float:
-            miou = self.task.evaluate(model, self.val, self.r, num_classes=self.num_classes, device=self.r.device)
-            self.val_miou.append(miou["miou"])
-            return miou["miou"]
+            metrics = self.task.evaluate(model, self.val, self.r, num_classes=self.num_classes, device=self.r.device)
+            self.val_miou.append(metrics[key])
+            return metrics[key]
         return validate
 
     def finetune(self, model: nn.Module, epochs: int, teacher: nn.Module | None = None, desc: str = "fine-tune"):
@@ -322,16 +323,8 @@ class Stages:
             "predicted_ratio": self.table.ratio_of(pruned), **measured}}
 
     def pruning_record(self, model: nn.Module, groups, removed: int) -> dict:
-        """What was removed of what could be: for the instance task, of the BN-scored groups (the backbone)."""
-        prunable = sum(int(g.prunable.sum()) for g in groups)
-        if self.task.name != "instance":
-            return {"removed_channels": removed, "prunable_channels": prunable,
-                    "removed_fraction": removed / max(prunable, 1), "groups": len(groups)}
-        scored = sum(int(g.prunable.sum()) for g in groups if not g.frozen and bn_scale(g, model) is not None)
-        self.log(f"    removed {removed} of {scored} BN-scored prunable channels")
-        return {"removed_channels": removed, "prunable_channels": scored, "removed_fraction": removed / max(scored, 1),
-                "prunable_channels_all": prunable, "groups": len(groups), "criterion": "bn_scale",
-                "scope": "BN-scored groups (the backbone)"}
+        """What was removed of what could be (the task's :meth:`~segprune.workflows.tasks.Task.pruning_record`)."""
+        return self.task.pruning_record(model, groups, removed, log=self.log)
 
 
 def _logit_classes(model: nn.Module, example) -> int:
@@ -351,16 +344,7 @@ def layer_widths(before: nn.Module, after: nn.Module, groups) -> dict[str, list[
 
 def notes(r: Recipe, task: Task) -> list[str]:
     """What a report's reader must know to read its figures."""
-    accuracy = "AP" if task.name == "instance" else "mIoU"
     first = (f"before = the model as trained ({r.epochs} epochs, method {r.method}, unfused); after = pruned, "
-             f"fine-tuned {r.finetune_epochs} more epochs, Conv+BN fused: part of its {accuracy} change is that extra "
-             "training.")
-    if task.name != "instance":
-        return [first, f"mIoU on the {r.data} {r.val_split} split; MACs = FLOPs / 2 for one "
-                       f"1x3x{r.size[0]}x{r.size[1]} input (torch.utils.flop_counter)."]
-    return [first, f"Box and mask AP, AP50, AP75: pycocotools COCOeval on {r.val_samples} {r.data} validation images "
-                   f"at {r.size[0]}x{r.size[1]}.",
-            "Only the backbone has BatchNorm, so the |gamma| threshold prunes backbone channels (the seed's scope); "
-            "the FPN's laterals lose input channels with them.",
-            f"Cost of the deployable model (semantic auxiliary head dropped, before and after): MACs = FLOPs / 2 for "
-            f"one 1x3x{r.size[0]}x{r.size[1]} input (torch.utils.flop_counter); weights file = safetensors bytes."]
+             f"fine-tuned {r.finetune_epochs} more epochs, Conv+BN fused: part of its {task.accuracy_name} change is "
+             "that extra training.")
+    return [first, *task.notes(r)]

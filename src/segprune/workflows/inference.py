@@ -27,8 +27,7 @@ from segprune.report.model import write_model_report
 from segprune.report.predictions import SUMMARY, write_predictions
 from segprune.workflows import rundir
 from segprune.workflows.data import class_names, semantic_datasets
-from segprune.workflows.steps import step_recipe, task_name
-from segprune.workflows.tasks import task_of
+from segprune.workflows.steps import checkpoint_task, step_recipe
 
 
 def predictor(source: str | Path, *, device="cpu", runtime: str = "onnxruntime", **settings) -> Predictor:
@@ -42,8 +41,8 @@ def predictor(source: str | Path, *, device="cpu", runtime: str = "onnxruntime",
     if str(source).endswith(".onnx"):
         return Predictor(OnnxModel(source, runtime=runtime), **settings)
     config = checkpoint.load_config(source)
-    if task_name(config) != "semantic":
-        raise ValueError(f"{source}: predict writes per-pixel masks; this checkpoint holds an instance model")
+    if not (task := checkpoint_task(config)).per_pixel:
+        raise ValueError(f"{source}: predict writes per-pixel masks; this checkpoint holds an {task.name} model")
     recipe = config.get("recipe", {})
     synthetic = recipe.get("data", "synthetic") == "synthetic"
     defaults = dict(mean=SyntheticScenes.MEAN if synthetic else IMAGENET_MEAN,
@@ -114,14 +113,15 @@ def _measure_models(folders: list[Path], threads: int) -> list[dict]:
     for folder in folders:
         ckpt = checkpoint_in(folder)
         config = checkpoint.load_config(ckpt)
-        if task_name(config) != "semantic":
-            raise ValueError(f"{folder}: segprune report of a checkpoint folder takes semantic models; instance "
+        task = checkpoint_task(config)
+        if not task.per_pixel:
+            raise ValueError(f"{folder}: segprune report of a checkpoint folder takes semantic models; {task.name} "
                              "runs are reported by segprune run / demo")
         recipe = step_recipe(config)
         model = checkpoint.load(ckpt)
         _, val, num_classes = semantic_datasets(recipe)
-        metrics = task_of("semantic").evaluate(model, DataLoader(val, batch_size=recipe.batch_size), recipe,
-                                               num_classes=num_classes, device="cpu")
+        metrics = task.evaluate(model, DataLoader(val, batch_size=recipe.batch_size), recipe,
+                                num_classes=num_classes, device="cpu")
         example = torch.zeros(1, 3, *recipe.size)
         rows.append({"title": f"{folder.name}: {config.get('model', '?')}", "metrics": metrics,
                      "class_names": class_names(val),

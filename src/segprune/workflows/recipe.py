@@ -19,16 +19,9 @@ import yaml
 
 from segprune.export.runtimes import parse as parse_runtime
 from segprune.workflows.methods import METHODS
+from segprune.workflows.taskbase import DEFAULT_TASK, TASKS, task_of
 
-TASK_NAMES = ("semantic", "instance")
-# The instance demo: about 2 minutes of CPU time. test_yolact at width 1/8 (FPN, protonet and head 32 channels wide;
-# the backbone stays test_yolact's 1/32), 4 object classes (num_classes counts the scenes' ground and sky). YOLACT
-# trained from scratch learns slowly: after these 800 steps its validation AP is about 8 % (box) and 6 % (mask),
-# seed 0; benchmarks/yolact.py trains a wider backbone for longer.
-INSTANCE_DEMO = dict(name="instance-demo", task="instance", model="test_yolact", width=0.125, data="synthetic",
-                     num_classes=6, size=(96, 96), train_samples=160, val_samples=48, batch_size=8, epochs=40,
-                     optimizer="adamw", lr=0.003, method="slimming", lam=1e-4, ratio=0.5, min_keep=0.1,
-                     finetune_epochs=10, finetune_lr=0.001, latency_rounds=5, latency_runs=10)
+TASK_NAMES = TASKS.keys()  # a live view of the one registry of tasks (filled by segprune.workflows.tasks)
 SCHEDULES = ("iterative", "two_stage", "layer_by_layer")
 _TUPLE_ITEMS = {"aux_layers": str, "aux_weights": float}  # tuples of other settings hold ints
 
@@ -42,7 +35,7 @@ class Recipe:
     given: ClassVar[frozenset[str]] = frozenset()
     # --- what: the task, the model and the data
     name: str = "demo"
-    task: str = "semantic"  # or "instance" (YOLACT: box and mask AP)
+    task: str = DEFAULT_TASK  # a registered Task: semantic, or instance (YOLACT: box and mask AP)
     model: str = "pspnet_resnet18"
     width: float = 0.25  # the demo's; 0 = the model's own default width
     data: str = "synthetic"  # or a dataset name of segprune.data.build_dataset, with data_root
@@ -238,10 +231,9 @@ def as_plain(r: Recipe) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(r).items()}
 
 
-def demo_recipe(task: str = "semantic", overrides: dict | None = None) -> Recipe:
-    """The demo's recipe for ``task`` (the Recipe defaults, or :data:`INSTANCE_DEMO`) with ``overrides``."""
-    base = INSTANCE_DEMO if task == "instance" else {}
-    return recipe_from(None, {**base, **(overrides or {})})
+def demo_recipe(task: str = DEFAULT_TASK, overrides: dict | None = None) -> Recipe:
+    """The demo's recipe for ``task`` (the Recipe defaults with the task's ``demo`` settings) with ``overrides``."""
+    return recipe_from(None, {**task_of(task).demo, **(overrides or {})})
 
 
 def with_model(path: str | Path | None, overrides: dict, model: str | None) -> dict:

@@ -21,6 +21,7 @@ import torch
 import yaml
 
 from segprune.report.common import write_atomic
+from segprune.workflows.taskbase import DEFAULT_TASK
 
 # what a run that failed before its first checkpoint leaves
 LEFTOVERS = ("recipe.yaml", "log.txt", "tensorboard", "train.csv")
@@ -100,7 +101,7 @@ def _check_resume(out: Path, settings: dict) -> None:
     if not saved.is_file() or not (out / "checkpoints").exists():
         raise FileNotFoundError(f"{out}: no run to resume (no recipe.yaml and checkpoints/); start it without "
                                 "--resume")
-    old = {"task": "semantic", **(yaml.safe_load(saved.read_text()) or {})}  # runs before `task` were semantic
+    old = {"task": DEFAULT_TASK, **(yaml.safe_load(saved.read_text()) or {})}  # runs before `task` were semantic
     changed = sorted(k for k in settings if old.get(k) != settings[k] and k not in RESUME_MAY_CHANGE)
     if changed:
         raise ValueError(f"--resume needs the settings of the run in {out}; these differ: {', '.join(changed)}")

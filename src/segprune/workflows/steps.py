@@ -14,21 +14,18 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Subset
 
 from segprune import checkpoint
 from segprune.eval.latency import LatencyMeter, cpu_model, measure_latency_table
-from segprune.eval.metrics import evaluate
 from segprune.export.runtimes import parse
 from segprune.models import create_model
 from segprune.prune import channel_groups, prune
 from segprune.prune.latency import LatencyTable
 from segprune.train.loop import fit
 from segprune.workflows import rundir
-from segprune.workflows.data import evaluation_dataset, instance_dataset
 from segprune.workflows.methods import checkpoint_methods, method
 from segprune.workflows.recipe import Recipe, recipe_from
-from segprune.workflows.tasks import task_of
+from segprune.workflows.tasks import DEFAULT_TASK, Task, task_of
 
 
 def model_groups(name: str, *, num_classes: int = 19, width: float = 1.0, size: int = 256) -> tuple[list, list[str]]:
@@ -43,7 +40,12 @@ def model_groups(name: str, *, num_classes: int = 19, width: float = 1.0, size: 
 
 def task_name(config: dict) -> str:
     """The task a checkpoint was trained for (checkpoints before tasks were semantic)."""
-    return config.get("task", config.get("recipe", {}).get("task", "semantic"))
+    return config.get("task", config.get("recipe", {}).get("task", DEFAULT_TASK))
+
+
+def checkpoint_task(config: dict) -> Task:
+    """The :class:`~segprune.workflows.tasks.Task` a checkpoint was trained for."""
+    return task_of(task_name(config))
 
 
 def prune_checkpoint(folder: str | Path, out: str | Path, *, method_name: str = "bn_scale", ratio: float = 0.5,
@@ -62,7 +64,7 @@ def prune_checkpoint(folder: str | Path, out: str | Path, *, method_name: str = 
     out = rundir.claim(out, force=force)
     model, plan, config = checkpoint.load(folder), checkpoint.load_plan(folder), checkpoint.load_config(folder)
     x = torch.zeros(1, 3, *size)
-    example = model.prune_inputs(x) if hasattr(model, "prune_inputs") else x  # YOLACT: prototypes <-> coefficients
+    example = checkpoint_task(config).prune_inputs(model, x)  # YOLACT: prototypes <-> coefficients
     target = dict(target_macs=target_macs) if target_macs else dict(ratio=ratio)
     if target_latency:
         target = latency_step(model, x, target=target_latency, table_path=latency_table_path, cache=out,
@@ -94,7 +96,7 @@ def finetune_checkpoint(folder: str | Path, out: str | Path, *, recipe_path: str
     out = rundir.claim(out, force=force)
     model, config = checkpoint.load(folder), checkpoint.load_config(folder)
     recipe = step_recipe(config, recipe_path, overrides or {})
-    task = task_of(task_name(config))
+    task = checkpoint_task(config)
     train_loader, _, num_classes = task.loaders(recipe)
     if num_classes != config.get("model_kwargs", {}).get("num_classes", num_classes):
         raise ValueError(f"the model predicts {config['model_kwargs']['num_classes']} classes, the {recipe.data} "
@@ -115,35 +117,9 @@ def evaluate_checkpoint(folder: str | Path, data: str, *, split: str = "val", sa
     windows and flip testing); instance models: COCO box and mask AP.
     """
     config = checkpoint.load_config(folder)
-    if task_name(config) == "instance":
-        return _evaluate_instances(folder, config, data, split=split, samples=samples, batch_size=batch_size,
-                                   eval_size=eval_size, device=device), []
-    dataset = evaluation_dataset(data, config, split=split, samples=samples, eval_size=eval_size)
-    num_classes = config.get("model_kwargs", {}).get("num_classes", dataset.num_classes)
-    if dataset.num_classes != num_classes:
-        raise ValueError(f"the model predicts {num_classes} classes, the {data} data has {dataset.num_classes}")
-    names = getattr(dataset, "class_names", None) or [str(k) for k in range(num_classes)]
-    if samples:
-        dataset = Subset(dataset, range(min(samples, len(dataset))))
-    model = checkpoint.load(folder).to(device)
-    metrics = evaluate(model, DataLoader(dataset, batch_size=batch_size), num_classes=num_classes, device=device,
-                       **predict_kwargs)
-    return metrics, list(names)
-
-
-def _evaluate_instances(folder, config: dict, data: str, *, split, samples, batch_size, eval_size, device) -> dict:
-    """COCO box and mask AP of an instance checkpoint, at the input size its recipe trained at."""
-    r = {**dataclasses.asdict(Recipe()), **config.get("recipe", {})}
-    num_classes = config["model_kwargs"]["num_classes"]
-    dataset = instance_dataset(data, size=tuple(eval_size or r["size"]), seed=r["seed"], split=split,
-                               num_samples=samples or r["val_samples"], num_classes=num_classes)
-    if dataset.num_classes != num_classes:
-        raise ValueError(f"the model predicts {num_classes} classes, the {data} data has {dataset.num_classes}")
-    if samples and len(dataset) > samples:
-        dataset = Subset(dataset, range(samples))
-    model = checkpoint.load(folder).to(device)
-    recipe = dataclasses.replace(Recipe(), batch_size=batch_size)
-    return task_of("instance").evaluate(model, dataset, recipe, num_classes=num_classes, device=device)
+    return checkpoint_task(config).evaluate_checkpoint(folder, config, data, split=split, samples=samples,
+                                                       batch_size=batch_size, eval_size=eval_size, device=device,
+                                                       **predict_kwargs)
 
 
 def latency_step(model: nn.Module, example: torch.Tensor, *, target: float, table_path: str | Path = "",

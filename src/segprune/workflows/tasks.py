@@ -2,21 +2,24 @@
 
 A task says how a recipe's data becomes loaders, what the training loss is, what the engine traces (YOLACT's
 ``prune_inputs`` couple prototypes to mask coefficients), how a model is evaluated, what is deployed (YOLACT drops
-its training-only semantic head) and which rows its report shows. A new task is one class here and one entry in
-:data:`TASKS`.
+its training-only semantic head), what its report records and shows, and its demo. The interface and the registry
+are in :mod:`segprune.workflows.taskbase`; a new task is one :class:`Task` subclass and one :func:`register_task`
+call (see ARCHITECTURE.md, "Adding a task").
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
+from segprune import checkpoint
 from segprune._utils import IGNORE_INDEX, eval_mode, unwrap
 from segprune.data import make_loader
 from segprune.data.instances import make_instance_loader
@@ -24,76 +27,45 @@ from segprune.data.loader import size_groups, size_tolerant
 from segprune.eval.instances import evaluate_model
 from segprune.eval.metrics import evaluate, predict
 from segprune.models.yolact_loss import InstanceLoss, YolactLoss
-from segprune.report.common import INSTANCE_ROWS, ROWS
+from segprune.prune.criteria import bn_scale
 from segprune.train.distributed import ShardSampler
 from segprune.train.loop import SegmentationLoss
-from segprune.workflows.data import base_dataset, class_names, instance_datasets, semantic_loaders
+from segprune.workflows.data import (
+    base_dataset,
+    class_names,
+    evaluation_dataset,
+    instance_dataset,
+    instance_datasets,
+    semantic_loaders,
+)
+from segprune.workflows.methods import method
+from segprune.workflows.recipe import Recipe
+from segprune.workflows.taskbase import DEFAULT_TASK, TASKS, Task, recorded_task, register_task, task_of
+
+__all__ = ["DEFAULT_TASK", "TASKS", "InstanceTask", "SemanticTask", "Task", "recorded_task", "register_task",
+           "task_of"]
 
 AP_KEYS = {"AP": "ap", "AP50": "ap50", "AP75": "ap75"}
-
-
-class Task:
-    """What a run needs to know about its kind of segmentation."""
-
-    name = ""
-    rows = ROWS  # the report's before/after table
-    methods: tuple[str, ...] | None = None  # the methods it supports (None: all)
-    unsupported: tuple[str, ...] = ()  # recipe settings it refuses when they differ from the default
-
-    def check(self, r, *, compress: bool = True) -> None:
-        """Refuse a recipe this task cannot run (its compression run, or only its training), naming the setting."""
-        if compress and self.methods is not None and r.method not in self.methods:
-            raise ValueError(f"{self.name} runs support method {' or '.join(self.methods)}, got {r.method!r}")
-        defaults = type(r)()
-        for key in self.unsupported:
-            if getattr(r, key) != getattr(defaults, key):
-                raise ValueError(f"{self.name} runs do not support {key} (got {getattr(r, key)!r})")
-
-    def check_model(self, model: nn.Module, name: str) -> None:
-        """Refuse a model of the other task."""
-
-    def loaders(self, r) -> tuple:
-        """(train loader, validation data for :meth:`evaluate`, number of classes), one process."""
-        raise NotImplementedError
-
-    def shard_loaders(self, r, world: int, rank: int) -> tuple:
-        """The same for one rank of ``world`` processes: the training shard of a global batch of
-        ``r.batch_size``."""
-        raise NotImplementedError
-
-    def loss(self, r, model: nn.Module, train_loader):
-        """The training loss ``loss(output, targets)``."""
-        raise NotImplementedError
-
-    def prune_inputs(self, model: nn.Module, example: torch.Tensor):
-        """What the engine traces the model with."""
-        return model.prune_inputs(example) if hasattr(model, "prune_inputs") else example
-
-    def evaluate(self, model: nn.Module, val, r, *, num_classes: int, device, all_reduce: bool = False) -> dict:
-        """Accuracy of ``model`` on ``val``: a flat dict holding the report rows' accuracy keys."""
-        raise NotImplementedError
-
-    def summary(self, metrics: dict) -> str:
-        """The accuracy as one log line."""
-        raise NotImplementedError
-
-    def deployable(self, model: nn.Module) -> nn.Module:
-        """The model that is measured and exported (training-only parts dropped)."""
-        return model
-
-    def config(self, r, model_kwargs: dict, val, plain: dict) -> dict:
-        """A checkpoint's config."""
-        return {"model": r.model, "model_kwargs": model_kwargs, "recipe": plain}
-
-    def samples(self, before, after, val, r, num_classes: int):
-        """Validation images with both models' predictions for the report, or None."""
-        return None
 
 
 class SemanticTask(Task):
     """Per-pixel classes: cross-entropy (optionally class-weighted), mIoU from a confusion matrix."""
 
     name = "semantic"
+    accuracy_name = "mIoU"
+    epoch_metric = "miou"
+    per_pixel = True
+
+    def record(self):
+        """Nothing: semantic reports and checkpoints record no task, as before tasks (the default)."""
+        return {}
+
+    def title(self, r):
+        return f"{r.name}: {r.model} ({r.method})"
+
+    def notes(self, r):
+        return [f"mIoU on the {r.data} {r.val_split} split; MACs = FLOPs / 2 for one "
+                f"1x3x{r.size[0]}x{r.size[1]} input (torch.utils.flop_counter)."]
 
     def loaders(self, r):
         return semantic_loaders(r)
@@ -127,6 +99,26 @@ class SemanticTask(Task):
         fg = f", foreground IoU {metrics['fg_iou']:.4f}" if "fg_iou" in metrics else ""
         return f"mIoU {metrics['miou']:.4f}{fg}"
 
+    def change(self, before, after):
+        fg = [f"foreground IoU {before['fg_iou']:.4f} -> {after['fg_iou']:.4f}"] if "fg_iou" in after else []
+        return [f"mIoU {before['miou']:.4f} -> {after['miou']:.4f}", *fg]  # fg: a binary (person) dataset
+
+    def evaluate_checkpoint(self, folder, config, data, *, split, samples, batch_size, eval_size, device,
+                            **predict_kwargs):
+        """mIoU, per-class IoU and accuracies (``predict_kwargs``: crop, stride, flip for sliding windows and flip
+        testing)."""
+        dataset = evaluation_dataset(data, config, split=split, samples=samples, eval_size=eval_size)
+        num_classes = config.get("model_kwargs", {}).get("num_classes", dataset.num_classes)
+        if dataset.num_classes != num_classes:
+            raise ValueError(f"the model predicts {num_classes} classes, the {data} data has {dataset.num_classes}")
+        names = getattr(dataset, "class_names", None) or [str(k) for k in range(num_classes)]
+        if samples:
+            dataset = Subset(dataset, range(min(samples, len(dataset))))
+        model = checkpoint.load(folder).to(device)
+        metrics = evaluate(model, DataLoader(dataset, batch_size=batch_size), num_classes=num_classes, device=device,
+                           **predict_kwargs)
+        return metrics, list(names)
+
     def samples(self, before, after, val, r, num_classes):
         return sample_predictions(before, after, val, r.report_samples, num_classes)
 
@@ -140,7 +132,17 @@ class InstanceTask(Task):
     """Objects: YOLACT's detection loss, COCO box and mask AP; the seed's method (slimming of the backbone)."""
 
     name = "instance"
-    rows = INSTANCE_ROWS
+    accuracy_name = "AP"
+    all_reduce_eval = False  # rank 0 alone: COCOeval needs every image's detections at once
+    # The instance demo: about 2 minutes of CPU time. test_yolact at width 1/8 (FPN, protonet and head 32 channels
+    # wide; the backbone stays test_yolact's 1/32), 4 object classes (num_classes counts the scenes' ground and sky).
+    # YOLACT trained from scratch learns slowly: after these 800 steps its validation AP is about 8 % (box) and 6 %
+    # (mask), seed 0; benchmarks/yolact.py trains a wider backbone for longer.
+    demo = dict(name="instance-demo", task="instance", model="test_yolact", width=0.125, data="synthetic",
+                num_classes=6, size=(96, 96), train_samples=160, val_samples=48, batch_size=8, epochs=40,
+                optimizer="adamw", lr=0.003, method="slimming", lam=1e-4, ratio=0.5, min_keep=0.1,
+                finetune_epochs=10, finetune_lr=0.001, latency_rounds=5, latency_runs=10)
+    demo_out = "segprune-instance-demo"
     methods = ("slimming", "bn_scale")
     unsupported = ("schedule", "iterations", "layer_pruning", "slim_widths", "aux_layers", "kd_alpha",
                    "class_weights")
@@ -151,6 +153,10 @@ class InstanceTask(Task):
         if importlib.util.find_spec("pycocotools") is None:
             raise ValueError("instance runs measure box and mask AP with pycocotools, which is not installed: "
                              "pip install 'segprune[coco]' (or segprune[all])")
+
+    def check_sparsity(self, r):
+        if method(r.method).sparsity == "cap":
+            raise ValueError("method cap is defined on semantic logits; train YOLACT with slimming (or none)")
 
     def check_model(self, model, name):
         if getattr(model, "task", None) != "instance":
@@ -179,6 +185,43 @@ class InstanceTask(Task):
     def summary(self, metrics):
         return f"box AP {metrics['box_ap']:.4f}, mask AP {metrics['mask_ap']:.4f}"
 
+    def change(self, before, after):
+        return [f"box AP {before['box_ap']:.4f} -> {after['box_ap']:.4f}, mask AP {before['mask_ap']:.4f} -> "
+                f"{after['mask_ap']:.4f}"]
+
+    def notes(self, r):
+        return [f"Box and mask AP, AP50, AP75: pycocotools COCOeval on {r.val_samples} {r.data} validation images "
+                f"at {r.size[0]}x{r.size[1]}.",
+                "Only the backbone has BatchNorm, so the |gamma| threshold prunes backbone channels (the seed's "
+                "scope); the FPN's laterals lose input channels with them.",
+                f"Cost of the deployable model (semantic auxiliary head dropped, before and after): MACs = FLOPs / 2 "
+                f"for one 1x3x{r.size[0]}x{r.size[1]} input (torch.utils.flop_counter); weights file = safetensors "
+                "bytes."]
+
+    def pruning_record(self, model, groups, removed, log=print):
+        """Of the BN-scored groups (the backbone), the only ones the seed's method prunes."""
+        prunable = sum(int(g.prunable.sum()) for g in groups)
+        scored = sum(int(g.prunable.sum()) for g in groups if not g.frozen and bn_scale(g, model) is not None)
+        log(f"    removed {removed} of {scored} BN-scored prunable channels")
+        return {"removed_channels": removed, "prunable_channels": scored, "removed_fraction": removed / max(scored, 1),
+                "prunable_channels_all": prunable, "groups": len(groups), "criterion": "bn_scale",
+                "scope": "BN-scored groups (the backbone)"}
+
+    def evaluate_checkpoint(self, folder, config, data, *, split, samples, batch_size, eval_size, device,
+                            **predict_kwargs):
+        """COCO box and mask AP, at the input size the checkpoint's recipe trained at; no class names."""
+        r = {**dataclasses.asdict(Recipe()), **config.get("recipe", {})}
+        num_classes = config["model_kwargs"]["num_classes"]
+        dataset = instance_dataset(data, size=tuple(eval_size or r["size"]), seed=r["seed"], split=split,
+                                   num_samples=samples or r["val_samples"], num_classes=num_classes)
+        if dataset.num_classes != num_classes:
+            raise ValueError(f"the model predicts {num_classes} classes, the {data} data has {dataset.num_classes}")
+        if samples and len(dataset) > samples:
+            dataset = Subset(dataset, range(samples))
+        model = checkpoint.load(folder).to(device)
+        recipe = dataclasses.replace(Recipe(), batch_size=batch_size)
+        return self.evaluate(model, dataset, recipe, num_classes=num_classes, device=device), []
+
     def deployable(self, model):
         """A copy without YOLACT's training-only semantic head."""
         out = copy.deepcopy(model)
@@ -187,18 +230,12 @@ class InstanceTask(Task):
         return out.eval()
 
     def config(self, r, model_kwargs, val, plain):
-        return {**super().config(r, model_kwargs, val, plain), "task": "instance",
+        return {**super().config(r, model_kwargs, val, plain), **self.record(),
                 "categories": base_dataset(val).categories}
 
 
-TASKS: dict[str, Task] = {t.name: t for t in (SemanticTask(), InstanceTask())}
-
-
-def task_of(name: str) -> Task:
-    """The task called ``name``."""
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; choose from {', '.join(TASKS)}")
-    return TASKS[name]
+register_task(SemanticTask())
+register_task(InstanceTask())
 
 
 def model_classes(model: nn.Module) -> int:

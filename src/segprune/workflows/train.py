@@ -89,8 +89,7 @@ def run_training(recipe: Recipe, out: str | Path, device="cpu", *, resume: bool 
 
 def training_regularizer(recipe: Recipe, task, model, device="cpu"):
     """The method's sparsity on the prunable groups (traced through the task's prune inputs), or None."""
-    if task.name == "instance" and method(recipe.method).sparsity == "cap":
-        raise ValueError("method cap is defined on semantic logits; train YOLACT with slimming (or none)")
+    task.check_sparsity(recipe)
     if method(recipe.method).sparsity is None:
         return None
     groups = channel_groups(model, task.prune_inputs(model, torch.zeros(1, 3, *recipe.size, device=device)))
@@ -100,15 +99,16 @@ def training_regularizer(recipe: Recipe, task, model, device="cpu"):
 
 
 def _evaluate(task, model, val, recipe, num_classes, device, main_rank) -> dict:
-    if task.name == "instance":  # rank 0 alone: COCOeval needs every image's detections at once
+    if not task.all_reduce_eval:  # rank 0 alone (instance: COCOeval needs every image's detections at once)
         return task.evaluate(model, val, recipe, num_classes=num_classes, device=device) if main_rank else {}
     return task.evaluate(model, val, recipe, num_classes=num_classes, device=device, all_reduce=True)
 
 
 def _validation(task, val, recipe, num_classes, device):
-    """Validation mIoU after every epoch (the curve in reports); every rank evaluates its shard. Instance models
-    are validated once, at the end (COCOeval over the whole set each epoch would cost more than the epoch)."""
-    if task.name == "instance":
+    """Validation mIoU (the task's ``epoch_metric``) after every epoch (the curve in reports); every rank evaluates
+    its shard. Instance models have none and are validated once, at the end (COCOeval over the whole set each epoch
+    would cost more than the epoch)."""
+    if task.epoch_metric is None:
         return None
     return lambda model: task.evaluate(model, val, recipe, num_classes=num_classes, device=device,
-                                       all_reduce=True)["miou"]
+                                       all_reduce=True)[task.epoch_metric]
