@@ -348,9 +348,6 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.command == "train" and args.resume and args.force:
-        print("segprune: error: --resume continues a run, --force starts it over: pass one", file=sys.stderr)
-        return 2
     try:
         args.func(args)
     except (ValueError, FileExistsError, FileNotFoundError) as err:
