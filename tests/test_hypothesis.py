@@ -148,6 +148,25 @@ class Heads(nn.Module):
         return x + self.proj(a.transpose(1, 2).reshape(b, n, -1)).transpose(1, 2).reshape(shape)
 
 
+class ShapedHeads(nn.Module):
+    """Attention written as a user would (issue #23): the head size computed from the input's width (`c // self.h`,
+    `c` from `t.shape`), the head count in an attribute not called `*head*`, SDPA, and `reshape(b, n, c)` back: the
+    stream's width sizes the heads, so both are cut in step."""
+
+    def __init__(self, c, width):
+        super().__init__()
+        self.h = 2 if c % 2 == 0 else 1
+        self.q, self.k, self.v, self.o = (nn.Linear(c, c) for _ in range(4))
+
+    def forward(self, x):
+        shape = x.shape
+        t = x.flatten(2).transpose(1, 2)
+        b, n, c = t.shape
+        q, k, v = (f(t).reshape(b, -1, self.h, c // self.h).transpose(1, 2) for f in (self.q, self.k, self.v))
+        a = F.scaled_dot_product_attention(q, k, v)
+        return x + self.o(a.transpose(1, 2).reshape(b, n, c)).transpose(1, 2).reshape(shape)
+
+
 class IntSplit(nn.Module):
     """torch.split with a fixed size (res2net): the split tensor's channels are frozen, the branches prune."""
 
@@ -164,7 +183,7 @@ class IntSplit(nn.Module):
 
 BLOCKS = {"residual": Residual, "branches": Branches, "pool": PoolUnpool, "gate": Gate, "depthwise": Depthwise,
           "chunked": Chunked, "conv": lambda c, w: cbr(c, w), "sigmoid": SigmoidConv, "convnext": ConvNeXtMLP,
-          "attention": Attention, "split": IntSplit, "heads": Heads}
+          "attention": Attention, "split": IntSplit, "heads": Heads, "shaped": ShapedHeads}
 
 
 def out_channels(block, c, width):
@@ -211,5 +230,17 @@ def test_heads_block_is_cut_inside_the_attention(width):
     result = segprune.prune(model, x, ratio=0.6, criterion="random")
     inner = next(g for g in result.groups if "1.v" in g.modules("out"))
     assert inner.prunable.all() and result.model[1].v.out_features < 2 * width
+    masked = outputs(masked_copy(model, result.groups, result.removed), x)
+    assert relative_error(masked, outputs(result.model, x)) < 1e-9
+
+
+def test_heads_sized_from_the_input_are_cut_with_the_stream():
+    """The generator's width-from-shape block: heads and the stream are cut together, verification frees nothing."""
+    torch.manual_seed(0)
+    model = randomize_norms(build([("shaped", 4)]), 0).double().eval()
+    x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    result = segprune.prune(model, x, ratio=0.5, criterion="random", select="uniform")
+    assert not result.verification.frozen and result.model[1].h == 1
+    assert result.model[1].q.out_features == result.model[0][0].out_channels == 3
     masked = outputs(masked_copy(model, result.groups, result.removed), x)
     assert relative_error(masked, outputs(result.model, x)) < 1e-9

@@ -14,7 +14,7 @@ from tests.zoo import SOUNDNESS
 
 FOLDED = {"SigmoidThen1x1", "AddConst", "OnesLike", "Exp", "AffineFreeBN", "ParamAdd", "Softplus"}  # q: 1x1 or unpadded
 FROZEN = {"SigmoidThen3x3": "sigmoid", "HardsigmoidThen3x3": "hardsigmoid", "PadValue": "pad",
-          "SavedShape": "fails in the model's top-level forward: RuntimeError: shape", "IntSplit": "split",
+          "IntSplit": "split",
           "GatedSigmoid": "sigmoid"}
 
 
@@ -41,6 +41,15 @@ def test_what_cannot_be_folded_is_frozen_with_a_warning(name):
     result, error, messages = cut(name)
     assert error < 1e-9 and result.channels_removed > 0
     assert "frozen" in messages and FROZEN[name] in messages
+
+
+def test_a_saved_shape_is_followed_not_frozen():
+    """Issue #23: the shape read before the projection sizes the reshape after it; the trace ties the projection's
+    width to the stem's, so both are cut in step and verification has nothing to freeze."""
+    result, error, messages = cut("SavedShape")
+    widths = {m.module: len(m.index) for g in result.groups if g.id in result.removed for m in g.members}
+    assert error < 1e-9 and not result.verification.frozen and "frozen" not in messages
+    assert result.model.proj.out_features == result.model.stem[0].out_channels < 16 and "proj" in widths
 
 
 @pytest.mark.parametrize("name", ["SigmoidThen1x1", "SigmoidThen3x3", "GatedSigmoid"])
@@ -99,9 +108,32 @@ def test_attention_is_exact_or_frozen_with_a_warning(kind):
 
     torch.manual_seed(0)
     result, error, messages = cut_attention(randomize_norms(ATTENTION[f"Attention_{kind}"]()).double().eval())
-    assert error < 1e-9 and any("frozen" in m for m in messages)
+    assert error < 1e-9
     hidden = next(g for g in result.groups if "fc1" in g.modules("out"))
     assert hidden.prunable.all() and hidden.id in result.removed  # the MLP still prunes
+    stream = next(g for g in result.groups if "stem.0" in g.modules("out"))
+    if kind == "mha":
+        assert any("frozen" in m for m in messages)
+    else:  # `c // self.heads` and `reshape(b, n, c)` read the stream's width: whole heads go with 8 stream channels
+        assert not messages and len(stream.prunable) == 2 and stream.prunable.all()
+
+
+@pytest.mark.parametrize("kind", ["sdpa", "explicit"])
+def test_heads_sized_from_the_input_width_are_cut_and_replayed(kind):
+    """Issue #23: the head size comes from the input's shape and the head count from an attribute named `heads`:
+    one of two heads is cut with the stream channels it is tied to, `heads` is rewritten, and the plan replays."""
+    from tests.zoo import ATTENTION
+
+    torch.manual_seed(0)
+    model = randomize_norms(ATTENTION[f"Attention_{kind}"]()).double().eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    result = segprune.prune(model, x, ratio=0.5, criterion="random", select="uniform")
+    masked = outputs(masked_copy(model, result.groups, result.removed), x)
+    assert relative_error(masked, outputs(result.model, x)) < 1e-9 and not result.verification.frozen
+    assert result.model.heads == 1 and result.model.stem[0].out_channels == 8 and result.model.proj.in_features == 8
+    fresh = segprune.Plan.from_json(result.plan.to_json()).apply(ATTENTION[f"Attention_{kind}"]().double().eval())
+    fresh.load_state_dict(result.model.state_dict())
+    assert fresh.heads == 1 and torch.equal(outputs(fresh, x)[0], outputs(result.model, x)[0])
 
 
 @pytest.mark.parametrize("kind, attributes", [("inferred", ()),

@@ -20,7 +20,8 @@ from torch.utils._pytree import tree_map
 
 from segprune._utils import tensors
 from segprune.prune.record import OpRecorder
-from segprune.prune.rules import RULES, constant, op_name, unknown
+from segprune.prune.rules import RULES, _dim, constant, op_name, unknown
+from segprune.prune.sizes import attribute_sizes, channel_size
 from segprune.prune.state import TraceState
 from segprune.prune.zeros import nonzero_tag
 
@@ -37,7 +38,8 @@ class _Recorder(OpRecorder):
 
     def call(self, func, args, kwargs):
         shape_only = op_name(func) in _SHAPE_ONLY and self.st.shape_only
-        return _shape_only(func, args, kwargs) if shape_only else func(*args, **kwargs)
+        out = _shape_only(func, args, kwargs) if shape_only else func(*args, **kwargs)
+        return _sized(self.st, func, args, kwargs, out)
 
     def record(self, func, args, kwargs, out) -> None:
         st, name = self.st, op_name(func)
@@ -48,6 +50,24 @@ class _Recorder(OpRecorder):
             if name not in RULES or RULES[name] is not constant:
                 _untracked_outputs(st, name, args, kwargs, out)
             _tag_nonzero(st, name, args, kwargs, out)
+
+
+def _sized(st, func, args, kwargs, out):
+    """`x.shape`, `x.size()` and `x.size(d)` of a traced tensor give its channel dim as a Size (sizes.py)."""
+    name = op_name(func)
+    if name == "get":  # a property: Tensor.shape is the getset descriptor's __get__
+        name = getattr(getattr(func, "__self__", None), "__name__", "")
+    info = st.get(args[0]) if name in ("shape", "size") and args else None
+    if info is None or st.is_free(info):
+        return out
+    if isinstance(out, torch.Size):
+        dims = list(out)
+        dims[info.cdim] = channel_size(dims[info.cdim], info.ids)
+        return torch.Size(dims)
+    dim = args[1] if len(args) > 1 else kwargs.get("dim")
+    if isinstance(out, int) and dim is not None and _dim(dim, args[0].dim()) == info.cdim:
+        return channel_size(out, info.ids)
+    return out
 
 
 def _tag_nonzero(st, name, args, kwargs, out):
@@ -126,7 +146,7 @@ def trace(model: nn.Module, example_inputs, *, modes: Sequence[str] = ("eval", "
     args, kwargs = as_call(example_inputs)
     for t in tensors((args, kwargs)):
         st.set_opaque(t, "a model input")
-    with _ModuleStack(model, st), _Restore(model), torch.no_grad():
+    with _ModuleStack(model, st), _Restore(model), attribute_sizes(model), torch.no_grad():
         for mode in modes:
             model.train(mode == "train")
             st.mode = mode

@@ -8,45 +8,79 @@ import math
 import torch
 
 from segprune.prune.rules.base import _arg, rule, unknown
+from segprune.prune.sizes import Size
 
 
 # --- heads: a view that splits the channels into (heads, head size); used by shapes.reshape ----------------
 def _split_heads(st, info, shape, out, requested) -> bool:
-    """(.., C, rest..) -> (.., h, d, rest..) into attention heads: channels h*d.. of head h are one element, so
+    """(.., C, rest..) -> (.., [g,] h, d, rest..) into attention heads: channels h*d.. of head h are one element, so
     whole heads are cut and the head size d stays (exact for any attention: no scale changes). Chosen when the
-    head count is inferred (-1, transformers' `view(*shape, -1, head_dim)`) or held in a `*head*` attribute beside
-    the head size (then rewritten, like `num_heads`); otherwise the split is per feature (see _split_channels)."""
+    head count is inferred (-1, transformers' `view(*shape, -1, head_dim)`) or read from a module attribute (then
+    rewritten: timm's `num_heads`, or any name, sizes.py) beside a head size that is an attribute or computed from
+    a width (`C // self.num_heads`); otherwise the split is per feature (see _split_channels). A leading literal g
+    (timm's fused qkv: `reshape(B, N, 3, self.num_heads, self.head_dim)`) makes g tensors with the same heads: head
+    i of each is cut with head i of the others, as attention needs anyway."""
     if requested is None:
         return False
     before, inner = math.prod(shape[: info.cdim]), math.prod(shape[info.cdim + 1 :])
-    for j in range(out.dim() - 1):
-        h, d = out.shape[j], out.shape[j + 1]
-        if math.prod(out.shape[:j]) != before or h * d != len(info.ids) or math.prod(out.shape[j + 2 :]) != inner:
-            continue
-        inferred = requested[j] == -1 and requested[j + 1] != -1
-        attribute = None if inferred else _head_attribute(st, h, count=True)
-        if not (inferred or (h > 1 and attribute and _has_int_attribute(st, requested[j + 1]))):
-            return False
-        if h == 1:  # one head: its features are cut instead, with the head size's attribute rewritten
-            return _one_head(st, info, out, j, requested[j + 1])
-        heads = info.ids.reshape(h, d)
-        for head in heads:
-            st.union_all(head)
-        if attribute:
-            st.bind(st.module_path, f"attr:{attribute}", heads[:, 0])
-        st.set(out, heads[:, 0], j)
-        return True
+    starts = [a for a in range(out.dim()) if math.prod(out.shape[:a]) == before]
+    for a in starts:
+        for j in range(a, out.dim() - 1):
+            g, h, d = math.prod(out.shape[a:j]), out.shape[j], out.shape[j + 1]
+            if g * h * d != len(info.ids) or math.prod(out.shape[j + 2 :]) != inner:
+                continue
+            if any(r == -1 or isinstance(r, Size) for r in requested[a:j]):
+                return False
+            return _heads(st, info, out, requested, j, g)
     return False
+
+
+def _heads(st, info, out, requested, j, g) -> bool:
+    h, d = out.shape[j], out.shape[j + 1]
+    inferred = requested[j] == -1 and requested[j + 1] != -1
+    owner = None if inferred else _count_attribute(st, requested[j])
+    tied = isinstance(requested[j + 1], Size) or _has_int_attribute(st, requested[j + 1])
+    if not (inferred or (h > 1 and owner and tied)):
+        return False
+    if h == 1:  # one head: its features are cut instead, with the head size's attribute rewritten
+        return g == 1 and _one_head(st, info, out, j, requested[j + 1])
+    heads = info.ids.reshape(g, h, d)
+    for head in heads.reshape(g * h, d):
+        st.union_all(head)
+    for k in range(1, g):
+        st.union(heads[0, :, 0], heads[k, :, 0])
+    if owner:
+        st.bind(owner[0], f"attr:{owner[1]}", heads[0, :, 0])
+    st.set(out, heads[0, :, 0], j)
+    return True
+
+
+def _count_attribute(st, value) -> tuple[str, str] | None:
+    """(module, attribute) holding a head count: the attribute the value was read from, or the running module's one
+    `*head*` count attribute equal to it."""
+    if isinstance(value, Size) and value.attribute:
+        return value.attribute
+    name = _head_attribute(st, value, count=True)
+    return (st.module_path, name) if name else None
+
+
+def _width_attribute(st, value) -> tuple[str, str] | None:
+    """(module, attribute) holding a width (a head size, `all_head_size`, timm's `attn_dim`), as _count_attribute."""
+    if isinstance(value, Size) and value.attribute:
+        return value.attribute
+    name = _head_attribute(st, value, count=False)
+    return (st.module_path, name) if name else None
 
 
 def _one_head(st, info, out, j, size) -> bool:
     """A single head of fixed size `size` (transformers' SegFormer stage 1: `view(.., -1, head_dim)`): a cut feature
     would break the view unless the attribute holding the size (`head_dim`) is rewritten; q, k and v bind it, so
-    they lose the same features. Without such an attribute the features are frozen."""
-    attribute = _head_attribute(st, size, count=False)
-    if attribute:
-        st.bind(st.module_path, f"attr:{attribute}", info.ids)
-    else:
+    they lose the same features. A size computed from a width (`C // self.num_heads`) follows that width instead
+    (shapes._follow_sizes). Otherwise the features are frozen."""
+    owner = _width_attribute(st, size)
+    if owner:
+        st.bind(owner[0], f"attr:{owner[1]}", info.ids)
+    elif not (isinstance(size, Size) and size.ids is not None):
         st.freeze(info.ids, f"the only attention head, of fixed size {size} (in {st.where})")
     st.set(out, info.ids, j + 1)
     return True
@@ -54,7 +88,11 @@ def _one_head(st, info, out, j, size) -> bool:
 
 def _int_attributes(st) -> list[tuple[str, int]]:
     module = st.modules.get(st.module_path)
-    return [] if module is None else [(n, v) for n, v in vars(module).items() if type(v) is int]
+    return [] if module is None else [(n, v) for n, v in vars(module).items() if _is_int(v)]
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _has_int_attribute(st, value: int) -> bool:

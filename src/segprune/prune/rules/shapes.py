@@ -4,14 +4,16 @@ pixel_(un)shuffle, (un)fold, permute, expand, in-place slice writes."""
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy as np
 import torch
 
 from segprune._utils import tensors
-from segprune.prune.rules.attention import _head_attribute, _split_heads
+from segprune.prune.rules.attention import _is_int, _split_heads, _width_attribute
 from segprune.prune.rules.base import _arg, _dim, rule, unknown
 from segprune.prune.rules.elementwise import _freeze_constants
+from segprune.prune.sizes import Size
 
 
 @rule("max_unpool1d", "max_unpool2d", "max_unpool3d")
@@ -106,7 +108,7 @@ def _size_attribute(st, args, kwargs):
         found = [(n, v) for n, v in vars(module).items() if isinstance(v, (list, tuple)) and list(v) == list(size)]
         found = [(n, list(v)) for n, v in found]
     else:
-        found = [(n, v) for n, v in vars(module).items() if type(v) is int and v == size]
+        found = [(n, v) for n, v in vars(module).items() if _is_int(v) and v == size]
     return found[0] if len(found) == 1 else None
 
 
@@ -205,13 +207,20 @@ def select(st, args, kwargs, out):
 @rule("view", "reshape", "flatten", "unflatten", "view_as", "reshape_as", "squeeze", "unsqueeze")
 def reshape(st, args, kwargs, out):
     """Row-major reshape: channel c of (.., C, rest..) becomes the k features c*k .. c*k+k-1 of the output
-    dim that starts where the channel dim started (flatten into a linear layer)."""
+    dim that starts where the channel dim started (flatten into a linear layer). Sizes the code computed from
+    widths are then followed (_follow_sizes)."""
     info = st.get(args[0])
     if info is None or not isinstance(out, torch.Tensor):
         return
     shape, requested = list(args[0].shape), _requested_shape(st.current_op, args, out)
+    if _channel_layout(st, info, shape, out, requested, args, kwargs) and requested:
+        _follow_sizes(st, info, shape, out, requested)
+
+
+def _channel_layout(st, info, shape, out, requested, args, kwargs) -> bool:
+    """Say which output elements the channels become; False when the op is unknown."""
     if _split_heads(st, info, shape, out, requested):
-        return
+        return True
     before, inner = math.prod(shape[: info.cdim]), math.prod(shape[info.cdim + 1 :])
     channels = len(info.ids)
     for j, size in enumerate(out.shape):
@@ -219,12 +228,93 @@ def reshape(st, args, kwargs, out):
             k = size // channels
             if inner % k == 0 and math.prod(out.shape[j + 1 :]) == inner // k:
                 ids = np.repeat(info.ids, k)
-                attribute = _head_attribute(st, size, count=False) if requested and k > 1 else None
-                if attribute and requested[j] == size:  # heads merged back to a width held in an attribute
-                    st.bind(st.module_path, f"attr:{attribute}", ids)
-                return st.set(out, ids, j)
-    if not (_merge_groups(st, info, shape, out) or _split_channels(st, info, shape, out)):
-        unknown(st, "a reshape that splits or merges the channels with other dims", args, kwargs, out)
+                owner = _width_attribute(st, requested[j]) if requested and k > 1 else None
+                if owner and requested[j] == size:  # heads merged back to a width held in an attribute
+                    st.bind(owner[0], f"attr:{owner[1]}", ids)
+                st.set(out, ids, j)
+                return True
+    if _merge_groups(st, info, shape, out) or _split_channels(st, info, shape, out):
+        return True
+    unknown(st, "a reshape that splits or merges the channels with other dims", args, kwargs, out)
+    return False
+
+
+def _follow_sizes(st, info, shape, out, requested) -> None:
+    """A requested size computed from a traced tensor's width (a Size with `ids`, sizes.py) is computed from the
+    pruned width in the pruned model: the dims it sizes must shrink with that width. Over the output dims that
+    carry the channels, the requested sizes multiply to `len(ids) * c` (attribute powers cancelling, as in
+    `self.num_heads * (C // self.num_heads)`): those `c * len(ids)` output positions are tied to the width's
+    channels, c of them (or 1/c) per channel, so both lose the same count. A width sizing any other dim, or a
+    product that keeps an attribute, cannot be followed: frozen, saying where."""
+    oinfo = st.get(out)
+    lo, hi = _channel_span(info.cdim, shape, oinfo.cdim, list(out.shape))
+    widths = [(i, r) for i, r in enumerate(requested) if isinstance(r, Size) and r.ids is not None]
+    if not widths:
+        return
+    where = f"reshape to {[int(r) for r in requested]} in {st.where}"
+    if len(widths) > 1 or not lo <= widths[0][0] < hi:
+        for _, r in widths:
+            st.freeze(np.concatenate([r.ids, info.ids]), f"a size computed from a width shapes another dim ({where})")
+        return
+    width, scale, attrs = widths[0][1], Fraction(1), {}
+    for r in requested[lo:hi]:
+        scale *= r.scale if isinstance(r, Size) else Fraction(int(r))
+        for key, p in (r.attrs.items() if isinstance(r, Size) else ()):
+            attrs[key] = attrs.get(key, 0) + p
+    kept = [f"{m}.{a}" if m else a for (m, a), p in attrs.items() if p]
+    positions = np.broadcast_to(np.expand_dims(oinfo.ids, tuple(range(oinfo.cdim - lo)) + tuple(
+        range(oinfo.cdim - lo + 1, hi - lo))), out.shape[lo:hi]).reshape(-1)
+    if kept or len(positions) != len(width.ids) * scale:
+        return st.freeze(np.concatenate([width.ids, info.ids]), f"a size computed from a width times "
+                         f"{', '.join(kept) or 'a ratio'} that pruning would change ({where})")
+    _tie_counts(st, positions, width.ids, scale, where)
+
+
+def _channel_span(cdim_in, shape_in, cdim_out, shape_out) -> tuple[int, int]:
+    """The output dims [lo, hi) that hold what the input's channel dim and the dims it merges with hold: between
+    the last boundary both shapes share before the channels and the first one after."""
+    cum_in, cum_out = np.cumprod([1, *shape_in]), np.cumprod([1, *shape_out])
+    common = set(cum_in.tolist()) & set(cum_out.tolist())
+    start = min(cum_in[cdim_in], cum_out[cdim_out])
+    stop = max(cum_in[cdim_in + 1], cum_out[cdim_out + 1])
+    first = max(c for c in common if c <= start)
+    last = min(c for c in common if c >= stop)
+    lo = min(i for i in range(len(shape_out) + 1) if cum_out[i] == first)  # size-1 dims (one head) included
+    hi = max(i for i in range(len(shape_out) + 1) if cum_out[i] == last)
+    return lo, hi
+
+
+def _tie_counts(st, positions, ids, scale, where) -> None:
+    """Prune `positions` and the width's `ids` in step, `scale` positions per width channel. Walking both in order,
+    channels (with how many positions each fills, times `scale` for the width's) are gathered until the two sides
+    weigh the same, and each such block is made one channel: whole heads pair with as many width channels as their
+    positions need, and nothing is coupled that the counts do not require."""
+    pos, src = _weights(st, positions, 1), _weights(st, ids, scale)
+    if sorted(pos.items()) == sorted(src.items()):
+        return  # the same channels: their counts already agree
+    if any(e in st.frozen for e in ids.tolist()):
+        return st.freeze(positions, f"their count is computed from the width of channels that are frozen ({where})")
+    a, b, block, balance = list(pos.items()), list(src.items()), [], Fraction(0)
+    while a or b:
+        side = a if (balance <= 0 and a) or not b else b
+        root, weight = side.pop(0)
+        block.append(root)
+        balance += weight if side is a else -weight
+        if balance == 0:
+            st.union_all(np.array(block))
+            block = []
+    if block:
+        st.freeze(np.concatenate([positions, ids]), f"a size {scale} times a width that channels cannot match "
+                                                    f"({where})")
+
+
+def _weights(st, ids, scale) -> dict[int, Fraction]:
+    """Each channel of `ids` (by root, in order of first position) and the positions it fills, times `scale`."""
+    weights = {}
+    for e in ids.tolist():
+        root = st.find(e)
+        weights[root] = weights.get(root, 0) + Fraction(scale)
+    return weights
 
 
 def _requested_shape(op, args, out) -> list | None:
