@@ -80,6 +80,61 @@ def _hf_dpt():
     return DPTForSemanticSegmentation(config)
 
 
+def _hf_mask2former():
+    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
+
+    backbone = SwinConfig(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 2, 2, 4], window_size=4, image_size=SIZE,
+                          out_features=["stage1", "stage2", "stage3", "stage4"])
+    config = Mask2FormerConfig(backbone_config=backbone, num_labels=5, hidden_dim=32, num_queries=8, encoder_layers=1,
+                               decoder_layers=2, num_attention_heads=4, dim_feedforward=64, feature_size=32,
+                               mask_feature_size=32, encoder_feedforward_dim=64, common_stride=4)
+    return Mask2FormerForUniversalSegmentation(config)
+
+
+class _LinearHead(torch.nn.Module):
+    """A DINOv2-style ViT's patch tokens through a linear layer to class logits at 1/patch resolution (the DINOv2
+    linear segmentation probe)."""
+
+    def __init__(self, vit, classes=5):
+        super().__init__()
+        self.vit, self.head = vit, torch.nn.Linear(vit.num_features, classes)
+
+    def forward(self, x):
+        tokens = self.vit.forward_features(x)[:, self.vit.num_prefix_tokens:]
+        side = x.shape[-1] // self.vit.patch_embed.patch_size[0]
+        return self.head(tokens).transpose(1, 2).reshape(x.shape[0], -1, side, side)
+
+
+def _dinov2_linear():
+    import timm
+
+    return _LinearHead(timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=SIZE, patch_size=16,
+                                         num_classes=0))
+
+
+class _DETRDecoder(torch.nn.Module):
+    """A DETR-style head: a resnet18's last features as tokens, nn.TransformerEncoder/Decoder layers (every
+    attention an nn.MultiheadAttention), learned queries, class and box outputs."""
+
+    def __init__(self, dim=64, queries=8):
+        super().__init__()
+        import timm
+
+        self.backbone = timm.create_model("resnet18", pretrained=False, features_only=True, out_indices=(4,))
+        self.proj = torch.nn.Conv2d(512, dim, 1)
+        self.encoder = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(dim, 4, 2 * dim, 0.0,
+                                                                                      batch_first=True), 1)
+        self.decoder = torch.nn.TransformerDecoder(torch.nn.TransformerDecoderLayer(dim, 4, 2 * dim, 0.0,
+                                                                                      batch_first=True), 2)
+        self.queries = torch.nn.Parameter(torch.randn(1, queries, dim))
+        self.cls, self.box = torch.nn.Linear(dim, 6), torch.nn.Linear(dim, 4)
+
+    def forward(self, x):
+        memory = self.encoder(self.proj(self.backbone(x)[0]).flatten(2).transpose(1, 2))
+        found = self.decoder(self.queries.expand(x.shape[0], -1, -1), memory)
+        return self.cls(found), self.box(found).sigmoid()
+
+
 MODELS = {
     # timm: the classic and the modern blocks the issue names
     "timm/resnet18": _timm("resnet18"),
@@ -96,6 +151,10 @@ MODELS = {
     "timm/nf_regnet_b0": _timm("nf_regnet_b0"),
     "timm/resnetv2_50x1_bit": _timm("resnetv2_50x1_bit"),
     "timm/vit_tiny_patch16": _timm("vit_tiny_patch16_224", img_size=SIZE),
+    "timm/vit_small_patch16": _timm("vit_small_patch16_224", img_size=SIZE),
+    "timm/deit_small_patch16": _timm("deit_small_patch16_224", img_size=SIZE),
+    "timm/dinov2_small+linear": _dinov2_linear,
+    "detr_style(nn.MultiheadAttention)": lambda: _DETRDecoder(),
     "timm/poolformer_s12": _timm("poolformer_s12"),
     "timm/ghostnet_100": _timm("ghostnet_100"),
     # torchvision segmentation
@@ -111,10 +170,13 @@ MODELS = {
     "smp/UPerNet(resnet18)": _smp("UPerNet", "resnet18"),
     "smp/UPerNet(convnext_atto)": _smp("UPerNet", "tu-convnext_atto"),
     "smp/Segformer(mit_b0)": _smp("Segformer", "mit_b0"),
+    "smp/Segformer(mit_b1)": _smp("Segformer", "mit_b1"),
+    "smp/Segformer(mit_b2)": _smp("Segformer", "mit_b2"),
     # transformers
     "transformers/Segformer": _hf_segformer,
     "transformers/UperNet(ConvNext)": _hf_upernet,
     "transformers/DPT": _hf_dpt,
+    "transformers/Mask2Former": _hf_mask2former,
 }
 
 
@@ -155,7 +217,9 @@ def ours(name) -> dict:
             return _nothing_prunable(err, caught)
         seconds = time.perf_counter() - start
     groups, removed = result.groups, result.removed
-    error = relative_error(outputs(masked_copy(model, groups, removed), x), outputs(result.model, x))
+    masked = masked_copy(model, groups, removed, result.plan.replace)
+    swapped = masked_copy(model, [], {}, result.plan.replace)  # the model as prune traced it (modules swapped)
+    error = relative_error(outputs(masked, x), outputs(result.model, x))
     widths = {g.id: _widths(g) for g in groups}
     total = sum(int(w.sum()) for w in widths.values())
     prunable = sum(int(widths[g.id][g.prunable].sum()) for g in groups)
@@ -164,7 +228,7 @@ def ours(name) -> dict:
     v = result.verification
     return {"exact": error < 1e-6, "error": error, "prunable": prunable / max(total, 1),
             "channels": total, "removed": result.channels_removed, "params_ratio": params,
-            "macs_ratio": CostModel(model, groups).relative(removed, "macs"), "seconds": seconds,
+            "macs_ratio": CostModel(swapped, groups).relative(removed, "macs"), "seconds": seconds,
             "verify_seconds": v.seconds, "verify_frozen": len(v.frozen), "folded": len(v.folded),
             "warnings": len(messages), "warning_samples": [m[:300] for m in messages[:5]]}
 
@@ -251,6 +315,8 @@ def main() -> None:
     parser.add_argument("--peer-timeout", type=int, default=300, help="seconds for the peer's prune of one model")
     parser.add_argument("--no-peer", action="store_true")
     parser.add_argument("--reuse-peer", action="store_true", help="take the peer's columns from the last results")
+    parser.add_argument("--results", default="third_party", help="results/<this>.json and .md (a table of its own "
+                        "for an --only list, e.g. third_party_attention)")
     parser.add_argument("--one", choices=["ours", "peer"], help=argparse.SUPPRESS)
     parser.add_argument("--name", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -258,7 +324,7 @@ def main() -> None:
         print(json.dumps(ours(args.name) if args.one == "ours" else peer(args.name)))
         return
     names = [n for n in args.only.split(",") if n] or list(MODELS)
-    last = json.loads((RESULTS / "third_party.json").read_text())["models"] if args.reuse_peer else {}
+    last = json.loads((RESULTS / f"{args.results}.json").read_text())["models"] if args.reuse_peer else {}
     rows = dict(last) if args.only else {}  # --only updates those rows of the last results
     for name in names:
         if name in last:
@@ -271,10 +337,10 @@ def main() -> None:
     summary = {"models": len(rows), "exact": sum(r["exact"] for r in ok),
                "warned_or_exact": sum(r["exact"] or r["warnings"] > 0 for r in ok),
                "peer_ran": sum(r["peer"].get("status") == "ran" for r in rows.values())}
-    write_result("third_party", {"benchmark": "third_party", "input": [1, 3, SIZE, SIZE], "ratio": 0.5,
+    write_result(args.results, {"benchmark": "third_party", "input": [1, 3, SIZE, SIZE], "ratio": 0.5,
                                  "criterion": "l1", "dtype": "float64", "machine": machine(), "summary": summary,
                                  "models": rows})
-    (RESULTS / "third_party.md").write_text(f"segprune on third-party models (`python benchmarks/third_party.py`): "
+    (RESULTS / f"{args.results}.md").write_text(f"segprune on third-party models (`python benchmarks/third_party.py`): "
                                             f"{summary}\n\n" + markdown(rows))
 
 

@@ -346,8 +346,8 @@ ZOO.update(MODERN)
 class TokenAttention(nn.Module):
     """conv stem -> tokens -> multi-head self-attention (timm's fused qkv + SDPA, transformers' separate q/k/v +
     explicit softmax(q kᵀ) v, or nn.MultiheadAttention) -> MLP -> back to NCHW. The MLP hidden channels are
-    prunable; heads are cut with the stream channels their widths are computed from (issue #23), except in
-    nn.MultiheadAttention, which is frozen."""
+    prunable; heads are cut with the stream channels their widths are computed from, and nn.MultiheadAttention is
+    swapped for SplitMultiheadAttention, whose heads are cut (issue #23)."""
 
     def __init__(self, num_classes=3, kind="sdpa", dim=16, heads=2):
         super().__init__()

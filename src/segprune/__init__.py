@@ -13,6 +13,7 @@ from segprune.prune import (
                             PruneResult,
                             Taylor,
                             channel_groups,
+                            register_replacement,
                             register_surgery,
 )
 from segprune.prune.api import prune  # after the line above: the function, not the subpackage, is `segprune.prune`
@@ -20,7 +21,8 @@ from segprune.prune.latency import LatencyTable
 
 __version__ = "0.1.0"
 __all__ = ["BNSparsity", "CAPSparsity", "ChannelGroup", "LatencyTable", "Plan", "PruneResult", "Taylor",
-           "channel_groups", "load", "predictor", "profile", "prune", "register_surgery", "save"]
+           "channel_groups", "load", "predictor", "profile", "prune", "register_replacement", "register_surgery",
+           "save"]
 _LAZY = {"load": "segprune.checkpoint", "save": "segprune.checkpoint", "profile": "segprune.eval.profile",
          "predictor": "segprune.workflows.inference"}
 

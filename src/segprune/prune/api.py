@@ -11,14 +11,16 @@ from dataclasses import dataclass
 import numpy as np
 from torch import nn
 
-from segprune._utils import deprecated
+from segprune._utils import deprecated, eval_mode
 from segprune.prune.cost import CostModel
 from segprune.prune.criteria import CRITERIA
 from segprune.prune.fold import apply_folds, with_biases
 from segprune.prune.graph import ChannelGroup, ChannelGroups, channel_groups
 from segprune.prune.latency import LatencyTable, latency_removal, next_target
 from segprune.prune.plan import Plan
+from segprune.prune.replace import replace_module, replaced
 from segprune.prune.select import SELECTIONS, select_target
+from segprune.prune.trace import as_call
 from segprune.prune.verify import Verification, unfolded, verify_removal
 
 
@@ -48,7 +50,8 @@ def prune(model: nn.Module, example_inputs, *, ratio: float | None = None, targe
           groups: ChannelGroups | None = None, inplace: bool = False, target_latency: float | None = None,
           latency: LatencyTable | None = None, verify: bool | str = True, allow_approximate: Sequence[str] = (),
           compensate: bool = False, measure: Callable[[nn.Module], float | dict] | None = None,
-          latency_tries: int = 5, latency_tolerance: float = 0.05, method: str | None = None) -> PruneResult:
+          latency_tries: int = 5, latency_tolerance: float = 0.05, replace: bool = True,
+          method: str | None = None) -> PruneResult:
     """Remove the channels with the lowest `criterion` scores: a `ratio` of them, or as few as reach a target.
 
     Args:
@@ -90,6 +93,9 @@ def prune(model: nn.Module, example_inputs, *, ratio: float | None = None, targe
         latency_tolerance: relative: 0.05 accepts 0.475-0.525 for a target of 0.5.
         compensate: fold what each removed channel still emits on average (ReLU(beta) of a slimmed BN channel) into
             its consumers' biases, measured on the example inputs; needs `verify`.
+        replace: swap modules the engine cannot cut in place for registered equivalents first
+            (`nn.MultiheadAttention` -> `SplitMultiheadAttention`, checked on `example_inputs`; see replace.py);
+            the plan records the swaps. Not with `groups` (they were traced on the model as it is).
         method: the older name of `select` (a recipe's "method" is something else: segprune.workflows.METHODS).
     """
     if method is not None:
@@ -105,6 +111,9 @@ def prune(model: nn.Module, example_inputs, *, ratio: float | None = None, targe
     ratio_ok = ratio is None or 0 <= ratio < 1
     if not ratio_ok:
         raise ValueError(f"ratio must be in [0, 1), got {ratio}")
+    swaps = {}
+    if replace and groups is None:
+        model, swaps = _replaced(model, example_inputs, inplace)
     groups = groups if groups is not None else channel_groups(model, example_inputs, ignore=ignore,
                                                               allow_approximate=allow_approximate)
     if not any(g.prunable.any() for g in groups):
@@ -119,9 +128,27 @@ def prune(model: nn.Module, example_inputs, *, ratio: float | None = None, targe
     if target_latency is not None and measure is not None:
         cut = lambda target: _cut(model, example_inputs, groups, functools.partial(choose, target_latency=target),
                                   verify, compensate, inplace=False)  # noqa: E731
-        return closed_loop(cut, measure, target=target_latency, table=latency, tries=latency_tries,
-                           tolerance=latency_tolerance)
-    return _cut(model, example_inputs, groups, choose, verify, compensate, inplace)
+        result = closed_loop(cut, measure, target=target_latency, table=latency, tries=latency_tries,
+                             tolerance=latency_tolerance)
+    else:
+        result = _cut(model, example_inputs, groups, choose, verify, compensate, inplace or bool(swaps))
+    result.plan.replace = swaps
+    return result
+
+
+def _replaced(model, example_inputs, inplace) -> tuple[nn.Module, dict[str, str]]:
+    """The model with its registered modules swapped (replace.py): a copy, or `model` itself when `inplace`."""
+    def call(m):
+        args, kwargs = as_call(example_inputs)
+        with eval_mode(m):
+            return m(*args, **kwargs)
+
+    new, swaps = replaced(model, example_inputs, call)
+    if inplace:
+        for name, key in swaps.items():
+            replace_module(model, name, key)
+        return model, swaps
+    return new, swaps
 
 
 def _cut(model, example_inputs, groups, choose, verify, compensate, inplace) -> PruneResult:

@@ -18,12 +18,17 @@ from torch import nn
 from segprune._utils import tensors
 from segprune.prune.criteria import _NORMS
 from segprune.prune.graph import PRODUCERS, ChannelGroup
+from segprune.prune.replace import replace_module
 from segprune.prune.trace import as_call
 
 
-def masked_copy(model: nn.Module, groups: list[ChannelGroup], removed: dict[int, np.ndarray]) -> nn.Module:
-    """A copy of `model` whose removed channels output zero at every producer and norm."""
+def masked_copy(model: nn.Module, groups: list[ChannelGroup], removed: dict[int, np.ndarray],
+                replace: dict[str, str] | None = None) -> nn.Module:
+    """A copy of `model` whose removed channels output zero at every producer and norm; `replace` (a result's
+    `plan.replace`) swaps the modules prune swapped first, so that the groups' names exist."""
     masked = copy.deepcopy(model)
+    for name, key in (replace or {}).items():
+        replace_module(masked, name, key)
     with torch.no_grad():
         for group in groups:
             drop = removed.get(group.id)

@@ -10,6 +10,9 @@ branch module. Bypasses replay before channel cuts (a later plan's channel cuts 
 layers; an earlier plan's cuts inside a block that is later bypassed are dropped, since the block is gone). A plan
 without bypasses is written exactly as before (format `segprune.plan/1`); one with bypasses is written as
 `segprune.plan/2`, so that an older reader refuses it instead of silently skipping them. Both are read.
+
+A third, `replace`, records modules swapped for an equivalent prunable one before pruning (replace.py:
+`nn.MultiheadAttention`); they replay first of all. A plan with replacements is `segprune.plan/3`.
 """
 
 from __future__ import annotations
@@ -23,10 +26,12 @@ import torch
 from torch import nn
 
 from segprune.prune.graph import ChannelGroup
+from segprune.prune.replace import replace_module
 from segprune.prune.surgery import surgery_for
 
 FORMAT = "segprune.plan/1"
 FORMAT_BYPASS = "segprune.plan/2"
+FORMAT_REPLACE = "segprune.plan/3"
 _WIDTH_ATTRS = {"out": ("out_channels", "out_features", "num_features", "num_channels", "num_parameters",
                         "normalized_shape"),
                 "in": ("in_channels", "in_features")}
@@ -45,10 +50,12 @@ def width(module: nn.Module, role: str) -> int | None:
 class Plan:
     """`modules[name] = {"type", "out", "out_size", "in", "in_size"}` (kept indices, original widths);
     `bypass[name] = {"type", "with"}`: block `name` (of that type) is replaced, before any channel cut, by
-    "identity", "zero" (a module returning zeros like its input) or an activation `{"act", "kwargs"}`."""
+    "identity", "zero" (a module returning zeros like its input) or an activation `{"act", "kwargs"}`;
+    `replace[name] = key`: module `name` is swapped for registered replacement `key` (replace.py) before both."""
 
     modules: dict[str, dict] = field(default_factory=dict)
     bypass: dict[str, dict] = field(default_factory=dict)
+    replace: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_removal(cls, model: nn.Module, groups: list[ChannelGroup], removed: dict[int, np.ndarray]) -> Plan:
@@ -67,6 +74,8 @@ class Plan:
 
     def apply(self, model: nn.Module) -> nn.Module:
         """Cut `model` in place as recorded; raises ValueError naming the layer if the model does not fit."""
+        for name, key in self.replace.items():
+            replace_module(model, name, key)
         for name, entry in self.bypass.items():
             _bypass(model, name, entry)
         for name, entry in self.modules.items():
@@ -96,11 +105,14 @@ class Plan:
                     first[role] = [first[role][i] for i in entry[role]]
                 else:
                     first[role], first[f"{role}_size"] = list(entry[role]), entry[f"{role}_size"]
-        return Plan(merged, bypass)
+        return Plan(merged, bypass, {**self.replace, **later.replace})
 
     def to_json(self) -> str:
         # one layer per line: readable in a diff, and still plain JSON
         body = _lines(self.modules)
+        if self.replace:
+            return (f'{{"format": "{FORMAT_REPLACE}", "replace": {json.dumps(self.replace)}, "bypass": {{\n'
+                    f'{_lines(self.bypass)}\n}}, "modules": {{\n{body}\n}}}}\n')
         if not self.bypass:
             return f'{{"format": "{FORMAT}", "modules": {{\n{body}\n}}}}\n'
         return f'{{"format": "{FORMAT_BYPASS}", "bypass": {{\n{_lines(self.bypass)}\n}}, "modules": {{\n{body}\n}}}}\n'
@@ -108,9 +120,10 @@ class Plan:
     @classmethod
     def from_json(cls, text: str) -> Plan:
         data = json.loads(text)
-        if not isinstance(data, dict) or data.get("format") not in (FORMAT, FORMAT_BYPASS):
-            raise ValueError(f"not a segprune plan (expected format {FORMAT!r} or {FORMAT_BYPASS!r})")
-        return cls(modules=data["modules"], bypass=data.get("bypass", {}))
+        if not isinstance(data, dict) or data.get("format") not in (FORMAT, FORMAT_BYPASS, FORMAT_REPLACE):
+            raise ValueError(f"not a segprune plan (expected format {FORMAT!r}, {FORMAT_BYPASS!r} or "
+                             f"{FORMAT_REPLACE!r})")
+        return cls(modules=data["modules"], bypass=data.get("bypass", {}), replace=data.get("replace", {}))
 
     def save(self, path: str | Path) -> None:
         path = Path(path)

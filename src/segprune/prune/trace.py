@@ -44,12 +44,19 @@ class _Recorder(OpRecorder):
     def record(self, func, args, kwargs, out) -> None:
         st, name = self.st, op_name(func)
         st.calls.setdefault(st.mode, set()).add((st.module_path, name))
-        if any(st.get(t) is not None for t in tensors((args, kwargs))):
+        if any(st.get(t) is not None for t in tensors((args, kwargs))) or _layer_of_constants(st, name, args, kwargs):
             st.current_op = name
             RULES.get(name, lambda *a: unknown(st, name, *a[1:]))(st, args, kwargs, out)
             if name not in RULES or RULES[name] is not constant:
                 _untracked_outputs(st, name, args, kwargs, out)
             _tag_nonzero(st, name, args, kwargs, out)
+
+
+def _layer_of_constants(st, name, args, kwargs) -> bool:
+    """A module's conv or linear layer applied to untraced tensors (DETR's learned queries through a q
+    projection) still makes channels: its rule runs, so its outputs are traced and its MACs counted."""
+    weight = args[1] if len(args) > 1 else kwargs.get("weight")
+    return name in _SHAPE_ONLY and isinstance(weight, torch.Tensor) and id(weight) in st.owners
 
 
 def _sized(st, func, args, kwargs, out):

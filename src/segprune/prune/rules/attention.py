@@ -40,10 +40,11 @@ def _heads(st, info, out, requested, j, g) -> bool:
     inferred = requested[j] == -1 and requested[j + 1] != -1
     owner = None if inferred else _count_attribute(st, requested[j])
     tied = isinstance(requested[j + 1], Size) or _has_int_attribute(st, requested[j + 1])
-    if not (inferred or (h > 1 and owner and tied)):
+    read = isinstance(requested[j], Size) and requested[j].attribute is not None  # a count read, not guessed
+    if not (inferred or ((h > 1 or read) and owner and tied)):
         return False
     if h == 1:  # one head: its features are cut instead, with the head size's attribute rewritten
-        return g == 1 and _one_head(st, info, out, j, requested[j + 1])
+        return _one_head(st, info, out, j, requested[j + 1], g)
     heads = info.ids.reshape(g, h, d)
     for head in heads.reshape(g * h, d):
         st.union_all(head)
@@ -72,17 +73,20 @@ def _width_attribute(st, value) -> tuple[str, str] | None:
     return (st.module_path, name) if name else None
 
 
-def _one_head(st, info, out, j, size) -> bool:
+def _one_head(st, info, out, j, size, g=1) -> bool:
     """A single head of fixed size `size` (transformers' SegFormer stage 1: `view(.., -1, head_dim)`): a cut feature
     would break the view unless the attribute holding the size (`head_dim`) is rewritten; q, k and v bind it, so
-    they lose the same features. A size computed from a width (`C // self.num_heads`) follows that width instead
-    (shapes._follow_sizes). Otherwise the features are frozen."""
+    they lose the same features (feature i of each of g fused parts together). A size computed from a width
+    (`C // self.num_heads`) follows that width instead (shapes._follow_sizes). Otherwise the features are frozen."""
+    parts = info.ids.reshape(g, -1)
+    for k in range(1, g):
+        st.union(parts[0], parts[k])
     owner = _width_attribute(st, size)
     if owner:
-        st.bind(owner[0], f"attr:{owner[1]}", info.ids)
+        st.bind(owner[0], f"attr:{owner[1]}", parts[0])
     elif not (isinstance(size, Size) and size.ids is not None):
         st.freeze(info.ids, f"the only attention head, of fixed size {size} (in {st.where})")
-    st.set(out, info.ids, j + 1)
+    st.set(out, parts[0], j + 1)
     return True
 
 
