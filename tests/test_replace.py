@@ -230,3 +230,21 @@ def test_smp_mix_transformer_attention_is_swapped_and_its_heads_cut(heads):
     fresh = segprune.Plan.from_json(result.plan.to_json()).apply(MixNet(heads).double().eval())
     fresh.load_state_dict(result.model.state_dict())
     assert torch.equal(outputs(fresh, x)[0], outputs(result.model, x)[0])
+
+
+def test_a_swap_that_changes_the_outputs_is_undone_with_a_warning():
+    from segprune.prune.replace import REPLACEMENTS, register_replacement
+
+    class Scale(nn.Module):
+        def forward(self, x):
+            return 2 * x
+
+    register_replacement(Scale, lambda m: nn.Identity(), name="test.Scale")
+    try:
+        model = nn.Sequential(nn.Conv2d(3, 8, 1), Scale(), nn.ReLU(), nn.Conv2d(8, 3, 1)).double().eval()
+        x = torch.randn(1, 3, 4, 4, dtype=torch.float64)
+        with pytest.warns(UserWarning, match="1 .Scale. is not replaced with Identity: it changes the outputs"):
+            result = segprune.prune(model, x, ratio=0.5, criterion="l1")
+        assert result.plan.replace == {} and isinstance(result.model[1], Scale)
+    finally:
+        del REPLACEMENTS["test.Scale"]

@@ -143,7 +143,7 @@ def _replaced(model, example_inputs, inplace) -> tuple[nn.Module, dict[str, str]
         with eval_mode(m):
             return m(*args, **kwargs)
 
-    new, swaps = replaced(model, example_inputs, call)
+    new, swaps = replaced(model, call)
     if inplace:
         for name, key in swaps.items():
             replace_module(model, name, key)

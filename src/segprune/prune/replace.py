@@ -62,32 +62,41 @@ def replace_module(model: nn.Module, name: str, key: str) -> None:
     _set(model, name, new)
 
 
-def replaced(model: nn.Module, example_inputs, call: Callable) -> tuple[nn.Module, dict[str, str]]:
+def replaced(model: nn.Module, call: Callable) -> tuple[nn.Module, dict[str, str]]:
     """`model` with every registered module swapped (a copy, unless there is nothing to swap), and {name: key} of
-    the swaps that kept the outputs on `example_inputs`; `call(model)` runs the model on them."""
+    the swaps that kept the outputs of `call(model)` (the model run on the example inputs)."""
     found = [(name, key, m) for name, m in model.named_modules() if name
              for key, r in REPLACEMENTS.items() if r.covers(m)]
     if not found:
         return model, {}
-    new, done = copy.deepcopy(model), {}
     reference = _outputs(model, call)
-    for name, key, module in found:
-        swap = REPLACEMENTS[key].build(copy.deepcopy(module))
-        if swap is None:
-            continue
+    swaps = [(name, key, module, swap) for name, key, module in found
+             if (swap := REPLACEMENTS[key].build(copy.deepcopy(module))) is not None]
+    new = copy.deepcopy(model)
+    for name, _, _, swap in swaps:
         _set(new, name, swap)
-        try:
-            same = _same(reference, _outputs(new, call))
-        except Exception as err:  # noqa: BLE001  (the model's code may expect the original's attributes)
-            same = f"the model fails with it ({type(err).__name__}: {str(err)[:200]})"
+    if _check(new, reference, call) is True:  # one forward pass for all swaps, the usual case
+        return new, {name: key for name, key, _, _ in swaps}
+    new, done = copy.deepcopy(model), {}
+    for name, key, module, swap in swaps:  # find the swaps that change the outputs, one at a time
+        _set(new, name, swap)
+        same = _check(new, reference, call)
         if same is True:
             done[name] = key
         else:
             _set(new, name, copy.deepcopy(module))
-            why = same or "it changes the outputs on the example inputs"
             warnings.warn(f"segprune: {name} ({type(module).__name__}) is not replaced with {type(swap).__name__}: "
-                          f"{why}; it is kept as it is", stacklevel=3)
+                          f"{same}; it is kept as it is", stacklevel=3)
     return new, done
+
+
+def _check(model, reference, call) -> bool | str:
+    """True when `model` gives the reference outputs, else why not."""
+    try:
+        same = _same(reference, _outputs(model, call))
+    except Exception as err:  # noqa: BLE001  (the model's code may expect the original's attributes)
+        return f"the model fails with it ({type(err).__name__}: {str(err)[:200]})"
+    return same or "it changes the outputs on the example inputs"
 
 
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:

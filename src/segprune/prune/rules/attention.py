@@ -59,17 +59,18 @@ def _heads(st, info, out, requested, j, g) -> bool:
 def _count_attribute(st, value) -> tuple[str, str] | None:
     """(module, attribute) holding a head count: the attribute the value was read from, or the running module's one
     `*head*` count attribute equal to it."""
-    if isinstance(value, Size) and value.attribute:
-        return value.attribute
-    name = _head_attribute(st, value, count=True)
-    return (st.module_path, name) if name else None
+    return _attribute_of(st, value, count=True)
 
 
 def _width_attribute(st, value) -> tuple[str, str] | None:
     """(module, attribute) holding a width (a head size, `all_head_size`, timm's `attn_dim`), as _count_attribute."""
+    return _attribute_of(st, value, count=False)
+
+
+def _attribute_of(st, value, count: bool) -> tuple[str, str] | None:
     if isinstance(value, Size) and value.attribute:
         return value.attribute
-    name = _head_attribute(st, value, count=False)
+    name = _head_attribute(st, value, count=count)
     return (st.module_path, name) if name else None
 
 

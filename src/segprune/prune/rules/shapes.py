@@ -246,11 +246,11 @@ def _follow_sizes(st, info, shape, out, requested) -> None:
     `self.num_heads * (C // self.num_heads)`): those `c * len(ids)` output positions are tied to the width's
     channels, c of them (or 1/c) per channel, so both lose the same count. A width sizing any other dim, or a
     product that keeps an attribute, cannot be followed: frozen, saying where."""
+    widths = [(i, r) for i, r in enumerate(requested) if isinstance(r, Size) and r.ids is not None]
+    if not widths:  # nearly every reshape: nothing to follow
+        return
     oinfo = st.get(out)
     lo, hi = _channel_span(info.cdim, shape, oinfo.cdim, list(out.shape))
-    widths = [(i, r) for i, r in enumerate(requested) if isinstance(r, Size) and r.ids is not None]
-    if not widths:
-        return
     where = f"reshape to {[int(r) for r in requested]} in {st.where}"
     if len(widths) > 1 or not lo <= widths[0][0] < hi:
         for _, r in widths:
