@@ -99,6 +99,32 @@ def test_taylor_scores_a_dead_channel_zero_and_prunes_it_first():
     assert result.plan.modules["0.1"]["out"] == [0, 1, 2, 3, 5]
 
 
+class TokenMLP(nn.Module):
+    """A transformer MLP on tokens (N, L, C): the hidden features are a linear's last dim, not dim 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_taylor_scores_a_linear_on_tokens_per_feature():
+    torch.manual_seed(0)
+    model = TokenMLP()
+    x, y = torch.randn(2, 5, 4), torch.randn(2, 5, 4)
+    taylor = segprune.Taylor(model, [(x, y)], F.mse_loss)
+    hidden = next(g for g in segprune.channel_groups(model, x) if "fc1" in g.modules("out"))
+    scores = taylor(hidden, model)
+    a = model.fc1(x)
+    a.retain_grad()
+    F.mse_loss(model.fc2(torch.relu(a)), y).backward()
+    expected = (a * a.grad).sum(1).abs().sum(0)  # summed over the tokens of each sample, then over the batch
+    assert scores.shape == (6,)
+    np.testing.assert_allclose(scores, expected.detach().double().numpy(), rtol=1e-5)
+
+
 def _grads_after(regularizer_cls, **kw):
     torch.manual_seed(0)
     model = randomize_norms(nn.Sequential(cbr(3, 8), cbr(8, 8), nn.Conv2d(8, 2, 1)))

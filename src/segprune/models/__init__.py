@@ -9,7 +9,7 @@ and the divisor (1 for models that take any size; U-Net needs 16, for its skip c
 ``ValueError`` for ``num_classes < 1`` and for an unsupported ``output_stride``.
 """
 
-from . import deeplabv3plus, icnet, pspnet, segnet, unet, yolact  # noqa: F401  (imported to register their entry points)
+from . import deeplabv3plus, icnet, pspnet, segformer, segnet, unet, yolact  # noqa: F401  (imported to register their entry points)
 from .registry import create_model, list_models, register_model
 
 __all__ = ["create_model", "list_models", "register_model"]

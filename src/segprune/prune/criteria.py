@@ -101,8 +101,8 @@ class Taylor:
         def hook(name):
             def forward_hook(module, args, out):
                 if isinstance(out, torch.Tensor) and out.requires_grad and out.dim() >= 2:
-                    out.register_hook(lambda g: _add(sums, name, (out.detach() * g).flatten(2).sum(-1).abs()
-                                                     if out.dim() > 2 else (out.detach() * g).abs()))
+                    channels_last = isinstance(module, nn.Linear)  # tokens (N, L, C): a linear's features are last
+                    out.register_hook(lambda g: _add(sums, name, _per_sample(out.detach() * g, channels_last)))
             return forward_hook
 
         handles = [m.register_forward_hook(hook(n)) for n, m in self.model.named_modules()
@@ -127,6 +127,13 @@ class Taylor:
                 index.append(m.index)
                 values.append(self.scores[m.module].double().cpu().numpy())
         return _per_channel(group.size, index, values) if index else None
+
+
+def _per_sample(a_grad: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """|sum of a * dL/da over every position| as (batch, channels); channels at dim 1, or last for a linear."""
+    if channels_last:
+        a_grad = a_grad.movedim(-1, 1)
+    return a_grad.flatten(2).sum(-1).abs() if a_grad.dim() > 2 else a_grad.abs()
 
 
 def _add(sums: dict, name: str, per_sample: torch.Tensor) -> None:
