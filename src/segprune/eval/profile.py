@@ -67,13 +67,33 @@ def _num_threads(threads: int | None):
 
 
 # --- MACs ---------------------------------------------------------------------------------------------------------
+class _Totals:
+    """Stands in for FlopCounterMode's module tracker, whose backward hooks fail inside some models (transformers'
+    OneFormer: "Expected gradient function to be set"): every op counts towards the total only. Per-module counts
+    are ours (:class:`_PerModule`, forward hooks), so nothing is lost."""
+
+    parents = ("Global",)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *args):
+        return None
+
+
+def _flop_counter() -> FlopCounterMode:
+    counter = FlopCounterMode(display=False)
+    counter.mod_tracker = _Totals()
+    return counter
+
+
 def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
     """Multiply-accumulates of one forward pass in eval mode, as counted by ``FlopCounterMode``.
 
     Returns:
         Total FLOPs // 2. Ops the counter has no formula for (elementwise ops, BN, pooling) add nothing.
     """
-    counter = FlopCounterMode(display=False)
+    counter = _flop_counter()
     with eval_mode(model), torch.no_grad(), counter:
         model(example_input)
     return counter.get_total_flops() // 2
@@ -107,7 +127,7 @@ def macs_per_layer(model: nn.Module, example_input: torch.Tensor) -> dict[str, i
     functional op (``F.conv2d``, ``matmul``) under the module whose ``forward`` calls it; the values add up to
     :func:`count_macs` (to rounding). A module called twice counts twice; modules without MACs are left out.
     """
-    counter = FlopCounterMode(display=False)
+    counter = _flop_counter()
     tracker, handles = _PerModule(counter), []
     for name, module in model.named_modules():
         handles.append(module.register_forward_pre_hook(partial(tracker.enter, name)))
