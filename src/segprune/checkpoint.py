@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from segprune.models import create_model
+from segprune.models import create_model, library_model
 from segprune.prune.plan import Plan
 
 FILES = ("weights.safetensors", "plan.json", "config.json")
@@ -144,3 +144,35 @@ def load(folder: str | Path) -> nn.Module:
         raise CheckpointError(f"{folder / 'weights.safetensors'} does not fit the model its config builds: "
                               f"{err}") from err
     return model.eval()
+
+
+def load_pretrained(model: nn.Module, path: str | Path) -> tuple[int, list[str]]:
+    """Initialise ``model`` from a local safetensors file (no pickle), by its own state dict's names or, for a
+    library model (``smp:...``), the library's (what that library's weights files hold). A tensor of another shape
+    (a head for another class count) and a tensor the file lacks keep their initialisation.
+
+    Returns:
+        (tensors loaded, names left as initialised).
+
+    Raises:
+        CheckpointError: naming the file, when it is unreadable, holds a tensor the model lacks (another
+            architecture), or holds none that fit.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: the weights file does not exist")
+    try:
+        state = load_file(str(path))
+    except (OSError, SafetensorError, RuntimeError, ValueError) as err:
+        raise CheckpointError(f"{path}: unreadable weights, truncated or not a safetensors file ({err})") from err
+    target = library_model(model)
+    own = target.state_dict()
+    foreign = sorted(set(state) - set(own))
+    if foreign:
+        raise CheckpointError(f"{path} does not fit {type(target).__name__}: it holds {len(foreign)} tensor(s) the "
+                              f"model lacks ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''})")
+    fit = {k: v for k, v in state.items() if v.shape == own[k].shape}
+    if not fit:
+        raise CheckpointError(f"{path} does not fit {type(target).__name__}: none of its tensors has the model's shape")
+    target.load_state_dict(fit, strict=False)
+    return len(fit), sorted(set(own) - set(fit))

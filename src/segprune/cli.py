@@ -19,7 +19,7 @@ from segprune.workflows.data import check_data, check_instance_data, with_data
 from segprune.workflows.deploy import export_checkpoint
 from segprune.workflows.inference import predict_images, report_folders
 from segprune.workflows.methods import checkpoint_methods
-from segprune.workflows.recipe import demo_recipe, recipe_from, with_model
+from segprune.workflows.recipe import demo_recipe, model_args, recipe_from, with_model
 from segprune.workflows.steps import (
     checkpoint_task,
     evaluate_checkpoint,
@@ -111,7 +111,8 @@ def _check_instances(args) -> None:
 
 
 def cmd_groups(args) -> None:
-    groups, caught = model_groups(args.model, num_classes=args.num_classes, width=args.width, size=args.size)
+    groups, caught = model_groups(args.model, num_classes=args.num_classes, width=args.width, size=args.size,
+                                  model_args=args.model_args)
     for g in groups:
         print(g)
     prunable = sum(int(g.prunable.sum()) for g in groups)
@@ -292,14 +293,17 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument("--task", choices=tuple(TASKS), default=DEFAULT_TASK,
                        help="instance: COCO instances, --data coco:IMAGES_DIR:ANNOTATIONS_JSON")
     check.set_defaults(func=cmd_check)
-    groups = sub.add_parser("groups", help="list the channel groups of a registered model")
-    groups.add_argument("model")
+    groups = sub.add_parser("groups", help="list the channel groups of a registered model or a library's")
+    groups.add_argument("model", help="a zoo name, or smp:ARCH, timm:NAME, transformers:CLASS")
+    groups.add_argument("--model-args", type=model_args, default={}, metavar="YAML",
+                        help="the builder's keyword arguments, e.g. '{encoder_name: mit_b0}'")
     groups.add_argument("--num-classes", type=int, default=19)
     groups.add_argument("--width", type=float, default=1.0)
     groups.add_argument("--size", type=int, default=256)
     groups.set_defaults(func=cmd_groups)
     tr = sub.add_parser("train", help="train a registered model (resumable; runs under torchrun for DDP)")
-    tr.add_argument("--model", default=None, help="registered model name (default: the recipe's)")
+    tr.add_argument("--model", default=None, help="registered model name or builder spec, e.g. smp:Segformer "
+                    "with --set model_args='{encoder_name: mit_b0}' (default: the recipe's)")
     tr.add_argument("--data", default=None, metavar="KIND[:PATH]", help="e.g. camvid:data/camvid or synthetic")
     tr.add_argument("--recipe", default=None, help="flat YAML recipe")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")

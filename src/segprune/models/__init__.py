@@ -10,6 +10,7 @@ and the divisor (1 for models that take any size; U-Net needs 16, for its skip c
 """
 
 from . import deeplabv3plus, icnet, pspnet, segformer, segnet, unet, yolact  # noqa: F401  (imported to register their entry points)
+from .builders import library_model, rebuild_kwargs, register_builder
 from .registry import create_model, list_models, register_model
 
-__all__ = ["create_model", "list_models", "register_model"]
+__all__ = ["create_model", "library_model", "list_models", "rebuild_kwargs", "register_builder", "register_model"]

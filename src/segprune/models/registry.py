@@ -6,6 +6,8 @@ from collections.abc import Callable
 
 from torch import nn
 
+from . import builders
+
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
 
@@ -26,13 +28,16 @@ def create_model(name: str, *, num_classes: int, **kwargs) -> nn.Module:
     """Build a registered model.
 
     Args:
-        name: an entry point name, e.g. "pspnet_resnet50" (see ``list_models``).
+        name: an entry point name, e.g. "pspnet_resnet50" (see ``list_models``), or another library's model as
+            ``"<builder>:<name>"``, e.g. "smp:Segformer" (see :mod:`segprune.models.builders`).
         num_classes: number of output classes.
         **kwargs: the builder's keyword arguments (``in_channels``, ``width``, ``output_stride``, ...).
 
     Raises:
         ValueError: for an unknown name, listing the registered names closest to it.
     """
+    if builders.is_spec(name):
+        return builders.build(name, num_classes=num_classes, **kwargs)
     if name not in _MODELS:
         close = _close_names(name)
         hint = f"did you mean one of {close}?" if close else f"the registered models are {sorted(_MODELS)}"

@@ -25,7 +25,6 @@ from segprune._utils import IGNORE_INDEX, eval_mode, logits
 from segprune.eval.profile import compare_latency, profile
 from segprune.eval.validation import miou_metric, val_miou
 from segprune.export.fuse import fuse_conv_bn
-from segprune.models import create_model
 from segprune.prune import CAPSparsity, channel_groups, prune, prune_blocks, slim_layers
 from segprune.prune.criteria import CRITERIA
 from segprune.prune.plan import Plan
@@ -59,9 +58,10 @@ def run(r: Recipe, out: str | Path, *, force: bool = False, progress: bool = Tru
     train_loader, val, num_classes = task.loaders(r)
     if note := inferred_classes_note(train_loader):
         log(note)
-    model_kwargs = r.model_kwargs(num_classes)
-    model = create_model(r.model, **model_kwargs).to(r.device)
-    task.check_model(model, r.model)
+    model, model_kwargs, weights_note = task.build_model(r, num_classes)
+    model = model.to(r.device)
+    if weights_note:
+        log(weights_note)
     stages = Stages(r, train_loader, example=torch.zeros(1, 3, *r.size, device=r.device), val=val,
                     num_classes=num_classes, out=out, log=log, progress=progress)
     groups = channel_groups(model, task.prune_inputs(model, stages.example))

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import difflib
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar
 
 import yaml
 
 from segprune.export.runtimes import parse as parse_runtime
+from segprune.models.builders import is_spec
 from segprune.workflows.methods import METHODS
 from segprune.workflows.taskbase import DEFAULT_TASK, TASKS, task_of
 
@@ -36,8 +37,10 @@ class Recipe:
     # --- what: the task, the model and the data
     name: str = "demo"
     task: str = DEFAULT_TASK  # a registered Task: semantic, or instance (YOLACT: box and mask AP)
-    model: str = "pspnet_resnet18"
-    width: float = 0.25  # the demo's; 0 = the model's own default width
+    model: str = "pspnet_resnet18"  # a zoo name, or another library's: smp:Segformer, transformers:<Class>, timm:<name>
+    width: float = 0.25  # the demo's; 0 = the model's own default width (zoo models only)
+    model_args: dict = field(default_factory=dict)  # the builder's keyword arguments, e.g. {encoder_name: mit_b0}
+    weights: str = ""  # a local safetensors file the model starts from (pretrained; a head of another shape is new)
     data: str = "synthetic"  # or a dataset name of segprune.data.build_dataset, with data_root
     data_root: str = ""
     num_classes: int = 6  # synthetic data; a folder dataset infers it from its masks unless given
@@ -112,8 +115,10 @@ class Recipe:
     slim_widths: str = ""  # then set layers' output widths, "name=width,..." (e.g. "ppm.branches=128,head.0=128")
 
     def model_kwargs(self, num_classes: int) -> dict:
-        """What the model is built with: the class count and, unless 0 (the model's own), the width."""
-        return {"num_classes": num_classes, **({"width": self.width} if self.width else {})}
+        """What the model is built with: the class count, the width (a zoo model's, unless 0: the model's own) and
+        ``model_args``."""
+        width = {"width": self.width} if self.width and not is_spec(self.model) else {}
+        return {"num_classes": num_classes, **width, **self.model_args}
 
     def check(self) -> Recipe:
         if self.task not in TASK_NAMES:
@@ -122,6 +127,9 @@ class Recipe:
             raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
         if self.width < 0:
             raise ValueError(f"width must be >= 0 (0 = the model's own), got {self.width}")
+        if is_spec(self.model) and self.width and "width" in self.given:
+            raise ValueError(f"width scales segprune's zoo models; {self.model} takes its library's own size "
+                             "arguments in model_args")
         if self.lam < 0:
             raise ValueError(f"lam must be >= 0, got {self.lam}")
         if not 0 <= self.ratio < 1 or not 0 <= self.target_macs <= 1 or self.iterations < 1:
@@ -196,6 +204,8 @@ def read_recipe_file(path: str | Path):
 
 def _typed(key, value, default):
     try:
+        if isinstance(default, dict):
+            return model_args(value)
         if isinstance(default, tuple):
             value = _json_or_list(value) if isinstance(value, str) else value
             value = [value] if isinstance(value, (str, int, float)) else value
@@ -203,8 +213,17 @@ def _typed(key, value, default):
         if isinstance(default, bool):
             return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
         return type(default)(value)
-    except (TypeError, ValueError, json.JSONDecodeError) as err:
-        raise ValueError(f"setting {key}={value!r} is not a {type(default).__name__}") from err
+    except (TypeError, ValueError, json.JSONDecodeError, yaml.YAMLError) as err:
+        kind = "mapping (YAML: {name: value, ...})" if isinstance(default, dict) else type(default).__name__
+        raise ValueError(f"setting {key}={value!r} is not a {kind}") from err
+
+
+def model_args(value) -> dict:
+    """A mapping, or YAML text of one (``"{encoder_name: mit_b0, decoder_channels: [64, 32]}"``)."""
+    value = yaml.safe_load(value) if isinstance(value, str) else value
+    if not isinstance(value, dict):
+        raise ValueError(f"{value!r} is not a mapping (YAML: {{name: value, ...}})")
+    return value
 
 
 def _json_or_list(text: str):

@@ -19,6 +19,7 @@ from segprune import checkpoint
 from segprune.eval.latency import LatencyMeter, cpu_model, measure_latency_table
 from segprune.export.runtimes import parse
 from segprune.models import create_model
+from segprune.models.builders import is_spec
 from segprune.prune import channel_groups, prune
 from segprune.prune.latency import LatencyTable
 from segprune.train.loop import fit
@@ -28,10 +29,12 @@ from segprune.workflows.recipe import Recipe, recipe_from
 from segprune.workflows.tasks import DEFAULT_TASK, Task, task_of
 
 
-def model_groups(name: str, *, num_classes: int = 19, width: float = 1.0, size: int = 256) -> tuple[list, list[str]]:
-    """`segprune groups`: the channel groups of registered model ``name`` traced on a ``size``² input, and the
-    warnings the trace gave, as text."""
-    model = create_model(name, num_classes=num_classes, width=width)
+def model_groups(name: str, *, num_classes: int = 19, width: float = 1.0, size: int = 256,
+                 model_args: dict | None = None) -> tuple[list, list[str]]:
+    """`segprune groups`: the channel groups of model ``name`` (a zoo name at ``width``, or a builder spec with
+    ``model_args``) traced on a ``size``² input, and the warnings the trace gave, as text."""
+    model = create_model(name, num_classes=num_classes, **({} if is_spec(name) else {"width": width}),
+                         **(model_args or {}))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         groups = channel_groups(model, torch.zeros(1, 3, size, size))

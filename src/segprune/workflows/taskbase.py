@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from segprune import checkpoint
+from segprune.models import create_model, rebuild_kwargs
 from segprune.report.common import REPORT_TASKS, accuracy_of, rows_of
 
 DEFAULT_TASK = "semantic"  # the recipe's default, and the task of runs and checkpoints saved before tasks
@@ -66,6 +68,20 @@ class Task:
 
     def check_model(self, model: nn.Module, name: str) -> None:
         """Refuse a model of another task."""
+
+    def build_model(self, r, num_classes: int) -> tuple[nn.Module, dict, str]:
+        """The recipe's model (zoo or builder spec), checked for this task and started from ``r.weights``; the
+        kwargs its checkpoints record (:func:`segprune.models.rebuild_kwargs`); a line on the weights ('' without)."""
+        kwargs = r.model_kwargs(num_classes)
+        model = create_model(r.model, **kwargs)
+        self.check_model(model, r.model)
+        note = ""
+        if r.weights:
+            loaded, fresh = checkpoint.load_pretrained(model, r.weights)
+            note = f"weights: {loaded} tensor(s) from {r.weights}"
+            if fresh:
+                note += f"; {len(fresh)} left as initialised (the first: {fresh[0]})"
+        return model, rebuild_kwargs(model, kwargs), note
 
     def loaders(self, r) -> tuple:
         """(train loader, validation data for :meth:`evaluate`, number of classes), one process."""

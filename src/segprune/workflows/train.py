@@ -14,7 +14,6 @@ import torch
 
 from segprune import checkpoint
 from segprune._utils import unwrap
-from segprune.models import create_model
 from segprune.prune import channel_groups
 from segprune.train import distributed
 from segprune.train.aux import AuxLoss
@@ -45,9 +44,7 @@ def run_training(recipe: Recipe, out: str | Path, device="cpu", *, resume: bool 
     if recipe.batch_size % world:
         raise ValueError(f"batch_size {recipe.batch_size} (the global batch) does not split over {world} processes")
     train_loader, val, num_classes = task.shard_loaders(recipe, world, distributed.get_rank())
-    model_kwargs = recipe.model_kwargs(num_classes)
-    built = create_model(recipe.model, **model_kwargs)
-    task.check_model(built, recipe.model)
+    built, model_kwargs, weights_note = task.build_model(recipe, num_classes)
     config = task.config(recipe, model_kwargs, val, plain)
     example = torch.zeros(1, 3, *recipe.size)
     aux = AuxLoss(built, recipe.aux_layers, recipe.aux_weights, example_inputs=example) if recipe.aux_layers \
@@ -62,8 +59,9 @@ def run_training(recipe: Recipe, out: str | Path, device="cpu", *, resume: bool 
 
     say(f"{'resuming' if resume else 'training'} {recipe.model} ({task.name}) on {recipe.data} for {recipe.epochs} "
         f"epochs ({world} process(es), device {device})")
-    if note := inferred_classes_note(train_loader):
-        say(note)
+    for note in (inferred_classes_note(train_loader), weights_note):
+        if note:
+            say(note)
     loss = task.loss(recipe, net, train_loader)
     if aux is not None:
         loss = SegmentationLoss(aux.criterion(task.pixel_loss(recipe, train_loader)))
