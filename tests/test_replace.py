@@ -248,3 +248,68 @@ def test_a_swap_that_changes_the_outputs_is_undone_with_a_warning():
         assert result.plan.replace == {} and isinstance(result.model[1], Scale)
     finally:
         del REPLACEMENTS["test.Scale"]
+
+
+class StdConv(nn.Conv2d):
+    """timm's StdConv2d (BiT) as timm writes it: each filter standardised over its inputs on every call."""
+
+    eps = 1e-6
+
+    def forward(self, x):
+        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True, momentum=0.0,
+                         eps=self.eps).reshape_as(self.weight)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class ScaledStdConv(nn.Conv2d):
+    """timm's ScaledStdConv2d (NF-nets): standardised, times a learnt gain and gamma / sqrt(fan-in)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.scale, self.eps = self.weight[0].numel() ** -0.5, 1e-6
+        self.gain = nn.Parameter(torch.rand(self.out_channels, 1, 1, 1) + 0.5)
+
+    def forward(self, x):
+        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                         weight=(self.gain * self.scale).view(-1), training=True, momentum=0.0,
+                         eps=self.eps).reshape_as(self.weight)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+StdConv.__module__ = ScaledStdConv.__module__ = "timm.layers.std_conv"
+StdConv.__qualname__, ScaledStdConv.__qualname__ = "StdConv2d", "ScaledStdConv2d"
+
+
+def _ws_net():
+    return nn.Sequential(StdConv(3, 8, 3, padding=1), nn.GroupNorm(1, 8), nn.ReLU(), StdConv(8, 8, 3, padding=1),
+                         nn.ReLU(), ScaledStdConv(8, 8, 3, padding=1), nn.ReLU(), StdConv(8, 3, 1))
+
+
+def test_weight_standardised_convs_freeze_unless_baked_by_opt_in_then_prune_exactly(tmp_path):
+    torch.manual_seed(0)
+    model, x = _ws_net().double().eval(), torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with warnings.catch_warnings(), pytest.raises(ValueError, match="no prunable channel"):
+        warnings.simplefilter("ignore")  # opt-in: without it nothing is swapped, and every filter's inputs freeze
+        segprune.prune(model, x, ratio=0.5, criterion="l1", select="uniform")
+    result = segprune.prune(model, x, ratio=0.5, criterion="l1", select="uniform",
+                            allow_approximate=("weight_standardization",))
+    assert set(result.plan.replace) == {"0", "3", "5", "7"}
+    assert result.channels_removed == 8 and not result.verification.frozen  # half of the 2 groups not under GroupNorm
+    assert all(type(m) is nn.Conv2d for m in result.model if isinstance(m, nn.Conv2d))
+    masked = outputs(masked_copy(model, result.groups, result.removed, result.plan.replace), x)
+    assert relative_error(masked, outputs(result.model, x)) < 1e-9
+    save(tmp_path / "ckpt", result.model, config={"model": "ws"}, plan=result.plan)
+    fresh = load_plan(tmp_path / "ckpt").apply(_ws_net().double().eval())
+    fresh.load_state_dict(load_weights(tmp_path / "ckpt"))
+    assert torch.equal(outputs(fresh, x)[0], outputs(result.model, x)[0])
+
+
+def test_a_timm_bit_prunes_with_weight_standardisation_baked():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("resnetv2_50x1_bit", pretrained=False, num_classes=4).double().eval()
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    result = segprune.prune(model, x, ratio=0.5, criterion="l1", allow_approximate=("weight_standardization",))
+    assert result.plan.replace and not result.verification.frozen
+    assert result.verification.error <= result.verification.tolerance
+    assert sum(p.numel() for p in result.model.parameters()) < 0.8 * sum(p.numel() for p in model.parameters())

@@ -84,6 +84,8 @@ def prune(model: nn.Module, example_inputs, *, ratio: float | None = None, targe
             `result.verification`). False skips the check.
         allow_approximate: ops whose channels may be removed although that is not exact, e.g. ("layer_norm",);
             `result.verification.error` is then the output change measured against the masked model.
+            "weight_standardization": timm's weight-standardised convs are first swapped for plain convs holding
+            the standardised weight (same outputs; then exact; fine-tuning no longer standardises; replace.py).
         measure: with `target_latency`, close the loop: `measure(pruned)` returns the pruned model's measured
             latency as a fraction of the unpruned model's (a float, or a dict with "ratio"; e.g.
             `segprune.eval.latency.LatencyMeter` on the deployment runtime); the allocation is corrected by what
@@ -113,7 +115,7 @@ def prune(model: nn.Module, example_inputs, *, ratio: float | None = None, targe
         raise ValueError(f"ratio must be in [0, 1), got {ratio}")
     swaps = {}
     if replace and groups is None:
-        model, swaps = _replaced(model, example_inputs, inplace)
+        model, swaps = _replaced(model, example_inputs, inplace, allow_approximate)
     groups = groups if groups is not None else channel_groups(model, example_inputs, ignore=ignore,
                                                               allow_approximate=allow_approximate)
     if not any(g.prunable.any() for g in groups):
@@ -136,14 +138,14 @@ def prune(model: nn.Module, example_inputs, *, ratio: float | None = None, targe
     return result
 
 
-def _replaced(model, example_inputs, inplace) -> tuple[nn.Module, dict[str, str]]:
+def _replaced(model, example_inputs, inplace, allow=()) -> tuple[nn.Module, dict[str, str]]:
     """The model with its registered modules swapped (replace.py): a copy, or `model` itself when `inplace`."""
     def call(m):
         args, kwargs = as_call(example_inputs)
         with eval_mode(m):
             return m(*args, **kwargs)
 
-    new, swaps = replaced(model, call)
+    new, swaps = replaced(model, call, allow)
     if inplace:
         for name, key in swaps.items():
             replace_module(model, name, key)

@@ -10,13 +10,20 @@ independently of the heads, and no hand-written head dict is needed. Each swap i
 
 Register another with ``register_replacement(ModuleType, build, name=...)``: `build(module)` returns the
 equivalent module (weights copied) or None when this instance is not covered.
+
+Opt-in: weight-standardised convolutions (timm's `StdConv2d`, `ScaledStdConv2d`: BiT, NF-nets) standardise each
+filter over its inputs on every call, so cutting an input channel changes every filter's mean and variance, and
+the engine freezes their inputs. ``prune(allow_approximate=("weight_standardization",))`` swaps each for a plain
+`nn.Conv2d` holding the standardised weight, baked once (the outputs are the same; the swap is checked like every
+other); the convs then prune exactly. It is opt-in because what changes is training: fine-tuning a plain conv no
+longer standardises its weight. The plan records the swap, so replay and checkpoints stay exact.
 """
 
 from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +37,7 @@ from segprune._utils import tensors
 class Replacement:
     kind: type | str  # a class, or its qualified name (a library segprune does not import)
     build: Callable[[nn.Module], nn.Module | None]
+    opt_in: str = ""  # "": always; else only when prune's allow_approximate names it
 
     def covers(self, module: nn.Module) -> bool:
         if isinstance(self.kind, str):
@@ -41,11 +49,12 @@ REPLACEMENTS: dict[str, Replacement] = {}
 
 
 def register_replacement(kind: type | str, build: Callable[[nn.Module], nn.Module | None], *,
-                         name: str | None = None):
+                         name: str | None = None, opt_in: str = ""):
     """Swap every `kind` module (a class, or a class's qualified name) for `build(module)` before pruning; `name`
-    is what plans record (default: the class's qualified name)."""
+    is what plans record (default: the class's qualified name); with `opt_in`, only when `prune`'s
+    `allow_approximate` names it."""
     key = name or (kind if isinstance(kind, str) else f"{kind.__module__}.{kind.__qualname__}")
-    REPLACEMENTS[key] = Replacement(kind, build)
+    REPLACEMENTS[key] = Replacement(kind, build, opt_in)
 
 
 def replace_module(model: nn.Module, name: str, key: str) -> None:
@@ -62,11 +71,12 @@ def replace_module(model: nn.Module, name: str, key: str) -> None:
     _set(model, name, new)
 
 
-def replaced(model: nn.Module, call: Callable) -> tuple[nn.Module, dict[str, str]]:
+def replaced(model: nn.Module, call: Callable, allow: Sequence[str] = ()) -> tuple[nn.Module, dict[str, str]]:
     """`model` with every registered module swapped (a copy, unless there is nothing to swap), and {name: key} of
-    the swaps that kept the outputs of `call(model)` (the model run on the example inputs)."""
+    the swaps that kept the outputs of `call(model)` (the model run on the example inputs); opt-in replacements
+    only when `allow` names them."""
     found = [(name, key, m) for name, m in model.named_modules() if name
-             for key, r in REPLACEMENTS.items() if r.covers(m)]
+             for key, r in REPLACEMENTS.items() if r.covers(m) and (not r.opt_in or r.opt_in in allow)]
     if not found:
         return model, {}
     reference = _outputs(model, call)
@@ -229,5 +239,26 @@ class MiTAttention(nn.Module):
         return self.proj_drop(self.proj(out))
 
 
+# --- weight-standardised convolutions (opt-in) ---------------------------------------------------------------------
+def baked_conv(conv: nn.Conv2d) -> nn.Conv2d | None:
+    """A plain `nn.Conv2d` with the weight that timm's `StdConv2d` / `ScaledStdConv2d` computes on each call (each
+    filter standardised over its inputs, times `gain * scale` when scaled); None for a padding mode it lacks."""
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return None
+    gain = getattr(conv, "gain", None)
+    with torch.no_grad():
+        weight = F.batch_norm(conv.weight.reshape(1, conv.out_channels, -1), None, None,
+                              weight=None if gain is None else (gain * conv.scale).view(-1), training=True,
+                              momentum=0.0, eps=conv.eps).reshape_as(conv.weight)
+    plain = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                      conv.dilation, conv.groups, conv.bias is not None, device=weight.device, dtype=weight.dtype)
+    plain.weight.data.copy_(weight)
+    if conv.bias is not None:
+        plain.bias.data.copy_(conv.bias.detach())
+    return plain.train(conv.training)
+
+
 register_replacement(nn.MultiheadAttention, SplitMultiheadAttention.of, name="torch.nn.MultiheadAttention")
+for _kind in ("timm.layers.std_conv.StdConv2d", "timm.layers.std_conv.ScaledStdConv2d"):
+    register_replacement(_kind, baked_conv, opt_in="weight_standardization")
 register_replacement("segmentation_models_pytorch.encoders.mix_transformer.Attention", MiTAttention)
