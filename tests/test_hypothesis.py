@@ -12,7 +12,7 @@ from torch import nn
 import segprune
 from segprune.prune.oracle import masked_copy, outputs, relative_error
 from tests.conftest import randomize_norms
-from tests.zoo import LayerNorm2d, cbr
+from tests.zoo import LayerNorm2d, ScaledStdConv, StdConv, cbr
 
 
 class Residual(nn.Module):
@@ -167,6 +167,35 @@ class ShapedHeads(nn.Module):
         return x + self.o(a.transpose(1, 2).reshape(b, n, c)).transpose(1, 2).reshape(shape)
 
 
+class MHA(nn.Module):
+    """nn.MultiheadAttention over the pixels as tokens, batch-first for an even width (2 heads) and sequence-first
+    for an odd one (1 head): swapped for the split attention and cut by whole heads and the embedding."""
+
+    def __init__(self, c, width):
+        super().__init__()
+        self.batch_first = c % 2 == 0
+        self.attn = nn.MultiheadAttention(c, 2 if c % 2 == 0 else 1, batch_first=self.batch_first)
+
+    def forward(self, x):
+        shape = x.shape
+        t = x.flatten(2).transpose(1, 2)
+        t = t if self.batch_first else t.transpose(0, 1)
+        a = self.attn(t, t, t, need_weights=False)[0]
+        a = a if self.batch_first else a.transpose(0, 1)
+        return x + a.transpose(1, 2).reshape(shape)
+
+
+class WSConv(nn.Module):
+    """timm's weight-standardised convs (BiT, NF-nets), plain and scaled: baked to plain convs by the opt-in."""
+
+    def __init__(self, c, width):
+        super().__init__()
+        self.a, self.b = StdConv(c, width, 3, padding=1), ScaledStdConv(width, c, 1)
+
+    def forward(self, x):
+        return x + self.b(F.relu(self.a(x)))
+
+
 class IntSplit(nn.Module):
     """torch.split with a fixed size (res2net): the split tensor's channels are frozen, the branches prune."""
 
@@ -183,7 +212,8 @@ class IntSplit(nn.Module):
 
 BLOCKS = {"residual": Residual, "branches": Branches, "pool": PoolUnpool, "gate": Gate, "depthwise": Depthwise,
           "chunked": Chunked, "conv": lambda c, w: cbr(c, w), "sigmoid": SigmoidConv, "convnext": ConvNeXtMLP,
-          "attention": Attention, "split": IntSplit, "heads": Heads, "shaped": ShapedHeads}
+          "attention": Attention, "split": IntSplit, "heads": Heads, "shaped": ShapedHeads, "mha": MHA,
+          "ws": WSConv}
 
 
 def out_channels(block, c, width):
@@ -215,9 +245,13 @@ def test_random_architectures_prune_exactly(spec, ratio, seed):
     x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        groups = segprune.channel_groups(model, x)
-    result = segprune.prune(model, x, ratio=ratio, criterion="random", seed=seed, groups=groups)
-    expected = outputs(masked_copy(model, groups, result.removed), x)
+        try:  # modules swapped first (nn.MultiheadAttention; weight standardisation baked, opt-in)
+            result = segprune.prune(model, x, ratio=ratio, criterion="random", seed=seed,
+                                    allow_approximate=("weight_standardization",))
+        except ValueError as err:  # every group frozen: nothing to cut, said so
+            assert "no prunable channel" in str(err)
+            return
+    expected = outputs(masked_copy(model, result.groups, result.removed, result.plan.replace), x)
     assert relative_error(expected, outputs(result.model, x)) < 1e-6
 
 
@@ -243,4 +277,18 @@ def test_heads_sized_from_the_input_are_cut_with_the_stream():
     assert not result.verification.frozen and result.model[1].h == 1
     assert result.model[1].q.out_features == result.model[0][0].out_channels == 3
     masked = outputs(masked_copy(model, result.groups, result.removed), x)
+    assert relative_error(masked, outputs(result.model, x)) < 1e-9
+
+
+def test_multihead_attention_and_weight_standardised_blocks_are_swapped_and_cut():
+    """The generator's nn.MultiheadAttention (both layouts) and weight-standardised blocks are swapped, then cut."""
+    torch.manual_seed(0)
+    model = randomize_norms(build([("mha", 4), ("ws", 3), ("conv", 5), ("mha", 4), ("ws", 3)]), 0).double().eval()
+    x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    result = segprune.prune(model, x, ratio=0.5, criterion="random", select="uniform",
+                            allow_approximate=("weight_standardization",))
+    assert sorted(result.plan.replace) == ["1.attn", "2.a", "2.b", "4.attn", "5.a", "5.b"]
+    assert not result.verification.frozen and result.channels_removed > 0
+    assert result.model[1].attn.num_heads == 1 and result.model[4].attn.num_heads == 1  # of 2 and 1 (features cut)
+    masked = outputs(masked_copy(model, result.groups, result.removed, result.plan.replace), x)
     assert relative_error(masked, outputs(result.model, x)) < 1e-9

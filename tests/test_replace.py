@@ -14,7 +14,7 @@ from segprune.checkpoint import load_plan, load_weights, save
 from segprune.prune.oracle import masked_copy, outputs, relative_error
 from segprune.prune.replace import SplitMultiheadAttention
 from tests.conftest import randomize_norms
-from tests.zoo import cbr
+from tests.zoo import ScaledStdConv, StdConv, cbr
 
 
 def _inputs(batch_first, cross, kv_dims):
@@ -248,36 +248,6 @@ def test_a_swap_that_changes_the_outputs_is_undone_with_a_warning():
         assert result.plan.replace == {} and isinstance(result.model[1], Scale)
     finally:
         del REPLACEMENTS["test.Scale"]
-
-
-class StdConv(nn.Conv2d):
-    """timm's StdConv2d (BiT) as timm writes it: each filter standardised over its inputs on every call."""
-
-    eps = 1e-6
-
-    def forward(self, x):
-        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True, momentum=0.0,
-                         eps=self.eps).reshape_as(self.weight)
-        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
-
-
-class ScaledStdConv(nn.Conv2d):
-    """timm's ScaledStdConv2d (NF-nets): standardised, times a learnt gain and gamma / sqrt(fan-in)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.scale, self.eps = self.weight[0].numel() ** -0.5, 1e-6
-        self.gain = nn.Parameter(torch.rand(self.out_channels, 1, 1, 1) + 0.5)
-
-    def forward(self, x):
-        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
-                         weight=(self.gain * self.scale).view(-1), training=True, momentum=0.0,
-                         eps=self.eps).reshape_as(self.weight)
-        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
-
-
-StdConv.__module__ = ScaledStdConv.__module__ = "timm.layers.std_conv"
-StdConv.__qualname__, ScaledStdConv.__qualname__ = "StdConv2d", "ScaledStdConv2d"
 
 
 def _ws_net():
