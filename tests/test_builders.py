@@ -18,6 +18,7 @@ from segprune import checkpoint
 from segprune.cli import main
 from segprune.models import create_model, library_model, register_builder
 from segprune.workflows import recipe_from
+from segprune.workflows.recipe import as_plain
 
 
 def _importable(package: str) -> bool:
@@ -50,6 +51,7 @@ def test_a_builder_whose_library_is_missing_names_the_extra():
 def test_recipe_takes_model_args_as_yaml_and_refuses_a_zoo_width_for_a_library_model():
     r = recipe_from(None, {"model": "smp:Segformer", "model_args": "{encoder_name: mit_b0}"})
     assert r.model_kwargs(5) == {"num_classes": 5, "encoder_name": "mit_b0"}  # the demo's width 0.25 is not passed
+    assert recipe_from(None, as_plain(r)).model_kwargs(5) == r.model_kwargs(5)  # a step rereads its saved recipe
     with pytest.raises(ValueError, match="width scales segprune's zoo"):
         recipe_from(None, {"model": "smp:Segformer", "width": 0.5})
     with pytest.raises(ValueError, match=r"model_args=.*is not a mapping"):
@@ -92,6 +94,8 @@ def _round_trip(tmp_path, spec: str, args: str, weights_of):
                  "--set", f"weights={weights}", *TINY]) == 0
     assert main(["prune", str(run / "model"), "--method", "l1", "--ratio", "0.5", "--size", "64", "64",
                  "--out", str(pruned)]) == 0
+    assert main(["finetune", str(pruned), "--out", str(tmp_path / "tuned"), "--set", "finetune_epochs=1",
+                 "--quiet"]) == 0  # its saved recipe names the library model (no zoo width)
     config = checkpoint.load_config(pruned)
     assert config["model"] == spec and "pretrained" not in config["model_kwargs"]
     model, trained = checkpoint.load(pruned), checkpoint.load(run / "model")

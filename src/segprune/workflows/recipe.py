@@ -127,9 +127,11 @@ class Recipe:
             raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
         if self.width < 0:
             raise ValueError(f"width must be >= 0 (0 = the model's own), got {self.width}")
-        if is_spec(self.model) and self.width and "width" in self.given:
-            raise ValueError(f"width scales segprune's zoo models; {self.model} takes its library's own size "
-                             "arguments in model_args")
+        if is_spec(self.model) and self.width:
+            if "width" in self.given:
+                raise ValueError(f"width scales segprune's zoo models; {self.model} takes its library's own size "
+                                 "arguments in model_args")
+            self.width = 0.0  # the demo's default is no setting of a library model (and is saved as none)
         if self.lam < 0:
             raise ValueError(f"lam must be >= 0, got {self.lam}")
         if not 0 <= self.ratio < 1 or not 0 <= self.target_macs <= 1 or self.iterations < 1:
