@@ -7,6 +7,7 @@ spec, recipe and weights-file tests need neither.
 
 import importlib
 import importlib.util
+import json
 
 import numpy as np
 import pytest
@@ -127,6 +128,11 @@ def test_transformers_local_pretrained_folder_is_recorded_as_its_config(tmp_path
     spec = "transformers:SegformerForSemanticSegmentation"
     model = create_model(spec, num_classes=3, pretrained=str(tmp_path / "hf"))
     assert "pretrained" not in model.rebuild_kwargs and model.rebuild_kwargs["config"]["hidden_sizes"][0] == 16
+    (tmp_path / "config.json").write_text(json.dumps(model.rebuild_kwargs["config"]))
+    from_file = create_model(spec, num_classes=3, config=str(tmp_path / "config.json"))
+    assert from_file.model.config.hidden_sizes == [16, 32, 40, 64]
+    with pytest.raises(ValueError, match="not a local transformers model"):
+        create_model(spec, num_classes=3, pretrained=str(tmp_path / "nothing"))
     again = create_model(spec, **model.rebuild_kwargs)
     assert again.model.config.num_labels == 3
     assert again.load_state_dict(model.state_dict()) is not None  # the same architecture, from the config alone

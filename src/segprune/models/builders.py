@@ -2,10 +2,10 @@
 plus keyword arguments.
 
 Built in: ``smp:<Arch>`` (segmentation_models_pytorch, e.g. ``smp:Segformer`` with ``encoder_name="mit_b0"``),
-``timm:<model>`` (a timm backbone's last feature map, a 1×1 linear head, upsampled: the DINOv2-style linear
-probe), ``transformers:<Class>`` (a ``...ForSemanticSegmentation`` class with ``config`` fields, or a local
-``pretrained`` folder). A builder gets ``num_classes`` and its kwargs and returns a :class:`LibraryModel`, which
-maps an image batch to ``{"out": logits (N, K, H, W)}`` at the input's size, as every segprune model does: the
+``timm:<model>`` (a timm backbone's last feature map, a 1×1 linear head, upsampled: the DINOv2-style linear probe),
+``transformers:<Class>`` (a ``...ForSemanticSegmentation`` class with ``config`` fields or a config.json path, or a
+local ``pretrained`` folder). A builder gets ``num_classes`` and its kwargs and returns a :class:`LibraryModel`,
+which maps an image batch to ``{"out": logits (N, K, H, W)}`` at the input's size, as every segprune model does: the
 library's own output (HF's ``logits`` at 1/4 resolution, smp's tensor) is adapted here, never by the user.
 
 Nothing is downloaded: smp and timm are built without pretrained weights (a recipe's ``weights`` file loads them),
@@ -16,8 +16,10 @@ and ``transformers`` reads ``pretrained`` with ``local_files_only`` and safetens
 from __future__ import annotations
 
 import importlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch.nn.functional as F
 from torch import nn
@@ -126,15 +128,32 @@ def _transformers(cls_name: str, *, num_classes: int, config: dict | None = None
     cls = getattr(transformers, cls_name, None)
     if not isinstance(cls, type) or not hasattr(cls, "config_class"):
         raise ValueError(f"transformers has no model class {cls_name!r} (e.g. SegformerForSemanticSegmentation)")
-    fields = {**(config or {}), **kwargs}
+    fields = {**_config_fields(config), **kwargs}
     if pretrained:
-        model = cls.from_pretrained(pretrained, local_files_only=True, use_safetensors=True, num_labels=num_classes,
-                                    ignore_mismatched_sizes=True, **fields)
+        try:
+            model = cls.from_pretrained(pretrained, local_files_only=True, use_safetensors=True,
+                                        num_labels=num_classes, ignore_mismatched_sizes=True, **fields)
+        except OSError as err:  # not a folder, no config.json, no safetensors weights, or not in the local cache
+            raise ValueError(f"{pretrained}: not a local transformers model with safetensors weights "
+                             f"({str(err).splitlines()[0]})") from None
     else:
         cfg = cls.config_class.from_dict(fields)
         cfg.num_labels = num_classes
         model = cls(cfg)
     return LibraryModel(model, {"num_classes": num_classes, "config": model.config.to_dict()})
+
+
+def _config_fields(config: dict | str | None) -> dict:
+    """A transformers config's fields: a mapping, or a config.json file."""
+    if not isinstance(config, str):
+        return dict(config or {})
+    try:
+        fields = json.loads(Path(config).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{config}: not a readable config.json ({err})") from None
+    if not isinstance(fields, dict):
+        raise ValueError(f"{config}: a config.json holds one object of fields")
+    return fields
 
 
 register_builder("smp", _smp, package="segmentation_models_pytorch")
