@@ -24,9 +24,9 @@ One seed per run (initialisation, data order, fine-tuning all follow it):
     python benchmarks/latency_camvid.py --seed 1 [--criterion taylor] [--runtime openvino:fp32 --closed-loop]
     python benchmarks/latency_camvid.py --summarise results/latency_camvid_taylor_seed1.json ...
 
-A run writes results/latency_camvid_<criterion>[_<runtime>]_seed<N>.json (no runtime part for eager); --summarise
-writes results/latency_camvid_<criterion>[_<runtime>].{json,md} (mean and standard error over seeds, paired
-differences) and puts its rows into results/latency_aware.json.
+A run writes results/latency_camvid_<criterion>[_<runtime>][_t<target>]_seed<N>.json (no runtime part for eager, no
+target part for 0.5); --summarise writes results/latency_camvid_<criterion>[_<runtime>][_t<target>].{json,md} (mean
+and standard error over seeds, paired differences) and puts its rows into results/latency_aware.json.
 """
 
 from __future__ import annotations
@@ -266,6 +266,11 @@ def markdown(s: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def target_tag(target: float) -> str:
+    """The results' name part of a latency target other than the default 0.5 (``_t0.3``)."""
+    return "" if target == 0.5 else f"_t{target}"
+
+
 def into_latency_aware(s: dict) -> None:
     """Replace the CamVid rows of results/latency_aware.json with these (its schema: model, runtime, allocation,
     target, latency_ratio, macs_ratio, miou)."""
@@ -274,12 +279,13 @@ def into_latency_aware(s: dict) -> None:
     model = (f"pspnet_resnet18_x0.25 camvid {s['budget']['size'][0]}x{s['budget']['size'][1]} "
              f"({s['budget']['criterion']})")
     runtime = s["budget"]["runtime"]
-    data["rows"] = [r for r in data["rows"] if (r["model"], r["runtime"]) != (model, runtime)]
+    target = s["budget"]["target_latency"]
+    data["rows"] = [r for r in data["rows"] if (r["model"], r["runtime"], r["target"]) != (model, runtime, target)]
     data["rows"] += [{"model": model, "runtime": runtime, "allocation": r["allocation"] if r["allocation"] != "unpruned"
                       else "none", "target": s["budget"]["target_latency"], "latency_ratio": r["latency_ratio"],
                       "macs_ratio": r["macs_ratio"], "miou": round(r["miou_mean"] / 100, 4),
                       "miou_se": round(r["miou_se"] / 100, 4), "seeds": s["budget"]["seed"]} for r in s["rows"]]
-    data.setdefault("camvid_paired", {})[s["budget"]["criterion"] + tag(runtime)] = s["paired"]
+    data.setdefault("camvid_paired", {})[s["budget"]["criterion"] + tag(runtime) + target_tag(target)] = s["paired"]
     command = "python benchmarks/latency_camvid.py --summarise " + " ".join(str(p) for p in s["sources"])
     data["commands"] = [c for c in data["commands"] if c != command] + [command]
     write_result("latency_aware", data)
@@ -310,7 +316,8 @@ def main() -> None:
     args = p.parse_args()
     if args.summarise:
         s = summarise(args.summarise)
-        name = f"latency_camvid_{s['budget']['criterion']}{tag(s['budget']['runtime'])}"
+        name = f"latency_camvid_{s['budget']['criterion']}{tag(s['budget']['runtime'])}" \
+               f"{target_tag(s['budget']['target_latency'])}"
         write_result(name, s)
         (RESULTS / f"{name}.md").write_text(markdown(s))
         into_latency_aware(s)
@@ -319,7 +326,8 @@ def main() -> None:
     RUNTIME = args.runtime
     result = run(args)
     if result is not None:
-        write_result(f"latency_camvid_{args.criterion}{tag(args.runtime)}_seed{args.seed}", result)
+        write_result(f"latency_camvid_{args.criterion}{tag(args.runtime)}{target_tag(args.target)}_seed{args.seed}",
+                     result)
 
 
 if __name__ == "__main__":

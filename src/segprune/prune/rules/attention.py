@@ -207,6 +207,17 @@ def _operand_fits(st, letter, info, subs, operands, rhs) -> bool:
 
 
 # --- attention -----------------------------------------------------------------------------------------------
+def _per_head_mask(st, mask, heads, nd) -> None:
+    """An untraced mask with one slice per head (Swin's relative-position bias, gathered from a raw table) keeps
+    every head's slice after a cut: the heads freeze, announced here rather than found by verification."""
+    if not isinstance(mask, torch.Tensor) or mask.dim() < nd - heads.cdim:
+        return
+    if mask.shape[heads.cdim - nd] > 1:
+        st.freeze(heads.ids, f"scaled_dot_product_attention's mask has one slice per head (a relative-position bias "
+                             f"or another per-head constant, shape {tuple(mask.shape)}), which the trace does not "
+                             f"cut (in {st.where})")
+
+
 @rule("scaled_dot_product_attention")
 def attention(st, args, kwargs, out):
     """softmax(q kᵀ · scale + mask) v on (.., L, E), (.., S, E), (.., S, Ev). Heads (a batch dim, see _split_heads)
@@ -226,6 +237,7 @@ def attention(st, args, kwargs, out):
             return unknown(st, "attention whose q, k and v do not carry the same heads", args, kwargs, out)
         st.union(traced[0].ids, traced[1].ids)
         st.union(traced[0].ids, traced[2].ids)
+        _per_head_mask(st, mask, traced[0], nd)
         return st.set(out, traced[0].ids, traced[0].cdim)
     if any(i.cdim == nd - 2 for i in traced):
         return unknown(st, "attention with channels on the sequence dim", args, kwargs, out)
