@@ -181,6 +181,8 @@ MODELS = {
 }
 
 
+# the part of a model an issue goal names (#23: "Mask2Former's transformer decoder"): its prunable share is reported too
+PARTS = {"transformers/Mask2Former": "model.transformer_module."}
 # models pruned with an opt-in mode (segprune.prune(allow_approximate=...)); the row's name says which
 APPROXIMATE = {"timm/resnetv2_50x1_bit+ws": ("weight_standardization",)}
 
@@ -229,13 +231,23 @@ def ours(name) -> dict:
     total = sum(int(w.sum()) for w in widths.values())
     prunable = sum(int(widths[g.id][g.prunable].sum()) for g in groups)
     params = sum(p.numel() for p in result.model.parameters()) / sum(p.numel() for p in model.parameters())
+    part = _part_share(groups, widths, PARTS[name]) if name in PARTS else {}
     messages = sorted({str(w.message) for w in caught if "segprune" in str(w.message)})
     v = result.verification
     return {"exact": error < 1e-6, "error": error, "prunable": prunable / max(total, 1),
             "channels": total, "removed": result.channels_removed, "params_ratio": params,
             "macs_ratio": CostModel(swapped, groups).relative(removed, "macs"), "seconds": seconds,
             "verify_seconds": v.seconds, "verify_frozen": len(v.frozen), "folded": len(v.folded),
-            "warnings": len(messages), "warning_samples": [m[:300] for m in messages[:5]]}
+            "warnings": len(messages), "warning_samples": [m[:300] for m in messages[:5]], **part}
+
+
+def _part_share(groups, widths, prefix) -> dict:
+    """The prunable share of the groups whose producers all lie under module `prefix`."""
+    inside = [g for g in groups if (outs := [m.module for m in g.members if m.role == "out"])
+              and all(o.startswith(prefix) for o in outs)]
+    total = sum(int(widths[g.id].sum()) for g in inside)
+    return {"part": prefix.rstrip("."), "part_prunable": sum(int(widths[g.id][g.prunable].sum()) for g in inside)
+            / max(total, 1)}
 
 
 def _widths(group) -> np.ndarray:
@@ -305,7 +317,8 @@ def markdown(rows: dict) -> str:
             lines.append(f"| {name} | {o.get('status', 'failed')} | | | | | | | {_peer(p)} |")
             continue
         exact = "yes" if o["exact"] else f"NO ({o['error']:.1e})"
-        lines.append(f"| {name} | {exact} | {o['prunable']:.0%} | "
+        share = f"{o['prunable']:.0%}" + (f" ({o['part']}: {o['part_prunable']:.0%})" if "part" in o else "")
+        lines.append(f"| {name} | {exact} | {share} | "
                      f"{o['params_ratio']:.2f}× | {o['macs_ratio']:.2f}× | {o['seconds']:.1f} | {o['verify_frozen']} | "
                      f"{o['warnings']} | {_peer(p)} |")
     return "\n".join(lines) + "\n"
