@@ -100,17 +100,22 @@ def load_config(folder: str | Path) -> dict:
 def load_weights(folder: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of ``weights.safetensors``, checked against the digest saved with them (when there is one)."""
     path = _file(folder, "weights.safetensors")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-        state = load_file(str(path))
-    except (OSError, SafetensorError, RuntimeError, ValueError) as err:
-        raise CheckpointError(f"{path}: unreadable weights, truncated or not a safetensors file ({err})") from err
+    state, metadata = _read_safetensors(path)
     expected = metadata.get("sha256")
     if expected is not None and tensors_digest(state) != expected:
         raise CheckpointError(f"{path}: the weights changed after they were saved (SHA-256 mismatch): "
                               "the file is corrupt or was edited")
     return state
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and header metadata of a safetensors file; a CheckpointError naming it when it is unreadable."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        return load_file(str(path)), metadata
+    except (OSError, SafetensorError, RuntimeError, ValueError) as err:
+        raise CheckpointError(f"{path}: unreadable weights, truncated or not a safetensors file ({err})") from err
 
 
 def build(folder: str | Path) -> nn.Module:
@@ -161,10 +166,7 @@ def load_pretrained(model: nn.Module, path: str | Path) -> tuple[int, list[str]]
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: the weights file does not exist")
-    try:
-        state = load_file(str(path))
-    except (OSError, SafetensorError, RuntimeError, ValueError) as err:
-        raise CheckpointError(f"{path}: unreadable weights, truncated or not a safetensors file ({err})") from err
+    state, _ = _read_safetensors(path)
     target = library_model(model)
     own = target.state_dict()
     foreign = sorted(set(state) - set(own))

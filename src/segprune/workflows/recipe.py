@@ -115,10 +115,9 @@ class Recipe:
     slim_widths: str = ""  # then set layers' output widths, "name=width,..." (e.g. "ppm.branches=128,head.0=128")
 
     def model_kwargs(self, num_classes: int) -> dict:
-        """What the model is built with: the class count, the width (a zoo model's, unless 0: the model's own) and
-        ``model_args``."""
-        width = {"width": self.width} if self.width and not is_spec(self.model) else {}
-        return {"num_classes": num_classes, **width, **self.model_args}
+        """What the model is built with: the class count, the width (unless 0: the model's own; always 0 for a
+        library model, see `check`) and ``model_args``."""
+        return {"num_classes": num_classes, **({"width": self.width} if self.width else {}), **self.model_args}
 
     def check(self) -> Recipe:
         if self.task not in TASK_NAMES:
