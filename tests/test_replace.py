@@ -139,6 +139,53 @@ def test_the_pruned_model_exports_to_onnx_with_onnxruntime_parity(tmp_path):
     assert report["max_abs_diff"] < 1e-4
 
 
+class MaskPredictor(nn.Module):
+    """Mask2Former's mask predictor: query embeddings against the pixel tokens, repeated once per head of the masked
+    cross-attention (`repeat(1, self.num_heads, 1, 1)`, the count an attribute of its own)."""
+
+    def __init__(self, dim, heads, boolean):
+        super().__init__()
+        self.num_heads, self.boolean, self.embed = heads, boolean, nn.Linear(dim, dim)
+
+    def forward(self, queries, tokens):
+        logits = torch.einsum("bqc,bnc->bqn", self.embed(queries), tokens)
+        mask = logits.sigmoid().unsqueeze(1).repeat(1, self.num_heads, 1, 1).flatten(0, 1)
+        if not self.boolean:
+            return mask * -4.0
+        mask = mask < 0.5
+        return mask & (mask.sum(-1, keepdim=True) != mask.shape[-1])  # a query may not mask out every token
+
+
+class MaskedCrossNet(nn.Module):
+    """Learned queries cross-attending to a conv net's pixel tokens under a per-head mask the queries predict."""
+
+    def __init__(self, boolean, dim=16, heads=4):
+        super().__init__()
+        self.stem, self.queries = cbr(3, dim), nn.Linear(dim, dim)
+        self.predictor = MaskPredictor(dim, heads, boolean)
+        self.cross = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.box = nn.Linear(dim, 4)
+
+    def forward(self, x):
+        t = self.stem(x).flatten(2).transpose(1, 2)
+        q = self.queries(t[:, :3])
+        return self.box(self.cross(q, t, t, attn_mask=self.predictor(q, t), need_weights=False)[0])
+
+
+@pytest.mark.parametrize("boolean", [True, False])
+def test_a_mask_repeated_per_head_from_an_attribute_is_cut_with_the_heads(boolean):
+    torch.manual_seed(0)
+    model = randomize_norms(MaskedCrossNet(boolean)).double().eval()
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = segprune.prune(model, x, ratio=0.5, criterion="random", select="uniform")
+    assert not [w for w in caught if "segprune" in str(w.message)] and not result.verification.frozen
+    assert result.model.cross.num_heads == result.model.predictor.num_heads == 2  # the repeat follows the heads
+    masked = outputs(masked_copy(model, result.groups, result.removed, result.plan.replace), x)
+    assert relative_error(masked, outputs(result.model, x)) < 1e-9
+
+
 class TransformerNet(nn.Module):
     """A conv stem, nn.TransformerEncoderLayer over its tokens and an nn.TransformerDecoder of learned queries
     (DETR): every attention inside is an nn.MultiheadAttention."""

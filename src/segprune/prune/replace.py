@@ -201,8 +201,11 @@ def _float_mask(attn_mask, key_padding_mask, n, length, source, dtype):
         masks.append(key_padding_mask.view(n, 1, 1, source))
     total = None
     for m in masks:
-        m = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(m, float("-inf")) if m.dtype == torch.bool \
-            else m.to(dtype)
+        if m.dtype == torch.bool:  # where, not zeros().masked_fill: a traced mask keeps its channels (heads)
+            m = torch.where(m, torch.tensor(float("-inf"), dtype=dtype, device=m.device),
+                            torch.tensor(0.0, dtype=dtype, device=m.device))
+        else:
+            m = m.to(dtype)
         total = m if total is None else total + m
     return total
 
@@ -239,6 +242,46 @@ class MiTAttention(nn.Module):
         return self.proj_drop(self.proj(out))
 
 
+# --- transformers' Mask2Former decoder self-attention ----------------------------------------------------------
+class DetrStyleAttention(nn.Module):
+    """transformers' `Mask2FormerAttention` (DETR-style: sequence-first, position embeddings added to the queries and
+    keys, not the values) with its heads merged back to `num_heads * head_dim` where the original reshapes to the
+    width it read from its input (`embed_dim` of `hidden_states.size()`): that stream is LayerNorm-normalised
+    (frozen), so the read width would freeze the heads. Same submodules, same weights, same results."""
+
+    def __init__(self, attention: nn.Module):
+        super().__init__()
+        self.num_heads, self.head_dim = attention.num_heads, attention.head_dim
+        self.scaling, self.dropout = attention.scaling, attention.dropout
+        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            setattr(self, name, getattr(attention, name))
+
+    def forward(self, hidden_states, attention_mask=None, position_embeddings=None, key_value_states=None,
+                key_value_position_embeddings=None, output_attentions=False):
+        x = hidden_states.permute(1, 0, 2)
+        kv = x if key_value_states is None else key_value_states.permute(1, 0, 2)
+        pos = position_embeddings if key_value_states is None else key_value_position_embeddings
+        keyed = kv if pos is None else kv + pos.permute(1, 0, 2)
+        if position_embeddings is not None:
+            x = x + position_embeddings.permute(1, 0, 2)
+        b, length = x.shape[0], x.shape[1]
+        q = self._heads(self.q_proj(x) * self.scaling, b)
+        k, v = self._heads(self.k_proj(keyed), b), self._heads(self.v_proj(kv), b)
+        scores = torch.bmm(q, k.transpose(1, 2))
+        if attention_mask is not None:
+            scores = scores + attention_mask
+        weights = F.softmax(scores, dim=-1)
+        out = torch.bmm(F.dropout(weights, p=self.dropout, training=self.training), v)
+        out = out.view(b, self.num_heads, length, self.head_dim).transpose(1, 2)
+        out = self.out_proj(out.reshape(b, length, self.num_heads * self.head_dim)).permute(1, 0, 2)
+        return out, (weights.view(b, self.num_heads, length, -1) if output_attentions else None)
+
+    def _heads(self, t, b):
+        """(B, N, h*d) -> (B*h, N, d), as the original."""
+        return t.view(b, -1, self.num_heads, self.head_dim).transpose(1, 2).contiguous().view(
+            b * self.num_heads, -1, self.head_dim)
+
+
 # --- weight-standardised convolutions (opt-in) ---------------------------------------------------------------------
 def baked_conv(conv: nn.Conv2d) -> nn.Conv2d | None:
     """A plain `nn.Conv2d` with the weight that timm's `StdConv2d` / `ScaledStdConv2d` computes on each call (each
@@ -262,3 +305,4 @@ register_replacement(nn.MultiheadAttention, SplitMultiheadAttention.of, name="to
 for _kind in ("timm.layers.std_conv.StdConv2d", "timm.layers.std_conv.ScaledStdConv2d"):
     register_replacement(_kind, baked_conv, opt_in="weight_standardization")
 register_replacement("segmentation_models_pytorch.encoders.mix_transformer.Attention", MiTAttention)
+register_replacement("transformers.models.mask2former.modeling_mask2former.Mask2FormerAttention", DetrStyleAttention)

@@ -218,6 +218,15 @@ def _per_head_mask(st, mask, heads, nd) -> None:
                              f"cut (in {st.where})")
 
 
+def _mask_on_heads(st, mask, minfo, heads, nd) -> bool:
+    """A mask whose traced dim is the heads (one slice per head, repeated from the head count: Mask2Former's masked
+    cross-attention) is cut with them."""
+    if minfo.cdim + nd - mask.dim() != heads.cdim or len(minfo.ids) != len(heads.ids):
+        return False
+    st.union(heads.ids, minfo.ids)
+    return True
+
+
 @rule("scaled_dot_product_attention")
 def attention(st, args, kwargs, out):
     """softmax(q kᵀ · scale + mask) v on (.., L, E), (.., S, E), (.., S, Ev). Heads (a batch dim, see _split_heads)
@@ -228,17 +237,25 @@ def attention(st, args, kwargs, out):
     mask, gqa = _arg(args, kwargs, 3, "attn_mask"), _arg(args, kwargs, 7, "enable_gqa", False)
     nd = out.dim() if isinstance(out, torch.Tensor) else 0
     infos = [st.get(t) for t in (q, k, v)]
-    if st.get(mask) is not None or gqa or nd < 3 or any(t.dim() != nd for t in (q, k, v)):
-        return unknown(st, "scaled_dot_product_attention with a traced mask, grouped queries or broadcast "
-                           "batch dims", args, kwargs, out)
+    minfo = st.get(mask)
+    minfo = None if minfo is None or st.is_free(minfo) else minfo  # a mask tied to nothing acts as a constant
+    if gqa or nd < 3 or any(t.dim() != nd for t in (q, k, v)):
+        return unknown(st, "scaled_dot_product_attention with grouped queries or broadcast batch dims", args, kwargs,
+                       out)
     traced = [i for i in infos if i is not None]
     if any(i.cdim < nd - 2 for i in traced):  # heads
         if len(traced) < 3 or len({(i.cdim, len(i.ids)) for i in traced}) != 1:
             return unknown(st, "attention whose q, k and v do not carry the same heads", args, kwargs, out)
         st.union(traced[0].ids, traced[1].ids)
         st.union(traced[0].ids, traced[2].ids)
-        _per_head_mask(st, mask, traced[0], nd)
+        if minfo is not None and not _mask_on_heads(st, mask, minfo, traced[0], nd):
+            return unknown(st, "scaled_dot_product_attention with a mask traced on another dim than the heads",
+                           args, kwargs, out)
+        if minfo is None:
+            _per_head_mask(st, mask, traced[0], nd)
         return st.set(out, traced[0].ids, traced[0].cdim)
+    if minfo is not None:
+        return unknown(st, "scaled_dot_product_attention with a traced mask", args, kwargs, out)
     if any(i.cdim == nd - 2 for i in traced):
         return unknown(st, "attention with channels on the sequence dim", args, kwargs, out)
     iq, ik, iv = infos

@@ -416,6 +416,8 @@ def _permutation(op, args, kwargs, ndim):
 def expand(st, args, kwargs, out):
     x = args[0]
     info = st.get(x)
+    if (info is None or st.is_free(info)) and _repeated_count(st, args, out):
+        return
     if info is None:
         return
     cdim = info.cdim + out.dim() - x.dim()
@@ -425,6 +427,26 @@ def expand(st, args, kwargs, out):
     if channels == 1:  # one channel broadcast onto many: those are nobody's channels
         return st.set_free(out, cdim)
     st.set(out, np.tile(info.ids, size // channels), cdim)  # repeat: the same channels again
+
+
+def _repeated_count(st, args, out) -> bool:
+    """`mask.unsqueeze(1).repeat(1, self.num_heads, 1, 1)` (Mask2Former's per-head attention mask): a size-1 dim
+    copied a module attribute's count of times holds one identical slice per head. Its positions become channels
+    bound to that attribute, so that attention ties them to the heads and the pruned model repeats as many times as
+    heads are kept (the slices being copies, which heads does not matter)."""
+    x = args[0]
+    counts = args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
+    if not isinstance(out, torch.Tensor) or len(counts) != out.dim():
+        return False
+    lead = out.dim() - x.dim()
+    for j, count in enumerate(counts):
+        owner = count.attribute if isinstance(count, Size) else None
+        if owner and out.shape[j] > 1 and (j < lead or x.shape[j - lead] == 1):
+            ids = st.fresh(out.shape[j])
+            st.bind(owner[0], f"attr:{owner[1]}", ids)
+            st.set(out, ids, j)
+            return True
+    return False
 
 
 @rule("setitem")
