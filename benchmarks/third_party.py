@@ -308,6 +308,14 @@ def child(which: str, name: str, timeout: int) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _median_seconds(runs: list[dict]) -> dict:
+    """The first run's record with the median of every run's prune seconds (and each run's, when several)."""
+    timed = [r["seconds"] for r in runs if "seconds" in r]
+    if len(runs) == 1 or not timed:
+        return runs[0]
+    return {**runs[0], "seconds": float(np.median(timed)), "seconds_runs": timed}
+
+
 def markdown(rows: dict) -> str:
     lines = ["| model | exact | prunable | params | MACs | prune s | verify froze | warnings | peer |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -319,7 +327,7 @@ def markdown(rows: dict) -> str:
         exact = "yes" if o["exact"] else f"NO ({o['error']:.1e})"
         share = f"{o['prunable']:.0%}" + (f" ({o['part']}: {o['part_prunable']:.0%})" if "part" in o else "")
         lines.append(f"| {name} | {exact} | {share} | "
-                     f"{o['params_ratio']:.2f}× | {o['macs_ratio']:.2f}× | {o['seconds']:.1f} | {o['verify_frozen']} | "
+                     f"{o['params_ratio']:.2f}× | {o['macs_ratio']:.2f}× | {_seconds(o)} | {o['verify_frozen']} | "
                      f"{o['warnings']} | {_peer(p)} |")
     return "\n".join(lines) + "\n"
 
@@ -327,7 +335,13 @@ def markdown(rows: dict) -> str:
 def _peer(p: dict) -> str:
     if p.get("status") != "ran":
         return p.get("status", "?")[:60]
-    return f"{p['params_ratio']:.2f}× params" + (f", {p['seconds']:.1f} s" if "seconds" in p else "")
+    return f"{p['params_ratio']:.2f}× params" + (f", {_seconds(p)} s" if "seconds" in p else "")
+
+
+def _seconds(r: dict) -> str:
+    """One run to a tenth of a second; the median of several (`--rounds`) to a hundredth, with their count."""
+    runs = r.get("seconds_runs")
+    return f"{r['seconds']:.1f}" if not runs else f"{r['seconds']:.2f} (median of {len(runs)})"
 
 
 def main() -> None:
@@ -337,6 +351,8 @@ def main() -> None:
     parser.add_argument("--peer-timeout", type=int, default=300, help="seconds for the peer's prune of one model")
     parser.add_argument("--no-peer", action="store_true")
     parser.add_argument("--reuse-peer", action="store_true", help="take the peer's columns from the last results")
+    parser.add_argument("--rounds", type=int, default=1, help="prune each model this many times, ours and the "
+                        "peer's interleaved, one process each: the prune seconds are the median (a noisy machine)")
     parser.add_argument("--results", default="third_party", help="results/<this>.json and .md (a table of its own "
                         "for an --only list, e.g. third_party_attention)")
     parser.add_argument("--one", choices=["ours", "peer"], help=argparse.SUPPRESS)
@@ -346,14 +362,18 @@ def main() -> None:
         print(json.dumps(ours(args.name) if args.one == "ours" else peer(args.name)))
         return
     names = [n for n in args.only.split(",") if n] or list(MODELS)
-    last = json.loads((RESULTS / f"{args.results}.json").read_text())["models"] if args.reuse_peer else {}
+    path = RESULTS / f"{args.results}.json"
+    last = json.loads(path.read_text())["models"] if (args.only or args.reuse_peer) and path.exists() else {}
     rows = dict(last) if args.only else {}  # --only updates those rows of the last results
     for name in names:
-        if name in last:
-            peer_row = last[name]["peer"]
-        else:
-            peer_row = {"status": "not run"} if args.no_peer else child("peer", name, args.peer_timeout)
-        rows[name] = {"ours": child("ours", name, args.timeout), "peer": peer_row}
+        ours_runs, peer_runs = [], []
+        for _ in range(max(1, args.rounds)):
+            ours_runs.append(child("ours", name, args.timeout))
+            if args.reuse_peer and name in last:
+                peer_runs = [last[name]["peer"]]
+            else:
+                peer_runs.append({"status": "not run"} if args.no_peer else child("peer", name, args.peer_timeout))
+        rows[name] = {"ours": _median_seconds(ours_runs), "peer": _median_seconds(peer_runs)}
         print(name, json.dumps(rows[name])[:400], flush=True)
     ok = [r["ours"] for r in rows.values() if "exact" in r["ours"]]
     summary = {"models": len(rows), "exact": sum(r["exact"] for r in ok),

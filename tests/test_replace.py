@@ -95,14 +95,18 @@ class MHANet(nn.Module):
         return self.cls(t.transpose(1, 2).reshape(b, c, h, w)), self.box(found)
 
 
-def _pruned(batch_first):
+def _random_cut(net: nn.Module, shape=(2, 3, 4, 4)):
+    """`net` (norms randomised, float64) pruned by half in each group at random, its input, and segprune's warnings."""
     torch.manual_seed(0)
-    model = randomize_norms(MHANet(batch_first)).double().eval()
-    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    model, x = randomize_norms(net).double().eval(), torch.randn(*shape, dtype=torch.float64)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = segprune.prune(model, x, ratio=0.5, criterion="random", select="uniform")
     return model, x, result, [str(w.message) for w in caught if "segprune" in str(w.message)]
+
+
+def _pruned(batch_first):
+    return _random_cut(MHANet(batch_first))
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
@@ -174,14 +178,33 @@ class MaskedCrossNet(nn.Module):
 
 @pytest.mark.parametrize("boolean", [True, False])
 def test_a_mask_repeated_per_head_from_an_attribute_is_cut_with_the_heads(boolean):
-    torch.manual_seed(0)
-    model = randomize_norms(MaskedCrossNet(boolean)).double().eval()
-    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        result = segprune.prune(model, x, ratio=0.5, criterion="random", select="uniform")
-    assert not [w for w in caught if "segprune" in str(w.message)] and not result.verification.frozen
+    model, x, result, messages = _random_cut(MaskedCrossNet(boolean))
+    assert not messages and not result.verification.frozen
     assert result.model.cross.num_heads == result.model.predictor.num_heads == 2  # the repeat follows the heads
+    masked = outputs(masked_copy(model, result.groups, result.removed, result.plan.replace), x)
+    assert relative_error(masked, outputs(result.model, x)) < 1e-9
+
+
+class FixedSizeNet(nn.Module):
+    """nn.MultiheadAttention over the tokens of a 64x64 image, then a linear layer over all of them: the model runs on
+    its input size only, so the swap is checked on the full inputs, not on a crop."""
+
+    def __init__(self, dim=8):
+        super().__init__()
+        self.stem = nn.Sequential(cbr(3, dim), nn.MaxPool2d(8))
+        self.attn = nn.MultiheadAttention(dim, 2, batch_first=True)
+        self.head = nn.Linear(64 * dim, 4)
+
+    def forward(self, x):
+        t = self.stem(x).flatten(2).transpose(1, 2)
+        return self.head((t + self.attn(t, t, t)[0]).flatten(1))
+
+
+def test_a_model_of_a_fixed_input_size_is_swapped_checking_the_full_inputs():
+    model, x, result, messages = _random_cut(FixedSizeNet(), (1, 3, 64, 64))
+    assert result.plan.replace == {"attn": "torch.nn.MultiheadAttention"}
+    assert not any("not replaced" in m for m in messages)
+    assert result.model.attn.num_heads == 1
     masked = outputs(masked_copy(model, result.groups, result.removed, result.plan.replace), x)
     assert relative_error(masked, outputs(result.model, x)) < 1e-9
 
@@ -205,13 +228,8 @@ class TransformerNet(nn.Module):
 
 
 def test_transformer_layers_take_the_split_attention_and_prune_exactly():
-    torch.manual_seed(0)
-    model = randomize_norms(TransformerNet()).double().eval()
-    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        result = segprune.prune(model, x, ratio=0.5, criterion="random", select="uniform")
-    assert not any("not replaced" in str(w.message) for w in caught)
+    model, x, result, messages = _random_cut(TransformerNet())
+    assert not any("not replaced" in m for m in messages)
     assert set(result.plan.replace) == {"encoder.self_attn", "decoder.layers.0.self_attn",
                                         "decoder.layers.0.multihead_attn", "decoder.layers.1.self_attn",
                                         "decoder.layers.1.multihead_attn"}

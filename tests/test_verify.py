@@ -129,3 +129,22 @@ def test_compensate_folds_what_slimmed_channels_still_emit():
     fresh = segprune.Plan.from_json(kept.plan.to_json()).apply(Seg().eval())
     fresh.load_state_dict(kept.model.state_dict())
     assert torch.equal(fresh(x), kept.model(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_pruned_model_shares_no_tensor_with_the_original(dtype):
+    # the checked copy shares the original's tensors until surgery or the float64 conversion replaces them; what a
+    # float64 model keeps uncut must still be copied, or training the pruned model would change the original
+    torch.manual_seed(0)
+    model = randomize_norms(nn.Sequential(nn.Conv2d(3, 3, 1), cbr(3, 8), cbr(8, 8), nn.Conv2d(8, 2, 1)))
+    model = model.to(dtype).eval()
+    before = [t.detach().clone() for t in model.state_dict().values()]
+    result = segprune.prune(model, torch.randn(1, 3, 8, 8, dtype=dtype), ratio=0.5, criterion="l1", ignore=["0"])
+    assert result.model[0].weight.shape == model[0].weight.shape  # a layer kept whole
+    assert result.channels_removed > 0
+    originals = {t.data_ptr() for t in model.state_dict().values() if t.numel()}
+    assert not [n for n, t in result.model.state_dict().items() if t.data_ptr() in originals]
+    with torch.no_grad():
+        for t in result.model.parameters():
+            t.add_(1.0)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.state_dict().values()))

@@ -21,7 +21,9 @@ from segprune.prune.plan import Plan
 from segprune.prune.replace import replace_module, replaced
 from segprune.prune.select import SELECTIONS, select_target
 from segprune.prune.trace import as_call
-from segprune.prune.verify import Verification, unfolded, verify_removal
+from segprune.prune.verify import Verification, cropped, unfolded, verify_removal
+
+PROBE = 32  # the side of the input crop that verification and module swaps check on (verify.cropped)
 
 
 @dataclass
@@ -133,17 +135,25 @@ def prune(model: nn.Module, example_inputs, *, ratio: float | None = None, targe
         result = closed_loop(cut, measure, target=target_latency, table=latency, tries=latency_tries,
                              tolerance=latency_tolerance)
     else:
-        result = _cut(model, example_inputs, groups, choose, verify, compensate, inplace or bool(swaps))
+        result = _cut(model, example_inputs, groups, choose, verify, compensate, inplace, private=bool(swaps))
     result.plan.replace = swaps
     return result
 
 
 def _replaced(model, example_inputs, inplace, allow=()) -> tuple[nn.Module, dict[str, str]]:
     """The model with its registered modules swapped (replace.py): a copy, or `model` itself when `inplace`."""
+    probes = [cropped(example_inputs, PROBE), example_inputs]  # a wrong swap is wrong at any size: check a crop
+
     def call(m):
-        args, kwargs = as_call(example_inputs)
-        with eval_mode(m):
-            return m(*args, **kwargs)
+        while True:
+            args, kwargs = as_call(probes[0])
+            try:
+                with eval_mode(m):
+                    return m(*args, **kwargs)
+            except Exception:
+                if m is not model or len(probes) == 1:  # only the original model chooses the inputs
+                    raise
+                probes.pop(0)  # the model cannot run on the crop (a fixed input size)
 
     new, swaps = replaced(model, call, allow)
     if inplace:
@@ -153,19 +163,20 @@ def _replaced(model, example_inputs, inplace, allow=()) -> tuple[nn.Module, dict
     return new, swaps
 
 
-def _cut(model, example_inputs, groups, choose, verify, compensate, inplace) -> PruneResult:
-    """Choose what to cut, verify it against the masked model (freezing what fails), and cut."""
+def _cut(model, example_inputs, groups, choose, verify, compensate, inplace, private=False) -> PruneResult:
+    """Choose what to cut, verify it against the masked model (freezing what fails), and cut: the verified copy
+    when there is one, else `model` itself when `inplace` or `private` (a copy prune made: modules swapped)."""
     removed, verification, checked, folds = choose(groups), None, None, []
     if verify:
         modes = _verify_modes(groups)
         groups, removed, verification, checked, folds = verify_removal(
-            model, example_inputs, groups, removed, choose, modes=modes, probe=None if verify == "full" else 32,
+            model, example_inputs, groups, removed, choose, modes=modes, probe=None if verify == "full" else PROBE,
             compensate=compensate)
     else:
         groups, removed = unfolded(groups, removed, choose)
     plan = with_biases(Plan.from_removal(model, groups, removed), model, folds)
     pruned = checked if checked is not None and not inplace else plan.apply(
-        apply_folds(model if inplace else copy.deepcopy(model), folds))
+        apply_folds(model if inplace or private else copy.deepcopy(model), folds))
     return PruneResult(pruned, plan, groups, removed, verification)
 
 

@@ -6,7 +6,8 @@ embedding width, so nothing in it can be cut. :class:`SplitMultiheadAttention` c
 q/k/v/out `Linear` layers, a view into `self.num_heads` heads of `self.head_dim` and
 `scaled_dot_product_attention`: whole heads are then cut (the attribute rewritten), the embedding width is cut
 independently of the heads, and no hand-written head dict is needed. Each swap is checked on the example inputs
-(the model's outputs before and after, in float64) and undone, with a warning, when they differ.
+(the model's outputs before and after; on a crop of them, as verification does, unless the model needs their size)
+and undone, with a warning, when they differ.
 
 Register another with ``register_replacement(ModuleType, build, name=...)``: `build(module)` returns the
 equivalent module (weights copied) or None when this instance is not covered.
@@ -38,6 +39,7 @@ class Replacement:
     kind: type | str  # a class, or its qualified name (a library segprune does not import)
     build: Callable[[nn.Module], nn.Module | None]
     opt_in: str = ""  # "": always; else only when prune's allow_approximate names it
+    fresh: bool = False  # build's module holds none of its argument's tensors or modules: it needs no copy first
 
     def covers(self, module: nn.Module) -> bool:
         if isinstance(self.kind, str):
@@ -49,12 +51,13 @@ REPLACEMENTS: dict[str, Replacement] = {}
 
 
 def register_replacement(kind: type | str, build: Callable[[nn.Module], nn.Module | None], *,
-                         name: str | None = None, opt_in: str = ""):
+                         name: str | None = None, opt_in: str = "", fresh: bool = False):
     """Swap every `kind` module (a class, or a class's qualified name) for `build(module)` before pruning; `name`
     is what plans record (default: the class's qualified name); with `opt_in`, only when `prune`'s
-    `allow_approximate` names it."""
+    `allow_approximate` names it; `fresh` says that `build` copies what it keeps (then the model's copy skips the
+    module, whose weights may be most of the model's)."""
     key = name or (kind if isinstance(kind, str) else f"{kind.__module__}.{kind.__qualname__}")
-    REPLACEMENTS[key] = Replacement(kind, build, opt_in)
+    REPLACEMENTS[key] = Replacement(kind, build, opt_in, fresh)
 
 
 def replace_module(model: nn.Module, name: str, key: str) -> None:
@@ -80,21 +83,25 @@ def replaced(model: nn.Module, call: Callable, allow: Sequence[str] = ()) -> tup
     if not found:
         return model, {}
     reference = _outputs(model, call)
-    swaps = [(name, key, module, swap) for name, key, module in found
-             if (swap := REPLACEMENTS[key].build(copy.deepcopy(module))) is not None]
-    new = copy.deepcopy(model)
-    for name, _, _, swap in swaps:
+    fresh = {id(m): (name, key, swap) for name, key, m in found
+             if REPLACEMENTS[key].fresh and (swap := REPLACEMENTS[key].build(m)) is not None}
+    new = copy.deepcopy(model, {i: swap for i, (_, _, swap) in fresh.items()})  # the fresh swaps go in uncopied
+    swaps = [*fresh.values()] + [(name, key, swap) for name, key, m in found if id(m) not in fresh
+                                 and (swap := REPLACEMENTS[key].build(new.get_submodule(name))) is not None]
+    for name, _, swap in swaps:
         _set(new, name, swap)
     if _check(new, reference, call) is True:  # one forward pass for all swaps, the usual case
-        return new, {name: key for name, key, _, _ in swaps}
+        return new, {name: key for name, key, _ in swaps}
     new, done = copy.deepcopy(model), {}
-    for name, key, module, swap in swaps:  # find the swaps that change the outputs, one at a time
+    for name, key, _ in swaps:  # find the swaps that change the outputs, one at a time
+        module = new.get_submodule(name)
+        swap = REPLACEMENTS[key].build(copy.deepcopy(module))
         _set(new, name, swap)
         same = _check(new, reference, call)
         if same is True:
             done[name] = key
         else:
-            _set(new, name, copy.deepcopy(module))
+            _set(new, name, module)
             warnings.warn(f"segprune: {name} ({type(module).__name__}) is not replaced with {type(swap).__name__}: "
                           f"{same}; it is kept as it is", stacklevel=3)
     return new, done
@@ -293,16 +300,16 @@ def baked_conv(conv: nn.Conv2d) -> nn.Conv2d | None:
         weight = F.batch_norm(conv.weight.reshape(1, conv.out_channels, -1), None, None,
                               weight=None if gain is None else (gain * conv.scale).view(-1), training=True,
                               momentum=0.0, eps=conv.eps).reshape_as(conv.weight)
-    plain = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                      conv.dilation, conv.groups, conv.bias is not None, device=weight.device, dtype=weight.dtype)
-    plain.weight.data.copy_(weight)
+    plain = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                      conv.groups, conv.bias is not None, device="meta")  # no init: its tensors are set below
+    plain.weight = nn.Parameter(weight, requires_grad=conv.weight.requires_grad)
     if conv.bias is not None:
-        plain.bias.data.copy_(conv.bias.detach())
+        plain.bias = nn.Parameter(conv.bias.detach().clone(), requires_grad=conv.bias.requires_grad)
     return plain.train(conv.training)
 
 
 register_replacement(nn.MultiheadAttention, SplitMultiheadAttention.of, name="torch.nn.MultiheadAttention")
 for _kind in ("timm.layers.std_conv.StdConv2d", "timm.layers.std_conv.ScaledStdConv2d"):
-    register_replacement(_kind, baked_conv, opt_in="weight_standardization")
+    register_replacement(_kind, baked_conv, opt_in="weight_standardization", fresh=True)
 register_replacement("segmentation_models_pytorch.encoders.mix_transformer.Attention", MiTAttention)
 register_replacement("transformers.models.mask2former.modeling_mask2former.Mask2FormerAttention", DetrStyleAttention)

@@ -280,13 +280,16 @@ def converted_copy(model: nn.Module, dtype: torch.dtype, change: Callable[[nn.Mo
     """`change` (surgery, which replaces the tensors it cuts) applied to a copy of `model`, converted to `dtype`.
 
     Copying a large model is a good part of the check's time, so the copy shares the original's floating tensors
-    until the conversion replaces them; when the model already holds `dtype` tensors it is copied in full.
+    until surgery or the conversion replaces them; those still shared after both (already `dtype`, and not cut)
+    are copied then.
     """
     tensors_ = [*model.parameters(), *model.buffers()]
-    if any(t.dtype == dtype for t in tensors_):
-        return change(copy.deepcopy(model)).to(dtype)
-    memo = {id(t): _shared(t) for t in tensors_}
-    return change(copy.deepcopy(model, memo)).to(dtype)
+    out = change(copy.deepcopy(model, {id(t): _shared(t) for t in tensors_})).to(dtype)
+    originals = {t.data_ptr() for t in tensors_ if t.is_floating_point() and t.numel()}
+    for t in [*out.parameters(), *out.buffers()]:
+        if t.data_ptr() in originals:
+            t.data = t.data.clone()
+    return out
 
 
 def _shared(t):
