@@ -73,6 +73,10 @@ def cmd_prune(args) -> None:
                               latency_table_path=args.latency_table, latency_runtime=args.latency_runtime,
                               latency_threads=args.latency_threads, latency_tries=args.latency_tries)
     print(f"removed {result.channels_removed} of {result.channels_prunable} prunable channels -> {args.out}")
+    if result.latency:
+        got = result.latency
+        print(f"latency on {got['runtime']}: {got['measured_ratio']:.3f} of the unpruned model's, measured (target "
+              f"{got['target']:.3f}, {'met' if got['met'] else 'missed'}; {len(got['tries'])} allocation(s) tried)")
 
 
 def cmd_finetune(args) -> None:
