@@ -24,9 +24,13 @@ One seed per run (initialisation, data order, fine-tuning all follow it):
     python benchmarks/latency_camvid.py --seed 1 [--criterion taylor] [--runtime openvino:fp32 --closed-loop]
     python benchmarks/latency_camvid.py --summarise results/latency_camvid_taylor_seed1.json ...
 
-A run writes results/latency_camvid_<criterion>[_<runtime>][_t<target>]_seed<N>.json (no runtime part for eager, no
-target part for 0.5); --summarise writes results/latency_camvid_<criterion>[_<runtime>][_t<target>].{json,md} (mean
-and standard error over seeds, paired differences) and puts its rows into results/latency_aware.json.
+With --rescore N both of our allocations are reached in N steps, re-scored before each on the model masked by the
+step before (``prune(rescore=N)``): one-shot Taylor scores miss that a layer's last channels matter more.
+
+A run writes results/latency_camvid_<criterion>[_<runtime>][_t<target>][_r<N>]_seed<N>.json (no runtime part for
+eager, no target part for 0.5, no r part for one shot); --summarise writes the same name without the seed
+(.json, .md: mean and standard error over seeds, paired differences) and puts its rows into
+results/latency_aware.json.
 """
 
 from __future__ import annotations
@@ -150,10 +154,11 @@ def importance(name: str, base, train_loader):
 def pruned_models(base, x, table, args, train_loader) -> tuple[dict, dict]:
     """allocation -> pruned model, and how the MAC and peer models were matched to the latency model."""
     groups, score = segprune.channel_groups(base, x), importance(args.criterion, base, train_loader)
-    ours = lambda **kw: segprune.prune(base, x, criterion=score, groups=groups, **kw).model  # noqa: E731
+    ours = lambda **kw: segprune.prune(base, x, criterion=score, groups=groups, rescore=args.rescore,  # noqa: E731
+                                       **kw).model
     meter = LatencyMeter(base, x, args.runtime, threads=args.threads) if args.closed_loop else None
     result = segprune.prune(base, x, criterion=score, groups=groups, target_latency=args.target, latency=table,
-                            measure=meter)
+                            measure=meter, rescore=args.rescore)
     lat, closed = result.model, result.latency
     logs = {"macs": [], "peer": []}
     # MAC allocation: higher MAC target = slower, so the knob is 1 - target_macs
@@ -206,7 +211,8 @@ def run(args) -> dict:
                        "lr": args.lr, "finetune_epochs": args.finetune_epochs, "finetune_lr": args.finetune_lr,
                        "optimizer": "adamw", "seed": args.seed, "target_latency": args.target,
                        "runtime": args.runtime, "threads": args.threads, "rounds": args.rounds,
-                       "criterion": args.criterion, **({"closed_loop": True} if args.closed_loop else {})},
+                       "criterion": args.criterion, **({"closed_loop": True} if args.closed_loop else {}),
+                       **({"rescore": args.rescore} if args.rescore > 1 else {})},
             "train_seconds": round(train_s, 1), "val_curve": [round(v, 4) for v in curve],
             "matching": matching, "rows": rows}
 
@@ -271,13 +277,22 @@ def target_tag(target: float) -> str:
     return "" if target == 0.5 else f"_t{target}"
 
 
+def variant(budget: dict) -> str:
+    """The results' name of a run's settings: criterion, runtime, target, re-scoring steps
+    (``taylor_openvino_fp32_t0.3_r6``)."""
+    rescore = budget.get("rescore", 1)
+    return (f"{budget['criterion']}{tag(budget['runtime'])}{target_tag(budget['target_latency'])}"
+            + (f"_r{rescore}" if rescore > 1 else ""))
+
+
 def into_latency_aware(s: dict) -> None:
     """Replace the CamVid rows of results/latency_aware.json with these (its schema: model, runtime, allocation,
     target, latency_ratio, macs_ratio, miou)."""
     path = RESULTS / "latency_aware.json"
     data = json.loads(path.read_text())
+    rescore = s["budget"].get("rescore", 1)
     model = (f"pspnet_resnet18_x0.25 camvid {s['budget']['size'][0]}x{s['budget']['size'][1]} "
-             f"({s['budget']['criterion']})")
+             f"({s['budget']['criterion']}{f', re-scored in {rescore} steps' if rescore > 1 else ''})")
     runtime = s["budget"]["runtime"]
     target = s["budget"]["target_latency"]
     data["rows"] = [r for r in data["rows"] if (r["model"], r["runtime"], r["target"]) != (model, runtime, target)]
@@ -285,7 +300,7 @@ def into_latency_aware(s: dict) -> None:
                       else "none", "target": s["budget"]["target_latency"], "latency_ratio": r["latency_ratio"],
                       "macs_ratio": r["macs_ratio"], "miou": round(r["miou_mean"] / 100, 4),
                       "miou_se": round(r["miou_se"] / 100, 4), "seeds": s["budget"]["seed"]} for r in s["rows"]]
-    data.setdefault("camvid_paired", {})[s["budget"]["criterion"] + tag(runtime) + target_tag(target)] = s["paired"]
+    data.setdefault("camvid_paired", {})[variant(s["budget"])] = s["paired"]
     command = "python benchmarks/latency_camvid.py --summarise " + " ".join(str(p) for p in s["sources"])
     data["commands"] = [c for c in data["commands"] if c != command] + [command]
     write_result("latency_aware", data)
@@ -311,13 +326,14 @@ def main() -> None:
                    "a registered runtime, optionally with a precision (openvino:fp32)")
     p.add_argument("--closed-loop", action="store_true", help="measure the latency allocation on --runtime and "
                    "re-allocate until within 5 %% of --target")
+    p.add_argument("--rescore", type=int, default=1, help="our allocations in this many steps, re-scored on the "
+                   "model masked by the step before (prune(rescore=)); 1: one shot")
     p.add_argument("--train-only", action="store_true", help="train (into --cache) and stop")
     p.add_argument("--summarise", nargs="+", type=Path, help="seed results to combine")
     args = p.parse_args()
     if args.summarise:
         s = summarise(args.summarise)
-        name = f"latency_camvid_{s['budget']['criterion']}{tag(s['budget']['runtime'])}" \
-               f"{target_tag(s['budget']['target_latency'])}"
+        name = f"latency_camvid_{variant(s['budget'])}"
         write_result(name, s)
         (RESULTS / f"{name}.md").write_text(markdown(s))
         into_latency_aware(s)
@@ -326,8 +342,7 @@ def main() -> None:
     RUNTIME = args.runtime
     result = run(args)
     if result is not None:
-        write_result(f"latency_camvid_{args.criterion}{tag(args.runtime)}{target_tag(args.target)}_seed{args.seed}",
-                     result)
+        write_result(f"latency_camvid_{variant(result['budget'])}_seed{args.seed}", result)
 
 
 if __name__ == "__main__":

@@ -211,3 +211,26 @@ def test_sparsity_warmup_ramps_lambda():
     assert seen == [0.25, 0.5, 0.75, 1.0, 1.0]
     with pytest.raises(ValueError, match="lam"):
         segprune.BNSparsity(model, lam=-1.0)
+
+
+def test_rescoring_a_weight_criterion_changes_nothing(psp):
+    # masking zeroes what an earlier step removed and leaves every other filter's norm: the same removal
+    model, x, groups = psp
+    one = segprune.prune(model, x, target_macs=0.4, criterion="l1", groups=groups)
+    steps = segprune.prune(model, x, target_macs=0.4, criterion="l1", groups=groups, rescore=3)
+    assert {g: r.tolist() for g, r in one.removed.items()} == {g: r.tolist() for g, r in steps.removed.items()}
+
+
+def test_rescored_taylor_scores_the_masked_model_and_still_reaches_the_target(psp):
+    model, x, groups = psp
+    torch.manual_seed(1)
+    batches = [(torch.randn(2, 3, 64, 64), torch.randint(0, 3, (2, 64, 64))) for _ in range(2)]
+    taylor = segprune.Taylor(model, batches, lambda out, y: F.cross_entropy(out["out"], y))
+    assert taylor.on(model) is not taylor and taylor.on(model).batches is batches
+    one = segprune.prune(model, x, target_macs=0.3, criterion=taylor, groups=groups)
+    steps = segprune.prune(model, x, target_macs=0.3, criterion=taylor, groups=groups, rescore=3)
+    assert 0.25 <= count_macs(steps.model, x) / count_macs(model, x) <= 0.3
+    assert steps.verification.error <= steps.verification.tolerance and not steps.verification.frozen
+    assert {g: r.tolist() for g, r in one.removed.items()} != {g: r.tolist() for g, r in steps.removed.items()}
+    with pytest.raises(ValueError, match="rescore must be >= 1"):
+        segprune.prune(model, x, target_macs=0.3, criterion=taylor, groups=groups, rescore=0)

@@ -17,6 +17,7 @@ from segprune.prune.criteria import CRITERIA
 from segprune.prune.fold import apply_folds, with_biases
 from segprune.prune.graph import ChannelGroup, ChannelGroups, channel_groups
 from segprune.prune.latency import LatencyTable, latency_removal, next_target
+from segprune.prune.oracle import masked_copy
 from segprune.prune.plan import Plan
 from segprune.prune.replace import replace_module, replaced
 from segprune.prune.select import SELECTIONS, select_target
@@ -52,7 +53,7 @@ def prune(model: nn.Module, example_inputs, *, ratio: float | None = None, targe
           groups: ChannelGroups | None = None, inplace: bool = False, target_latency: float | None = None,
           latency: LatencyTable | None = None, verify: bool | str = True, allow_approximate: Sequence[str] = (),
           compensate: bool = False, measure: Callable[[nn.Module], float | dict] | None = None,
-          latency_tries: int = 5, latency_tolerance: float = 0.05, replace: bool = True,
+          latency_tries: int = 5, latency_tolerance: float = 0.05, replace: bool = True, rescore: int = 1,
           method: str | None = None) -> PruneResult:
     """Remove the channels with the lowest `criterion` scores: a `ratio` of them, or as few as reach a target.
 
@@ -100,6 +101,12 @@ def prune(model: nn.Module, example_inputs, *, ratio: float | None = None, targe
         replace: swap modules the engine cannot cut in place for registered equivalents first
             (`nn.MultiheadAttention` -> `SplitMultiheadAttention`, checked on `example_inputs`; see replace.py);
             the plan records the swaps. Not with `groups` (they were traced on the model as it is).
+        rescore: allocate in this many steps towards the target (what is kept shrinking geometrically), scoring
+            again before each step on the model masked by the one before: one-shot first-order scores (Taylor) add
+            up channels' losses one by one and miss that the last channels of a narrowing layer matter more, so
+            an aggressive one-shot target can narrow a high-resolution layer to a bottleneck; re-scoring sees it
+            (Molchanov et al. 2019 prune iteratively). A `Taylor` is re-accumulated on the masked model (its
+            `on`); weight criteria score the masked weights. 1: one shot.
         method: the older name of `select` (a recipe's "method" is something else: segprune.workflows.METHODS).
     """
     if method is not None:
@@ -126,9 +133,12 @@ def prune(model: nn.Module, example_inputs, *, ratio: float | None = None, targe
     scores = {g.id: s for g in groups if not g.frozen and (s := score(g, model)) is not None}
     if select not in SELECTIONS:
         raise ValueError(f"unknown selection {select!r}; choose from {sorted(SELECTIONS)}")
-    choose = functools.partial(_select, model=model, scores=scores, selection=select, ratio=ratio,
-                               target_macs=target_macs, target_params=target_params, min_keep=min_keep,
-                               round_to=round_to, target_latency=target_latency, latency=latency)
+    if rescore < 1:
+        raise ValueError(f"rescore must be >= 1 (allocation steps), got {rescore}")
+    steps = {} if rescore == 1 else dict(steps=rescore, score=score)
+    choose = functools.partial(_rescored if steps else _select, model=model, scores=scores, selection=select,
+                               ratio=ratio, target_macs=target_macs, target_params=target_params, min_keep=min_keep,
+                               round_to=round_to, target_latency=target_latency, latency=latency, **steps)
     if target_latency is not None and measure is not None:
         cut = lambda target: _cut(model, example_inputs, groups, functools.partial(choose, target_latency=target),
                                   verify, compensate, inplace=False)  # noqa: E731
@@ -248,6 +258,30 @@ def _select(groups, *, model, scores, selection, ratio, target_macs, target_para
     cost = CostModel(model, groups)
     return select_target(groups, scores, cost=lambda r: cost.relative(r, metric), target=target,
                          min_keep=min_keep, round_to=round_to)
+
+
+def _rescored(groups, *, steps, score, model, scores, ratio, target_macs, target_params, target_latency=None,
+              **select):
+    """`_select` reached in `steps` steps: step i keeps (what the target keeps) ** (i / steps), scored on the model
+    masked by step i - 1's removal (which scores 0 there, so it is removed again: the removal only grows)."""
+    removed = {}
+    for i in range(1, steps + 1):
+        f = i / steps
+        if removed:
+            masked = masked_copy(model, groups, removed)
+            bound = score.on(masked) if hasattr(score, "on") else score
+            scores = {gid: s for g in groups if (gid := g.id) in scores and (s := bound(g, masked)) is not None}
+            for gid, drop in removed.items():
+                if gid in scores:
+                    scores[gid][drop] = 0.0
+        removed = _select(groups, model=model, scores=scores, ratio=None if ratio is None else 1 - (1 - ratio) ** f,
+                          target_macs=_power(target_macs, f), target_params=_power(target_params, f),
+                          target_latency=_power(target_latency, f), **select)
+    return removed
+
+
+def _power(target, f):
+    return None if target is None else target ** f
 
 
 def _criterion(criterion, seed):

@@ -118,6 +118,11 @@ class Taylor:
             self.model.zero_grad(set_to_none=True)
         return {name: total / max(steps, 1) for name, total in sums.items()}
 
+    def on(self, model: nn.Module) -> Taylor:
+        """The same importance on another model (the same batches and loss): `prune(rescore=N)` re-scores on the
+        model masked by its earlier steps."""
+        return Taylor(model, self.batches, self.loss_fn)
+
     def __call__(self, group: ChannelGroup, model: nn.Module) -> np.ndarray | None:
         if self.scores is None:
             self.scores = self._accumulate()
