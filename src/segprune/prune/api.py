@@ -130,7 +130,7 @@ def prune(model: nn.Module, example_inputs, *, ratio: float | None = None, targe
     if not any(g.prunable.any() for g in groups):
         raise ValueError("the model has no prunable channel (every channel group is frozen)")
     score = _criterion(criterion, seed)
-    scores = {g.id: s for g in groups if not g.frozen and (s := score(g, model)) is not None}
+    scores = _scores(groups, score, model)
     if select not in SELECTIONS:
         raise ValueError(f"unknown selection {select!r}; choose from {sorted(SELECTIONS)}")
     if rescore < 1:
@@ -269,8 +269,7 @@ def _rescored(groups, *, steps, score, model, scores, ratio, target_macs, target
         f = i / steps
         if removed:
             masked = masked_copy(model, groups, removed)
-            bound = score.on(masked) if hasattr(score, "on") else score
-            scores = {gid: s for g in groups if (gid := g.id) in scores and (s := bound(g, masked)) is not None}
+            scores = _scores(groups, score.on(masked) if hasattr(score, "on") else score, masked, among=scores)
             for gid, drop in removed.items():
                 if gid in scores:
                     scores[gid][drop] = 0.0
@@ -278,6 +277,12 @@ def _rescored(groups, *, steps, score, model, scores, ratio, target_macs, target
                           target_macs=_power(target_macs, f), target_params=_power(target_params, f),
                           target_latency=_power(target_latency, f), **select)
     return removed
+
+
+def _scores(groups, score, model, among=None) -> dict[int, np.ndarray]:
+    """{group id: `score(group, model)`} of the groups not frozen (or of those in `among`) that it scores."""
+    return {g.id: s for g in groups if (g.id in among if among is not None else not g.frozen)
+            and (s := score(g, model)) is not None}
 
 
 def _power(target, f):
