@@ -1,6 +1,8 @@
 """Allocation (targets, round_to, floors), the other criteria (fpgm, taylor), and CAP's guided sparsity."""
 
+import gc
 import warnings
+import weakref
 
 import numpy as np
 import pytest
@@ -97,6 +99,23 @@ def test_taylor_scores_a_dead_channel_zero_and_prunes_it_first():
     assert scores[4] == 0 and (np.delete(scores, 4) > 0).all()
     result = segprune.prune(model, batches[0][0], ratio=1 / 6, criterion=taylor, groups=groups)
     assert result.plan.modules["0.1"]["out"] == [0, 1, 2, 3, 5]
+
+
+def test_taylor_frees_each_batch_graph_after_its_backward():
+    """The activations of a scored batch are freed by reference counting, not left to the cycle collector: a hook
+    that held its own tensor kept every batch's graph alive (24 GB in 5 minutes of re-scored pruning)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(cbr(3, 6), nn.Conv2d(6, 3, 1))
+    batches = [(torch.randn(2, 3, 8, 8), torch.randint(0, 3, (2, 8, 8))) for _ in range(2)]
+    group = segprune.channel_groups(model, batches[0][0])[0]
+    outputs = []
+    model[0][0].register_forward_hook(lambda m, a, out: outputs.append(weakref.ref(out)))
+    gc.disable()
+    try:
+        segprune.Taylor(model, batches, lambda out, y: F.cross_entropy(out, y))(group, model)
+        assert len(outputs) == 2 and all(ref() is None for ref in outputs)
+    finally:
+        gc.enable()
 
 
 class TokenMLP(nn.Module):

@@ -102,7 +102,8 @@ class Taylor:
             def forward_hook(module, args, out):
                 if isinstance(out, torch.Tensor) and out.requires_grad and out.dim() >= 2:
                     channels_last = isinstance(module, nn.Linear)  # tokens (N, L, C): a linear's features are last
-                    out.register_hook(lambda g: _add(sums, name, _per_sample(out.detach() * g, channels_last)))
+                    a = out.detach()  # not `out` in the hook: out -> its hook -> out is a cycle holding the graph
+                    out.register_hook(lambda g: _add(sums, name, _per_sample(a * g, channels_last)))
             return forward_hook
 
         handles = [m.register_forward_hook(hook(n)) for n, m in self.model.named_modules()
