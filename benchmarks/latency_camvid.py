@@ -164,9 +164,11 @@ def pruned_models(base, x, table, args, train_loader) -> tuple[dict, dict]:
     # MAC allocation: higher MAC target = slower, so the knob is 1 - target_macs
     macs, knob = match(lambda p: ours(target_macs=1 - p), 0.0, 0.95, lat, x, args.threads, logs["macs"])
     peer, ratio = match(lambda p: peer_prune(base, x, p), 0.0, 0.9, lat, x, args.threads, logs["peer"])
-    return {"latency": lat, "macs": macs, "peer": peer}, {"macs_target": round(1 - knob, 4),
-                                                          "peer_ratio": round(ratio, 4), "search": logs,
-                                                          "closed_loop": closed}
+    models = {"latency": lat, "macs": macs, "peer": peer}
+    # the table's guess for each at their equal measured latency: where it errs, and for which allocation
+    predicted = {alloc: round(table.ratio_of(m), 4) for alloc, m in models.items()}
+    return models, {"macs_target": round(1 - knob, 4), "peer_ratio": round(ratio, 4), "search": logs,
+                    "closed_loop": closed, "predicted_latency_ratio": predicted}
 
 
 def run(args) -> dict:

@@ -4,7 +4,7 @@ One seed per run (initialisation, data order, fine-tuning all follow it):
 
 1. ``segformer_mit_b0`` (MiT-b0 layout; --width scales its dims and decoder, head counts kept) is trained from
    scratch on CamVid train at --size for --epochs (AdamW, poly decay), validation mIoU after every epoch (the
-   curve, to show the plateau); cached under --cache;
+   curve, to show the plateau); cached under --cache (--train-only trains into it and stops);
 2. ours: ``prune(target_macs=--target)`` with first-order Taylor importance on 8 training batches (comparable across
    the linears, convs and heads of a transformer), so attention heads, Mix-FFN hidden channels and decoder channels
    compete under one global threshold; the result verifies itself;
@@ -142,6 +142,8 @@ def run(args) -> dict:
     x = torch.zeros(1, 3, *args.size)
     t0 = time.perf_counter()
     base, curve = trained(args, train_loader, val_loader, k)
+    if args.train_only:
+        return None
     train_s = time.perf_counter() - t0
     base.eval()
     batches = [b for _, b in zip(range(8), train_loader)]
@@ -250,6 +252,7 @@ def main() -> None:
     p.add_argument("--train-threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--cache", default="/tmp/segprune_segformer_camvid", help="trained models")
+    p.add_argument("--train-only", action="store_true", help="train (into --cache) and stop")
     p.add_argument("--summarise", nargs="+", type=Path, help="seed results to combine")
     args = p.parse_args()
     if args.summarise:
@@ -259,8 +262,9 @@ def main() -> None:
         print(markdown(s))
         return
     out = run(args)
-    write_result(f"segformer_camvid_seed{args.seed}", out)
-    print(json.dumps(out["rows"], indent=1))
+    if out is not None:
+        write_result(f"segformer_camvid_seed{args.seed}", out)
+        print(json.dumps(out["rows"], indent=1))
 
 
 if __name__ == "__main__":
