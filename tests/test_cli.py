@@ -6,9 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import segprune
 from segprune import checkpoint
 from segprune.cli import main
-from segprune.workflows import recipe_from
+from segprune.workflows import compress, recipe_from
 
 TINY = ["--set", "model=test_pspnet", "--set", "width=0.03125", "--set", "train_samples=16", "--set", "val_samples=8",
         "--set", "epochs=1", "--set", "finetune_epochs=1", "--set", "size=[32,32]", "--set", "threads=1",
@@ -70,6 +71,23 @@ def test_every_method_runs_end_to_end_from_a_recipe_file(tmp_path, method):
     report = json.loads((out / "report.json").read_text())
     assert report["recipe"]["method"] == method
     assert report["after"]["macs"] <= 0.6 * report["before"]["macs"]
+
+
+def test_a_recipe_re_scores_in_the_steps_it_names(tmp_path, monkeypatch):
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["rescore"])
+        return segprune.prune(*args, **kwargs)
+
+    monkeypatch.setattr(compress, "prune", spy)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: t\nmethod: taylor\ntarget_macs: 0.6\nrescore: 3\n")
+    assert main(["run", str(recipe), "--out", str(tmp_path / "run"), *TINY]) == 0
+    assert seen == [3]
+    recipe.write_text("rescore: 0\n")
+    with pytest.raises(ValueError, match="rescore must be >= 1"):
+        recipe_from(recipe)
 
 
 def test_prune_cli_on_a_checkpoint_composes_plans(tmp_path):

@@ -202,7 +202,7 @@ class Stages:
                 step = self.latency_step(current)
             result = prune(current, self.task.prune_inputs(current, self.example), criterion=self.criterion(current),
                            min_keep=r.min_keep, round_to=r.round_to or None, groups=groups if it == 0 else None,
-                           **step)
+                           rescore=r.rescore, **step)
             removed += result.channels_removed
             self.closed_loop = result.latency
             plan = result.plan if plan is None else plan.then(result.plan)

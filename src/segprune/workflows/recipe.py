@@ -72,6 +72,7 @@ class Recipe:
     min_keep: float = 0.1
     round_to: int = 0
     iterations: int = 1  # prune/fine-tune passes
+    rescore: int = 1  # each pass's allocation in this many steps, re-scored before each (Taylor); 1 = one shot
     # --- fine-tuning
     finetune_epochs: int = 8
     finetune_lr: float = 0.002
@@ -141,6 +142,8 @@ class Recipe:
             raise ValueError("target_latency prunes in one pass (iterations 1, schedule iterative): the latency "
                              "table is measured on the unpruned model")
         parse_runtime(self.latency_runtime)  # unknown names and precisions are refused, naming the choices
+        if self.rescore < 1:
+            raise ValueError(f"rescore must be >= 1 (allocation steps; 1 = one shot), got {self.rescore}")
         if self.latency_threads < 1 or self.latency_tries < 0:
             raise ValueError(f"latency_threads must be >= 1 and latency_tries >= 0, got {self.latency_threads}, "
                              f"{self.latency_tries}")
