@@ -1,4 +1,5 @@
-"""Shared helpers for benchmark scripts: machine description, atomic JSON results, child-process runs."""
+"""Shared helpers for benchmark scripts: machine description, atomic JSON results, trained-model caches,
+child-process runs."""
 
 from __future__ import annotations
 
@@ -6,12 +7,14 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -53,3 +56,22 @@ def write_result(name: str, data: dict) -> Path:
     tmp.replace(path)
     print(json.dumps(data, indent=2))
     return path
+
+
+def cached_curve(path: Path, model: torch.nn.Module) -> list[float] | None:
+    """Load the model trained before into cache folder `path` into `model`; its validation curve, or None."""
+    if not (path / "model.safetensors").exists():
+        return None
+    model.load_state_dict(load_file(path / "model.safetensors"))
+    return json.loads((path / "curve.json").read_text())
+
+
+def cache_trained(path: Path, model: torch.nn.Module, curve: list[float]) -> None:
+    """Keep a trained model and its curve in cache folder `path`, whole or not at all: written beside it, then
+    renamed, so a run killed while saving leaves no half-written model for the next run to load."""
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(model.state_dict(), tmp / "model.safetensors")
+    (tmp / "curve.json").write_text(json.dumps(curve))
+    tmp.replace(path)

@@ -45,11 +45,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import latency_aware  # noqa: E402
-from common import RESULTS, machine, write_result  # noqa: E402
+from common import RESULTS, cache_trained, cached_curve, machine, write_result  # noqa: E402
 
 import segprune  # noqa: E402
 from segprune._utils import IGNORE_INDEX  # noqa: E402
@@ -79,9 +78,8 @@ def trained(args, train_loader, val_loader, k) -> tuple[torch.nn.Module, list[fl
     path = Path(args.cache) / f"pspnet_r18_x025_{args.size[0]}x{args.size[1]}_e{args.epochs}_lr{args.lr}_s{args.seed}"
     torch.manual_seed(args.seed)
     model = create_model("pspnet_resnet18", num_classes=k, width=0.25)
-    if (path / "model.safetensors").exists():
-        model.load_state_dict(load_file(path / "model.safetensors"))
-        return model, json.loads((path / "curve.json").read_text())
+    if (cached := cached_curve(path, model)) is not None:
+        return model, cached
     curve: list[float] = []
 
     def validate(m):
@@ -90,9 +88,7 @@ def trained(args, train_loader, val_loader, k) -> tuple[torch.nn.Module, list[fl
         return curve[-1]
 
     fit(model, train_loader, epochs=args.epochs, lr=args.lr, optimizer="adamw", validate=validate, progress=False)
-    path.mkdir(parents=True, exist_ok=True)
-    save_file(model.state_dict(), path / "model.safetensors")
-    (path / "curve.json").write_text(json.dumps(curve))
+    cache_trained(path, model, curve)
     return model, curve
 
 

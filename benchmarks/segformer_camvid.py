@@ -32,10 +32,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, write_result  # noqa: E402
+from common import RESULTS, cache_trained, cached_curve, machine, write_result  # noqa: E402
 from latency_camvid import mean_se  # noqa: E402
 
 import segprune  # noqa: E402
@@ -68,9 +67,8 @@ def trained(args, train_loader, val_loader, k) -> tuple[torch.nn.Module, list[fl
                               f"_s{args.seed}"
     torch.manual_seed(args.seed)
     model = create_model(MODEL, num_classes=k, width=args.width)
-    if (path / "model.safetensors").exists():
-        model.load_state_dict(load_file(path / "model.safetensors"))
-        return model, json.loads((path / "curve.json").read_text())
+    if (cached := cached_curve(path, model)) is not None:
+        return model, cached
     curve: list[float] = []
 
     def validate(m):
@@ -80,9 +78,7 @@ def trained(args, train_loader, val_loader, k) -> tuple[torch.nn.Module, list[fl
 
     fit(model, train_loader, epochs=args.epochs, lr=args.lr, optimizer="adamw", weight_decay=args.weight_decay,
         validate=validate, progress=False)
-    path.mkdir(parents=True, exist_ok=True)
-    save_file(model.state_dict(), path / "model.safetensors")
-    (path / "curve.json").write_text(json.dumps(curve))
+    cache_trained(path, model, curve)
     return model, curve
 
 
