@@ -21,8 +21,9 @@ class FakeRuntime:
 
     name = "fake"
 
-    def __init__(self, threads=1, noise=0.0):
+    def __init__(self, threads=1, noise=0.0, overhead=0.0):
         self.threads, self.noise, self.layer_calls = threads, noise, 0
+        self.overhead = overhead  # ms each layer costs when timed alone only (a runtime's per-call cost)
 
     def versions(self):
         return {"torch": torch.__version__}
@@ -34,7 +35,7 @@ class FakeRuntime:
 
     def time_layer(self, spec, cin, cout, runs):
         self.layer_calls += 1
-        c = self.cost(spec, cin, cout)
+        c = self.cost(spec, cin, cout) + self.overhead
         return [c * (1 + self.noise * k) for k in range(runs)]
 
     def model_ms(self, model, x):
@@ -137,6 +138,22 @@ def test_a_second_model_reuses_the_shapes_already_measured(setup):
     rt = FakeRuntime()
     again = measure_latency_table(model, x, runtime=rt, table=table)
     assert rt.layer_calls == 0 and again.entries == table.entries
+
+
+def test_the_table_records_how_it_prices_the_models_it_was_fitted_to(setup):
+    _, _, table = setup
+    fit = table.meta["calibration"]
+    assert set(fit) == {"unpruned", "uniform50"}
+    assert all(c["predicted_ms"] == pytest.approx(c["measured_ms"], rel=1e-3) for c in fit.values())
+
+
+def test_layers_that_do_not_add_up_to_the_model_warn():
+    """Each layer timed alone pays a per-call cost the whole model does not: no positive fit prices the uniform
+    50 % pruning, and the user is told to close the loop (as OpenVINO on CamVid: 24 % too slow)."""
+    with pytest.warns(UserWarning, match=r"prices the uniform50 model \d+% too slow on fake.*measure=LatencyMeter"):
+        table = measure_latency_table(Net(16).eval(), torch.randn(1, 3, 8, 8), runtime=FakeRuntime(overhead=0.5))
+    fit = table.meta["calibration"]["uniform50"]
+    assert fit["predicted_ms"] > 1.1 * fit["measured_ms"]
 
 
 def test_spread_under_load_warns():
