@@ -22,11 +22,10 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from camvid_methods import train  # noqa: E402
-from common import RESULTS, machine, write_result  # noqa: E402
+from common import RESULTS, cache_trained, cached_curve, machine, write_result  # noqa: E402
 
 import segprune  # noqa: E402
 from segprune.eval.metrics import evaluate  # noqa: E402
@@ -36,14 +35,13 @@ from segprune.workflows.data import semantic_loaders  # noqa: E402
 
 
 def slimmed(args, recipe, train_loader, k):
-    path = Path(args.cache) / f"slimming_{args.size[0]}x{args.size[1]}_e{args.epochs}_s{args.seed}.safetensors"
-    if path.exists():
-        model = create_model("pspnet_resnet18", num_classes=k, width=0.25)
-        model.load_state_dict(load_file(path))
+    path = Path(args.cache) / f"slimming_{args.size[0]}x{args.size[1]}_e{args.epochs}_s{args.seed}"
+    model = create_model("pspnet_resnet18", num_classes=k, width=0.25)
+    if cached_curve(path, model) is not None:
         return model
     model = train(recipe, "slimming", train_loader, k)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(model.state_dict(), path)
+    cache_trained(path, model, [])  # trained without validation: no curve
     return model
 
 
