@@ -354,9 +354,9 @@ def _fit_rest(table: LatencyTable, rt, model, x, rounds, calibrate, spreads) -> 
         models["uniform50"] = fuse_conv_bn(half, x)
     timed = rt.time_models(models, x, rounds)
     table.scale, table.rest_ms, table.rest_ms_per_element = 1.0, 0.0, 0.0
+    kept = {label: layer_widths(m, table.layers) for label, m in models.items()}
     points = []  # (measured, layers, volume)
-    for label, m in models.items():
-        widths = layer_widths(m, table.layers)
+    for label, widths in kept.items():
         layers = sum(table.layer_ms(n, *widths[n]) for n in table.layers)
         volume = sum(widths[n][1] * table.layers[n].volume for n in table.layers)
         points.append((timed[label]["min_ms"], layers, volume))
@@ -369,7 +369,7 @@ def _fit_rest(table: LatencyTable, rt, model, x, rounds, calibrate, spreads) -> 
             table.scale, table.rest_ms_per_element = scale, per
     table.measured_ms = timed["unpruned"]["min_ms"]
     table.meta["calibration"] = {label: {"measured_ms": round(timed[label]["min_ms"], 3), "predicted_ms": round(
-        table.predict(layer_widths(m, table.layers)), 3)} for label, m in models.items()}
+        table.predict(widths), 3)} for label, widths in kept.items()}
     _warn_misfit(table)
     return max(_round_spread(t) for t in timed.values())
 
