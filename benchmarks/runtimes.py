@@ -266,7 +266,7 @@ def main() -> None:
     ap.add_argument("--render", action="store_true", help="only write runtimes.md from runtimes.json")
     ap.add_argument("--finish", action="store_true", help="write the results from the partial rows, measuring nothing")
     ap.add_argument("--quick", action="store_true", help="test_* models (a smoke run; results *_quick.*)")
-    ap.add_argument("--name", default="runtimes", help="results/NAME.{json,md}: one per machine (tables are per CPU too)")
+    ap.add_argument("--name", default="runtimes", help="results/NAME.{json,md}: one per machine (tables are per CPU)")
     args = ap.parse_args()
     global NAME, PARTIAL
     NAME, PARTIAL = args.name, RESULTS / f"{args.name}.partial.json"
