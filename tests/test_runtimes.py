@@ -171,6 +171,47 @@ def test_parity_catches_a_wrong_runtime_output(tmp_path):
     assert not parity(compiled, other, x, 1e-4)["ok"]
 
 
+class Knife(nn.Module):
+    """Numerically unstable on purpose: a 1x1 conv, then which of two near-equal channels is larger (as
+    max-unpooling indices in an untrained SegNet), so a tiny change of the input flips outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 1)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 1.0 + 1e-7]]).view(2, 3, 1, 1))
+            self.conv.bias.zero_()
+
+    def forward(self, x):
+        y = self.conv(x)
+        return (y[:, 1:] > y[:, :1]).float() + 0.1 * y[:, :1]
+
+
+class Shifted:
+    """A stand-in compiled model: eager's own outputs, shifted."""
+    device = "cpu"
+
+    def __init__(self, model, x, shift):
+        with torch.no_grad():
+            self.out = [model(x).double().numpy() + shift]
+
+    def prepare(self, x):
+        return x
+
+    def outputs(self, feed):
+        return self.out
+
+
+def test_parity_excuses_an_unstable_model_only_as_far_as_eager_itself_moves():
+    model, x = Knife().eval(), torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    flipped = parity(Shifted(model, x, 0.0), model, x, 1e-4)
+    assert flipped["ok"] and not flipped["unstable"]  # eager against itself: exact
+    near = parity(Shifted(model, x, 1e-3), model, x, 1e-4)  # beyond the tolerance, within what a flip moves
+    assert near["unstable"] and near["floor"] > near["tolerance"] and near["ok"]
+    wrong = parity(Shifted(model, x, 3 * near["floor"]), model, x, 1e-4)
+    assert wrong["unstable"] and not wrong["ok"]  # instability excuses a flip, not any output
+
+
 @needs_ov
 @needs_ort
 def test_runtimes_that_can_profile_name_their_ops(tmp_path):

@@ -64,17 +64,24 @@ def deploy(model: nn.Module, example: torch.Tensor, runtime: str = "eager", *, p
         p = compiled.parity
         raise ParityError(f"{rt.name} ({precision}, runs {compiled.inference_precision}) disagrees with eager "
                           f"PyTorch on {type(model).__name__}: max abs diff {p['max_abs_diff']:.3g} > tolerance "
-                          f"{p['tolerance']:.3g} on {p['mismatched']:.2%} of the outputs")
+                          f"{p['tolerance']:.3g} on {p['mismatched']:.2%} of the outputs"
+                          + (f" (the model is unstable: eager itself moves by {p['floor']:.3g} for a tiny change of "
+                             "the input, and the runtime is off by more than twice that)" if p.get("unstable") else ""))
     return compiled
 
 
 def parity(compiled: Compiled, model: nn.Module, example: torch.Tensor, rtol: float) -> dict:
     """Outputs of ``compiled`` against eager float32 ``model`` on ``example``: ``max_abs_diff``, ``tolerance``
     (``ATOL`` + ``rtol`` × the largest absolute output), ``mismatched`` (fraction beyond it), ``floor`` (how far
-    eager itself moves for a 1e-6 change of the input) and ``ok``: within tolerance, or ``unstable``: eager itself
-    moves by more than the tolerance for that change of the input (max-unpooling indices flipping between
-    near-equal maxima in an untrained SegNet), so no runtime can be held closer; such a deployment is timed and
-    marked ``unstable``, never silently."""
+    eager itself moves when the input moves by ``rtol`` / 10 of its spread, at least 1e-6) and ``ok``: within
+    tolerance, or ``unstable`` and within twice the floor.
+
+    ``unstable``: eager itself moves by more than the tolerance for that change of the input (max-unpooling
+    indices flipping between near-equal maxima in an untrained SegNet), so no runtime can be held closer: another
+    kernel's float32 rounding (OpenVINO's on a Xeon with AMX: 0.0068 on SegNet, where eager moves by 0.025 for a
+    1e-5 change and 4e-7 for 1e-6) flips indices too. Such a deployment is timed and marked ``unstable``, never
+    silently, and one off by more than twice the floor still fails: instability excuses what such a change of
+    the input does, not any output."""
     wrapper = Outputs(model)
     with eval_mode(wrapper), torch.inference_mode():
         cpu = example.detach().cpu().float()
@@ -87,7 +94,7 @@ def parity(compiled: Compiled, model: nn.Module, example: torch.Tensor, rtol: fl
     diffs = [np.abs(g - e) for g, e in zip(got, expected)]
     largest = max(float(d.max()) if d.size else 0.0 for d in diffs)
     mismatched = sum(int(np.sum(d > tolerance)) for d in diffs) / max(sum(d.size for d in diffs), 1)
-    floor = sensitivity(wrapper, example) if largest > tolerance else 0.0
+    floor = sensitivity(wrapper, example, rel=max(1e-6, rtol / 10)) if largest > tolerance else 0.0
     unstable = largest > tolerance and floor > tolerance
     return dict(max_abs_diff=largest, tolerance=tolerance, mismatched=mismatched, floor=floor,
-                ok=largest <= tolerance or unstable, unstable=unstable)
+                ok=largest <= tolerance or (unstable and largest <= 2 * floor), unstable=unstable)

@@ -235,10 +235,10 @@ def _compare(compiled, wrapper: nn.Module, x: torch.Tensor, atol: float, rtol: f
             "mismatched": beyond / max(total, 1), "ok": beyond == 0}
 
 
-def sensitivity(wrapper: nn.Module, x: torch.Tensor) -> float:
-    """How much eager PyTorch's own output moves when ``x`` moves by a millionth of its spread: the floor under
-    any runtime's agreement (large where max-unpooling indices flip between near-equal maxima)."""
-    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(x) * 1e-6 * float(x.float().std())
+def sensitivity(wrapper: nn.Module, x: torch.Tensor, rel: float = 1e-6) -> float:
+    """How much eager PyTorch's own output moves when ``x`` moves by ``rel`` of its spread: the floor under any
+    runtime's agreement (large where max-unpooling indices flip between near-equal maxima)."""
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(x) * rel * float(x.float().std())
     with torch.no_grad():
         return _max_diff(wrapper(x + noise), wrapper(x))
 
