@@ -282,6 +282,10 @@ def test_next_target_corrects_by_the_measured_error_then_interpolates():
     assert next_target([(0.5, 0.6), (0.25, 0.3)], 0.6) is None  # the correction would repeat the first try
     assert next_target([(0.4, 0.4), (0.5, 0.6)], 0.5) == pytest.approx(0.45)
     assert next_target([(0.45, 0.4), (0.45 * 0.5 / 0.4, 0.7)], 0.5) is not None
+    # noisy readings: the bracket is taken by allocation, so a try already made is not aimed at again
+    tries = [(0.5, 0.3895), (0.6418, 0.4559), (0.7039, 0.5354), (0.6762, 0.5514)]  # SegNet, OpenVINO bf16
+    assert next_target(tries, 0.5) == pytest.approx(0.6418 + 0.0441 * (0.6762 - 0.6418) / (0.5514 - 0.4559))
+    assert next_target([(0.6, 0.48), (0.5, 0.52)], 0.5) == pytest.approx(0.55)  # inverted by noise: the midpoint
 
 
 class Model:
