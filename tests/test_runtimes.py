@@ -5,6 +5,7 @@ import ast
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -329,6 +330,29 @@ def test_a_missed_target_warns_by_how_much_and_why(fake_table):
         result = segprune.prune(model, x, target_latency=0.6, latency=table, criterion="l1",
                                 measure=Model(table, 1.5), latency_tries=1)
     assert not result.latency["met"] and len(result.latency["tries"]) == 1
+
+
+class Step:
+    """A fake runtime whose latency jumps: allocations for 0.41 or more run 40 % slower (a kernel switch)."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def __call__(self, pruned):
+        ratio = self.table.ratio_of(pruned)
+        return ratio * (1.4 if ratio >= 0.41 else 1.0)
+
+
+def test_a_miss_at_a_latency_step_names_the_step():
+    from segprune.prune.api import _miss_reason
+    record = [{"allocated_for": a, "measured": m} for a, m in
+              [(0.5, 0.6327), (0.3951, 0.3945), (0.4416, 0.583), (0.4211, 0.5903), (0.4091, 0.5659)]]  # PSPNet bf16
+    assert "jumps between allocations 0.395 and 0.409 (measured 0.395 and 0.566)" in _miss_reason(record, 0.5, 0.05)
+    table = SimpleNamespace(ratio_of=float, meta={})  # a pruning's predicted ratio: what it was allocated for
+    cut = lambda aim: SimpleNamespace(model=aim)  # noqa: E731
+    with pytest.warns(UserWarning, match="latency jumps between allocations"):
+        result = closed_loop(cut, Step(table), target=0.5, table=table, tries=8, tolerance=0.05)
+    assert not result.latency["met"]
 
 
 def test_closed_loop_stops_on_an_unreachable_correction(fake_table):

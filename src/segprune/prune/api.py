@@ -228,7 +228,7 @@ def closed_loop(cut: Callable[[float], PruneResult], measure, *, target: float, 
     if not met:
         warnings.warn(f"segprune: target_latency {target:.3f} missed: the closest of {len(record)} tries measured "
                       f"{reached:.3f} ({reached / target - 1:+.1%}; tolerance {tolerance:.0%}). "
-                      + _miss_reason(record, target), stacklevel=3)
+                      + _miss_reason(record, target, tolerance), stacklevel=3)
     return result
 
 
@@ -248,16 +248,33 @@ def _read(measure, model: nn.Module, target: float, tolerance: float, repeats: i
     return got if len(readings) == 1 else {**got, "readings": [round(r, 4) for r in readings]}
 
 
-def _miss_reason(record: list[dict], target: float) -> str:
+def _miss_reason(record: list[dict], target: float, tolerance: float) -> str:
     aims = [t["allocated_for"] for t in record]
     if any("error" in t for t in record):
         return f"A corrected allocation was out of reach ({record[-1]['error']})."
     if len(set(aims)) < len(aims):
         return "The allocation cannot move in steps small enough (the channel blocks of the table's width steps)."
+    step = _latency_step(record, target, tolerance)
+    if step:
+        (a0, m0), (a1, m1) = step
+        return (f"The runtime's latency jumps between allocations {a0:.3f} and {a1:.3f} (measured {m0:.3f} and "
+                f"{m1:.3f}): no allocation between them lands inside the band (the compiled model switches kernels "
+                f"there); target one side of the step, or change the widths' rounding (round_to).")
     spread = max((t.get("spread", 0.0) for t in record), default=0.0)
     if spread > 0.05:
         return f"The measurements spread by {spread:.0%}: the machine is probably under load."
     return "The table's predictions disagree with the measurements more than the tries could correct."
+
+
+def _latency_step(record: list[dict], target: float, tolerance: float):
+    """The tightest bracket of tries by allocation, ((a0, m0), (a1, m1)), when it is a step: allocations within
+    0.02 of each other whose readings straddle the band by more than twice its width; else None."""
+    tries = [(t["allocated_for"], t["measured"]) for t in record if "measured" in t]
+    below, above = [t for t in tries if t[1] < target], [t for t in tries if t[1] > target]
+    if not below or not above:
+        return None
+    (a0, m0), (a1, m1) = max(below), min(above)
+    return ((a0, m0), (a1, m1)) if 0 < a1 - a0 <= 0.02 and m1 - m0 > 4 * tolerance * target else None
 
 
 def _verify_modes(groups) -> tuple[str, ...]:
