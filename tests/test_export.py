@@ -13,6 +13,7 @@ from segprune.export.onnx import (
     fixed_size_layers,
     unsupported_ops,
 )
+from segprune.export.pooling import MatrixAdaptiveAvgPool
 from segprune.models import create_model
 from tests.conftest import randomize_norms
 
@@ -54,7 +55,7 @@ def test_adaptive_pooling_keeps_spatial_axes_static(tmp_path, name, size):
     # Untrained, these have logits in the hundreds: float32 rounding alone exceeds 1e-4 absolute.
     result = export_onnx(model, torch.randn(1, 3, size, size), tmp_path / "m.onnx", rtol=1e-6)
     assert result["dynamic_axes"] == {0: "batch"}
-    assert "AdaptiveAvgPool2d" in result["notes"][0] and fixed_size_layers(model)
+    assert any("AdaptiveAvgPool2d" in note for note in result["notes"]) and fixed_size_layers(model)
     x = torch.randn(2, 3, size, size)
     torch.testing.assert_close(_run(tmp_path / "m.onnx", x), _eager(model, x), rtol=1e-5, atol=1e-4)
 
@@ -230,3 +231,22 @@ def test_yolact_torchscript_round_trip(tmp_path):
     with torch.no_grad():
         cls, box, coef, proto = loaded(torch.zeros(1, 3, 64, 64))
         assert torch.equal(proto, model.eval()(torch.zeros(1, 3, 64, 64))["proto"])
+
+
+@pytest.mark.parametrize("out", [(3, 3), (6, 6), (2, 3), (None, 4), (5, 1)])
+@pytest.mark.parametrize("shape", [(2, 4, 64, 64), (1, 3, 17, 23), (1, 2, 7, 5)])
+def test_the_matrix_form_of_adaptive_pooling_is_pytorchs(out, shape):
+    x = torch.randn(*shape, dtype=torch.float64)
+    torch.testing.assert_close(MatrixAdaptiveAvgPool(out)(x), nn.AdaptiveAvgPool2d(out)(x), rtol=0, atol=1e-12)
+
+
+def test_pyramid_bins_that_do_not_divide_the_map_export_in_matrix_form(tmp_path):
+    # 64 px (PSPNet, stride 8) gives an 8x8 map: bins 3 and 6 do not divide it (the TorchScript exporter refuses
+    # AdaptiveAvgPool2d there, and the dynamo exporter writes gathered windows, a Transpose and a ReduceMean)
+    model = _model("test_pspnet")
+    result = export_onnx(model, torch.randn(1, 3, 64, 64), tmp_path / "m.onnx", dynamic=False, rtol=1e-6)
+    assert any("averaging matrices" in note for note in result["notes"])
+    ops = {node.op_type for node in onnx.load(str(tmp_path / "m.onnx")).graph.node}
+    assert "MatMul" in ops and "ReduceMean" not in ops
+    x = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(_run(tmp_path / "m.onnx", x), _eager(model, x), rtol=1e-5, atol=1e-4)

@@ -294,7 +294,9 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path,
         exporter: ``"auto"`` (TorchScript, then dynamo), ``"torchscript"`` or ``"dynamo"``.
         pool_indices: ``"argmax"``: max pooling with indices over non-overlapping windows is exported as
             ``MaxPool`` + ``ArgMax`` (:mod:`segprune.export.pooling`: OpenVINO runs ONNX's MaxPool-with-indices in
-            a reference kernel, 2.8x slower for SegNet); ``"native"``: as the exporter emits it.
+            a reference kernel, 2.8x slower for SegNet), and adaptive average pooling to several bins as two
+            matrix products (:class:`~segprune.export.pooling.MatrixAdaptiveAvgPool`); ``"native"``: both as the
+            exporter emits them.
 
     Returns:
         ``path``, ``opset`` (of the file), ``exporter``, ``dynamic_axes`` ({axis: name}), ``max_abs_diff``
@@ -317,7 +319,8 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path,
     form, swapped = export_form(model) if pool_indices == "argmax" else (model, [])
     exported = Outputs(form) if swapped else wrapper
     if swapped:
-        notes.append(f"max pooling with indices exported as MaxPool + ArgMax: {', '.join(swapped)}")
+        notes.append(f"pooling exported in its fast form (MaxPool + ArgMax for indices, averaging matrices for "
+                     f"adaptive bins; export/pooling.py): {', '.join(swapped)}")
     # the wrappers too: the TorchScript exporter restores the wrapper's mode recursively
     with eval_mode(wrapper), eval_mode(exported):
         try:
