@@ -5,7 +5,9 @@ interleaved and profiled per op, with the layer widths that differ between them.
     python benchmarks/latency_step.py [--runtime openvino:default] [--allocations 0.3951 0.4091]
         [--table results/latency_tables_xeon/pspnet_resnet50_512x512_openvino_default_t1.json]
 
-Results: results/latency_step.json (per allocation: median ms, op-type totals, the slowest ops; the width changes).
+Results: results/latency_step.json (per allocation: median ms, op-type totals, the slowest ops; the width changes),
+measured with the native export of adaptive pooling; results/latency_step_export_form.json, the same at 1620975,
+with adaptive pooling exported as averaging matrices (the step is gone).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ def main() -> None:
     ap.add_argument("--table", type=Path,
                     default=RESULTS / "latency_tables_xeon" / "pspnet_resnet50_512x512_openvino_default_t1.json")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--name", default="latency_step", help="results/NAME.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
     base, x = build("pspnet_resnet50")
@@ -68,7 +71,7 @@ def main() -> None:
     (a, wa), (b, wb) = ((k, widths(m)) for k, m in models.items())
     result = {"machine": machine(), "runtime": args.runtime, "table": args.table.name, "allocations": rows,
               "width_changes": {n: [wa[n], wb[n]] for n in wa if wa[n] != wb[n]}}
-    write_result("latency_step", result)
+    write_result(args.name, result)
 
 
 if __name__ == "__main__":
