@@ -16,7 +16,7 @@ from segprune.prune.cost import CostModel
 from segprune.prune.criteria import CRITERIA
 from segprune.prune.fold import apply_folds, with_biases
 from segprune.prune.graph import ChannelGroup, ChannelGroups, channel_groups
-from segprune.prune.latency import LatencyTable, latency_removal, next_target
+from segprune.prune.latency import LatencyTable, bracket, latency_removal, next_target
 from segprune.prune.oracle import masked_copy
 from segprune.prune.plan import Plan
 from segprune.prune.replace import replace_module, replaced
@@ -269,12 +269,11 @@ def _miss_reason(record: list[dict], target: float, tolerance: float) -> str:
 def _latency_step(record: list[dict], target: float, tolerance: float):
     """The tightest bracket of tries by allocation, ((a0, m0), (a1, m1)), when it is a step: allocations within
     0.02 of each other whose readings straddle the band by more than twice its width; else None."""
-    tries = [(t["allocated_for"], t["measured"]) for t in record if "measured" in t]
-    below, above = [t for t in tries if t[1] < target], [t for t in tries if t[1] > target]
-    if not below or not above:
+    found = bracket([(t["allocated_for"], t["measured"]) for t in record if "measured" in t], target)
+    if not found:
         return None
-    (a0, m0), (a1, m1) = max(below), min(above)
-    return ((a0, m0), (a1, m1)) if 0 < a1 - a0 <= 0.02 and m1 - m0 > 4 * tolerance * target else None
+    (a0, m0), (a1, m1) = found
+    return found if 0 < a1 - a0 <= 0.02 and m1 - m0 > 4 * tolerance * target else None
 
 
 def _verify_modes(groups) -> tuple[str, ...]:

@@ -371,10 +371,9 @@ def next_target(tries: list[tuple[float, float]], target: float) -> float | None
     by allocation, not by reading: readings are noisy, and a bracket chosen by its readings can keep pointing back
     at a try already made (SegNet on OpenVINO bf16: 0.676 measured above 0.704), ending the loop early. When noise
     inverts the bracket (the larger allocation measured lower), its midpoint."""
-    below = [(a, m) for a, m in tries if m < target]
-    above = [(a, m) for a, m in tries if m > target]
-    if below and above:
-        (a0, m0), (a1, m1) = max(below), min(above)
+    found = bracket(tries, target)
+    if found:
+        (a0, m0), (a1, m1) = found
         inverted = a0 >= a1 or m1 <= m0
         aim = (a0 + a1) / 2 if inverted else a0 + (target - m0) * (a1 - a0) / (m1 - m0)
     else:
@@ -382,6 +381,14 @@ def next_target(tries: list[tuple[float, float]], target: float) -> float | None
         aim = a * target / m
     aim = float(min(1.0, max(0.01, aim)))
     return None if any(abs(aim - a) < 1e-3 for a, _ in tries) else aim
+
+
+def bracket(tries: list[tuple[float, float]], target: float):
+    """((a0, m0), (a1, m1)): the largest allocation that measured below `target` and the smallest that measured
+    above it, from (allocated for, measured) tries; None until tries measured on both sides."""
+    below = [(a, m) for a, m in tries if m < target]
+    above = [(a, m) for a, m in tries if m > target]
+    return (max(below), min(above)) if below and above else None
 
 
 # --- helpers -----------------------------------------------------------------------------------------------------
